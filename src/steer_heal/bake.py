@@ -1,0 +1,175 @@
+"""The student: original weights + a stack of baked per-round LoRA adapters (+ the one in training).
+
+Baking = stacking: round r's adapter `rNN` joins the active set and is frozen. Nothing is ever added
+into the original weights during the run, so
+  - the original model is exactly recoverable: `with student.base():` switches every adapter off;
+  - `with student.prev():` is the student before the current round (all baked adapters, none training);
+  - adapters live in fp32 whatever the model dtype, so small deltas are never rounded away in bf16;
+  - what was trained is what gets evaluated: the same adapter modules serve both.
+`export()` writes the final student as a plain Hugging Face model (an exact fp32 merge of all adapters).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from steer_heal.errors import UserError
+from steer_heal.models import band, decoder_layers, unwrap
+from steer_heal.rundir import atomic_dir
+
+
+def adapter_name(r: int) -> str:
+    return f"r{r:02d}"
+
+
+def lora_targets(model: nn.Module, frac: tuple[float, float], names: tuple[str, ...]) -> list[str]:
+    """Full module names of the nn.Linear layers called one of `names` inside the LoRA depth band."""
+    base = unwrap(model)
+    blocks = decoder_layers(base)
+    want = {id(blocks[i]) for i in band(len(blocks), frac, "--lora-layers")}
+    block_name = {id(m): n for n, m in base.named_modules() if id(m) in want}
+    out = []
+    for n, m in base.named_modules():
+        # After the first round the linears are wrapped by peft (the Linear moves to `.base_layer`).
+        linear = isinstance(m, nn.Linear) or isinstance(getattr(m, "base_layer", None), nn.Linear)
+        if linear and n.rsplit(".", 1)[-1] in names:
+            if any(n.startswith(bn + ".") for bn in block_name.values()):
+                out.append(n)
+    if not out:
+        raise UserError(f"--lora-targets {list(names)} match no linear layer in the band {frac}")
+    return out
+
+
+class Student:
+    def __init__(self, model: nn.Module):
+        self.model = model  # plain transformers model until the first adapter is added
+        self.baked: list[str] = []
+        self.training: str | None = None
+
+    @property
+    def peft(self) -> PeftModel | None:
+        return self.model if isinstance(self.model, PeftModel) else None
+
+    def add_adapter(self, r: int, cfg: LoraConfig) -> str:
+        """A fresh adapter for round r (B = 0: the student is unchanged), active and trainable alone."""
+        name = adapter_name(r)
+        if self.peft is None:
+            self.model = get_peft_model(self.model, cfg, adapter_name=name)
+        else:
+            self.model.add_adapter(name, cfg)
+        self.training = name
+        self._activate(self.baked + [name])
+        return name
+
+    def load_adapter(self, r: int, path: Path) -> None:
+        """Re-attach a saved round adapter as baked (resume)."""
+        name = adapter_name(r)
+        if self.peft is None:
+            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name, is_trainable=False)
+        else:
+            self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        self.baked.append(name)
+        self._activate(self.baked)
+
+    def _activate(self, names: list[str]) -> None:
+        self.peft.base_model.set_adapter(names)
+        for n, p in self.model.named_parameters():
+            is_lora = "lora_" in n
+            own = self.training is not None and f".{self.training}." in n
+            if is_lora:
+                p.data = p.data.float()  # adapters (and so their AdamW state) are fp32 in any model dtype
+            p.requires_grad_(is_lora and own)
+
+    def bake(self) -> str:
+        """Freeze the adapter just trained into the stack; it stays active."""
+        if self.training is None:
+            raise RuntimeError("bake() without an adapter in training")
+        name, self.training = self.training, None
+        self.baked.append(name)
+        self._activate(self.baked)
+        return name
+
+    def drop_training(self) -> None:
+        """Discard the adapter in training (a failed round)."""
+        if self.training is not None:
+            self.peft.delete_adapter(self.training)
+            self.training = None
+            if self.baked:
+                self._activate(self.baked)
+
+    def base(self):
+        """Context: the original weights (every adapter off)."""
+        return self.peft.disable_adapter() if self.peft is not None else nullcontext()
+
+    @contextmanager
+    def prev(self):
+        """Context: the student before the current round (baked adapters on, the training one off)."""
+        if self.peft is None or self.training is None:
+            yield
+            return
+        if not self.baked:
+            with self.peft.disable_adapter():
+                yield
+            return
+        self.peft.base_model.set_adapter(self.baked)
+        try:
+            yield
+        finally:
+            self._activate(self.baked + [self.training])
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def lora_factors(self, name: str):
+        """(A [r, in], B [out, r], scale) for every module of adapter `name`."""
+        out = []
+        for m in self.model.modules():
+            if hasattr(m, "lora_A") and name in m.lora_A:
+                out.append((m.lora_A[name].weight, m.lora_B[name].weight, m.scaling[name]))
+        return out
+
+    def save_adapter(self, name: str, path: Path) -> None:
+        atomic_dir(path, lambda tmp: self.peft.save_pretrained(str(tmp), selected_adapters=[name]))
+
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """Original weights + sum of every baked adapter's scale * B @ A, merged in fp32.
+
+        Names and shapes are the plain transformers model's, so it loads without peft."""
+        base = unwrap(self.model)
+        deltas: dict[str, torch.Tensor] = {}
+        if self.peft is not None:
+            for mname, m in base.named_modules():
+                if hasattr(m, "lora_A"):
+                    for a in self.baked:
+                        if a in m.lora_A:
+                            d = m.scaling[a] * (m.lora_B[a].weight.float() @ m.lora_A[a].weight.float())
+                            deltas[mname] = deltas.get(mname, 0) + d
+        sd = {}
+        for mname, m in base.named_modules():
+            if mname in deltas:
+                w = m.base_layer.weight
+                sd[mname + ".weight"] = (w.float() + deltas[mname]).to(w.dtype)
+                if m.base_layer.bias is not None:
+                    sd[mname + ".bias"] = m.base_layer.bias
+        for n, p in base.state_dict().items():
+            if "lora_" in n:
+                continue
+            clean = n.replace(".base_layer.", ".")
+            sd.setdefault(clean, p)
+        return sd
+
+    def export(self, tok, target: Path) -> None:
+        """Final student as a Hugging Face model directory (safetensors + config + tokenizer)."""
+        base = unwrap(self.model)
+        sd = self.merged_state_dict()
+
+        def write(tmp: Path):
+            base.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
+            tok.save_pretrained(str(tmp))
+
+        atomic_dir(target, write)

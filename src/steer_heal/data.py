@@ -1,0 +1,163 @@
+"""Read the shipped data (contexts, generation prompts, persona pairs, vignettes) and user files.
+
+Every loader checks its input and raises UserError naming the file and line of the first bad record.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from steer_heal.errors import UserError
+
+DATA = Path(__file__).resolve().parents[2] / "data"
+FOUNDATIONS = ("Care", "Fairness", "Loyalty", "Authority", "Sanctity", "Liberty", "Social Norms")
+# Short metric names: `auth_nats` = log of the mean probability that a vignette violates Authority.
+SHORT = {"Care": "care", "Fairness": "fair", "Loyalty": "loyal", "Authority": "auth",
+         "Sanctity": "sanct", "Liberty": "lib", "Social Norms": "social"}
+
+
+def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{i}: not valid JSON ({e.msg})") from e
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+            missing = [k for k in required if not row.get(k)]
+            if missing:
+                raise UserError(f"{path}:{i}: missing field(s) {missing}; each line needs {list(required)}")
+            rows.append(row)
+    if not rows:
+        raise UserError(f"{path}: the file is empty; expected JSONL lines with fields {list(required)}")
+    return rows
+
+
+def texts(path: Path | None, default: str) -> list[str]:
+    """The `text` fields of a JSONL file (default: data/<default>)."""
+    return [r["text"] for r in read_jsonl(path or DATA / default, ("text",))]
+
+
+@dataclass(frozen=True)
+class Persona:
+    name: str
+    pos: str
+    neg: str
+    trait: str  # the foundation whose blame the persona is expected to move
+    sign: int  # expected direction of the move: -1 = less blame, +1 = more
+
+    def system(self, positive: bool) -> str:
+        return f"You are {self.pos if positive else self.neg}."
+
+    @property
+    def trait_key(self) -> str:
+        return f"{SHORT[self.trait]}_nats"
+
+
+def personas(extra: Path | None = None) -> dict[str, dict]:
+    lib = _read_json(DATA / "personas.json")
+    if extra is not None:
+        lib.update(_read_json(extra))
+    return lib
+
+
+def _read_json(path: Path) -> dict:
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+    if not isinstance(obj, dict) or not obj:
+        raise UserError(f"{path}: expected a non-empty JSON object of persona pairs")
+    return obj
+
+
+def persona(name: str, pos: str | None = None, neg: str | None = None, extra: Path | None = None) -> Persona:
+    """A persona pair by name from the library, optionally with its texts overridden."""
+    lib = personas(extra)
+    if name not in lib:
+        raise UserError(f"unknown persona pair {name!r}; valid: {', '.join(sorted(lib))}")
+    d = dict(lib[name])
+    if (pos is None) != (neg is None):
+        raise UserError("--persona-pos and --persona-neg must be given together")
+    if pos is not None:
+        d.update(pos=pos, neg=neg)
+    for k in ("pos", "neg", "trait"):
+        if not isinstance(d.get(k), str) or not d[k].strip():
+            raise UserError(f"persona pair {name!r}: field {k!r} must be a non-empty string")
+    if d["trait"] not in FOUNDATIONS:
+        raise UserError(f"persona pair {name!r}: trait {d['trait']!r} is not one of {FOUNDATIONS}")
+    if d["pos"].strip().lower() == d["neg"].strip().lower():
+        raise UserError(f"persona pair {name!r}: pos and neg are identical ({d['pos']!r}); they must be opposites")
+    return Persona(name, d["pos"].strip(), d["neg"].strip(), d["trait"], int(d.get("sign", -1)))
+
+
+@dataclass(frozen=True)
+class Vignette:
+    id: str
+    text: str
+    label: str | None
+    human: dict[str, float] | None = None  # percent of human raters choosing each foundation
+
+
+def vignettes(spec: str | None) -> tuple[str, list[Vignette]]:
+    """(source name, vignettes) from a tinymfv-schema JSONL path, `hf:<repo>:<config>`, or the shipped set."""
+    if spec is None:
+        path = DATA / "vignettes.jsonl"
+    elif spec.startswith("hf:"):
+        path = _hub_vignettes(spec)
+    else:
+        path = Path(spec)
+    rows = read_jsonl(path, ("id", "text"))
+    out = []
+    for i, r in enumerate(rows, 1):
+        label = r.get("foundation_coarse")
+        if label is not None and label not in FOUNDATIONS:
+            raise UserError(f"{path}: record {i} (id {r['id']!r}): unknown foundation {label!r}; valid: {FOUNDATIONS}")
+        human = None
+        keys = {f: "human_" + f.replace(" ", "") for f in FOUNDATIONS}
+        if all(k in r for k in keys.values()):
+            human = {f: float(r[k]) for f, k in keys.items()}
+        out.append(Vignette(str(r["id"]), str(r["text"]), label, human))
+    return (spec or "steer_heal/vignettes.jsonl"), out
+
+
+def _hub_vignettes(spec: str) -> Path:
+    """Download a tinymfv-schema split from the hub (needs network); `hf:wassname/tiny-mfv:classic`."""
+    parts = spec.split(":")
+    if len(parts) != 3:
+        raise UserError(f"--eval-vignettes {spec!r}: expected hf:<org/name>:<config>, e.g. hf:wassname/tiny-mfv:classic")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(parts[1], f"data/{parts[2]}.jsonl", repo_type="dataset"))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
+        raise UserError(f"--eval-vignettes {spec!r}: could not fetch from the hub ({type(e).__name__}: {e})") from e
+
+
+def balanced(vigs: list[Vignette], n: int | None) -> list[Vignette]:
+    """The first n vignettes taken round-robin over labels, so any prefix is balanced across foundations."""
+    if n is None or n >= len(vigs):
+        return vigs
+    by: dict[str | None, list[Vignette]] = {}
+    for v in vigs:
+        by.setdefault(v.label, []).append(v)
+    out: list[Vignette] = []
+    i = 0
+    while len(out) < n:
+        for group in by.values():
+            if i < len(group) and len(out) < n:
+                out.append(group[i])
+        i += 1
+    return out

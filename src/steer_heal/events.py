@@ -1,0 +1,90 @@
+"""The events.jsonl contract: one writer (`Events.emit`), one reader (`read`).
+
+Each line is one JSON object with at least:
+  schema  "MAJOR.MINOR" of this contract (readers reject an unknown MAJOR)
+  ts      UTC ISO-8601 time of the record
+  stage   config | extract | generate | filter | calibrate | heal_step | heal | bake | eval | round |
+          stop | resume | summary
+  round   round index (-1 for the base model and run-level records)
+plus stage-specific fields. Non-finite floats (NaN, inf) are written as null.
+`eval` records carry `model` = base | steered | healed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+from steer_heal.errors import UserError
+
+SCHEMA = "1.0"
+STAGES = ("config", "extract", "generate", "filter", "calibrate", "heal_step", "heal", "bake", "eval",
+          "round", "stop", "resume", "summary")
+
+
+def finite(x):
+    """JSON-safe copy: NaN/inf -> None, tensors/numpy scalars -> Python numbers, tuples -> lists."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:
+        return finite(x.item())
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class Events:
+    """Append-only writer. Each record is one write of one line + fsync, so a crash leaves whole lines."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def emit(self, stage: str, round: int, **fields) -> dict:
+        if stage not in STAGES:
+            raise ValueError(f"unknown event stage {stage!r}; valid: {STAGES}")
+        rec = {"schema": SCHEMA, "ts": now(), "stage": stage, "round": int(round), **finite(fields)}
+        line = json.dumps(rec, allow_nan=False, ensure_ascii=False) + "\n"
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        return rec
+
+
+def read(path: Path, stage: str | None = None) -> list[dict]:
+    """All records (or one stage's) in order. A torn last line from a crash is skipped."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "events.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path}: no events.jsonl here; is this a steer_heal run directory?")
+    out = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines):
+                break  # torn final line of a killed run
+            raise UserError(f"{path}:{i}: corrupt event line ({e.msg})") from e
+        major = str(rec.get("schema", "")).split(".")[0]
+        if major != SCHEMA.split(".")[0]:
+            raise UserError(
+                f"{path}:{i}: events schema {rec.get('schema')!r} is not readable by this version (reads {SCHEMA})"
+            )
+        if stage is None or rec.get("stage") == stage:
+            out.append(rec)
+    return out

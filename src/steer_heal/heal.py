@@ -1,0 +1,143 @@
+"""Heal: train a fresh LoRA adapter on kept completions (SFT, no steering) under a divergence barrier.
+
+    loss = NLL(completion tokens) + lambda_r * mean_i relu(D_i - tau) + spectral_lam * sum sigma_max(Delta W)
+    D_i  = aggregation (mean | rmse | p95 | max) over completion i of per-position KL(student || ref)
+           (kl_rev) or KL(ref || student) (kl_fwd); `nll` = no barrier.
+
+The reference logits come from the same model with adapters switched off (`base`) or with only the
+already-baked adapters on (`prev`), never from a second copy of the model. The adapter starts at B = 0,
+so D = 0 at step 0.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+from loguru import logger
+from peft import LoraConfig
+from tqdm.auto import tqdm
+
+from steer_heal.bake import Student, lora_targets
+from steer_heal.config import HealConfig
+from steer_heal.errors import NonFiniteLoss
+from steer_heal.losses import (
+    KL, aggregate, completion_batch, cosine_warmup, hinge, lam_at_round, nll, selected_logprobs,
+    spectral_norm_lowrank,
+)
+from steer_heal.tokens import batches
+
+
+@dataclass
+class HealResult:
+    adapter: str
+    steps: int
+    nll_first: float
+    nll_last: float
+    d_mean: float
+    fired_frac: float
+    grad_ratio_mean: float | None
+    seconds: float
+
+
+def lora_config(student: Student, cfg: HealConfig) -> LoraConfig:
+    return LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
+        target_modules=lora_targets(student.model, cfg.lora_layers, cfg.lora_targets),
+        init_lora_weights=True,  # A random, B = 0: the fresh adapter is exactly the reference
+    )
+
+
+def _grad_norm(loss: torch.Tensor, params: list[torch.Tensor]) -> float:
+    g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return math.sqrt(sum(float((x.float() ** 2).sum()) for x in g if x is not None))
+
+
+def heal(student: Student, pairs: list[tuple[list[int], list[int]]], cfg: HealConfig, round: int, seed: int,
+         pad_id: int, emit, log_every: int = 5, poison_step: int | None = None) -> HealResult:
+    """Train adapter r<round> on (prompt ids, completion ids) pairs; returns a summary.
+
+    `emit(**fields)` writes a heal_step event. `poison_step` injects NaN into the loss at that step
+    (fault-injection tests). Raises NonFiniteLoss, naming the step and loss terms, on NaN/inf."""
+    torch.manual_seed(seed * 7919 + round)
+    name = student.add_adapter(round, lora_config(student, cfg))
+    params = student.trainable()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    rng = random.Random(seed * 31 + round)
+    micro_per_epoch = math.ceil(len(pairs) / cfg.heal_batch_size)
+    total = max(1, cfg.epochs * micro_per_epoch // cfg.grad_accum)
+    warm = max(1, int(cfg.warmup_frac * total))
+    lam_r = lam_at_round(cfg.lam, round, cfg.lam_round_pow)
+    dev = next(student.model.parameters()).device
+    ref_ctx = student.base if cfg.barrier_ref == "base" else student.prev
+    model = student.model
+    model.train()  # dropout is 0, so train() changes nothing numerically; it documents intent
+
+    t0, step, micro = time.time(), 0, 0
+    nlls, ds, fired, ratios = [], [], [], []
+    bar = tqdm(total=total, desc=f"heal r{round}", leave=False)
+    try:
+        for _epoch in range(cfg.epochs):
+            order = list(range(len(pairs)))
+            rng.shuffle(order)
+            for idx in batches(order, cfg.heal_batch_size):
+                batch = completion_batch([pairs[i] for i in idx], pad_id, dev)
+                logp = selected_logprobs(model, batch)
+                l_nll = nll(logp, batch["targets"])
+                l_bar = torch.zeros((), device=dev)
+                d = torch.zeros(len(idx), device=dev)
+                if cfg.reg != "nll":
+                    with torch.no_grad(), ref_ctx():
+                        logp_ref = selected_logprobs(model, batch)
+                    d = aggregate(KL[cfg.reg](logp, logp_ref), batch["seg"], len(idx), cfg.kl_agg)
+                    l_bar = hinge(d, cfg.tau, lam_r)
+                l_spec = torch.zeros((), device=dev)
+                if cfg.spectral_lam > 0:
+                    l_spec = cfg.spectral_lam * sum(spectral_norm_lowrank(A, B, s) for A, B, s in student.lora_factors(name))
+                loss = l_nll + l_bar + l_spec
+                if poison_step is not None and step == poison_step:
+                    loss = loss * float("nan")
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(
+                        f"heal r{round} step {step}: loss is {loss.item()} (nll={l_nll.item():.4g}, "
+                        f"barrier={l_bar.item():.4g}, spectral={l_spec.item():.4g})"
+                    )
+                fired_now = bool(l_bar.detach() > 0)
+                ratio = None
+                if fired_now and step % log_every == 0:
+                    # Measured only on logged steps: two extra backward passes through the graph.
+                    gn = _grad_norm(l_nll, params)
+                    ratio = _grad_norm(l_bar, params) / max(gn, 1e-12)
+                (loss / cfg.grad_accum).backward()
+                micro += 1
+                nlls.append(l_nll.item())
+                ds.append(d.mean().item())
+                fired.append(fired_now)
+                if ratio is not None:
+                    ratios.append(ratio)
+                if micro % cfg.grad_accum:
+                    continue
+                lr = cfg.lr * cosine_warmup(step, total, warm)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if step % log_every == 0 or step == total - 1:
+                    emit(step=step, nll=l_nll.item(), d=d.mean().item(), barrier=l_bar.item(),
+                         spectral=l_spec.item(), fired=fired_now, grad_ratio=ratio, lr=lr)
+                bar.update(1)
+                bar.set_postfix(nll=f"{l_nll.item():.3f}", D=f"{d.mean().item():.3f}")
+                step += 1
+    finally:
+        bar.close()
+        model.eval()
+    logger.info(
+        f"heal r{round}: {step} steps, nll {nlls[0]:.3f} -> {nlls[-1]:.3f}, D mean {sum(ds) / len(ds):.3f}, "
+        f"barrier fired {sum(fired) / len(fired):.0%}"
+    )
+    return HealResult(name, step, nlls[0], nlls[-1], sum(ds) / len(ds), sum(fired) / len(fired),
+                      sum(ratios) / len(ratios) if ratios else None, time.time() - t0)

@@ -1,0 +1,151 @@
+"""Pure loss maths, plus the one place that turns (prompt, completion) pairs into selected logits.
+
+Memory: the LM head and log-softmax run only on completion positions. We take the final hidden state
+[B, T, H], gather the K completion positions -> [K, H], and only then project to [K, V]. The full
+[B, T, V] log-probability tensor is never built (at V = 262k that is what ran out of memory upstream).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from steer_heal.models import unwrap
+from steer_heal.tokens import pad
+
+# ---------------------------------------------------------------- batches of (prompt, completion)
+
+
+def completion_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+completion rows and the exact completion selection.
+
+    Position t predicts token t+1, so completion token j of row b (at t = len(prompt)+j) is predicted at
+    t - 1. Returns enc (input_ids, attention_mask, position_ids), `rows`/`cols` (the predicting positions),
+    `targets` (the completion ids), `seg` (row index per selected position). Nothing else is selected:
+    no prompt token and no padding is ever a target."""
+    enc = pad([p + c for p, c in pairs], pad_id, "right", device)
+    rows, cols, targets = [], [], []
+    for b, (p, c) in enumerate(pairs):
+        if not c:
+            raise ValueError(f"row {b} has an empty completion")
+        rows += [b] * len(c)
+        cols += range(len(p) - 1, len(p) + len(c) - 1)
+        targets += c
+    t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    return {"enc": enc, "rows": t(rows), "cols": t(cols), "targets": t(targets), "seg": t(rows)}
+
+
+def final_hidden(model: nn.Module, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Last-layer hidden state after the final norm, [B, T, H]; the LM head runs on 1 position only."""
+    out = model(**enc, output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[-1]
+
+
+def lm_logits(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """LM head (+ Gemma-style final soft-capping) on selected hidden states [K, H] -> fp32 logits [K, V]."""
+    m = unwrap(model)
+    logits = m.get_output_embeddings()(h).float()
+    cap = getattr(m.config, "final_logit_softcapping", None) or getattr(
+        getattr(m.config, "text_config", None), "final_logit_softcapping", None
+    )
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
+def selected_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """fp32 log-probabilities [K, V] at the completion-predicting positions only."""
+    h = final_hidden(model, batch["enc"])
+    return F.log_softmax(lm_logits(model, h[batch["rows"], batch["cols"]]), dim=-1)
+
+
+def naive_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The memory-hungry reference: full [B, T, V] log-softmax, then select. Only for tests and benchmarks."""
+    logits = model(**batch["enc"]).logits.float()
+    return F.log_softmax(logits, dim=-1)[batch["rows"], batch["cols"]]
+
+
+# ---------------------------------------------------------------- pure maths on [K, V] / [K]
+
+
+def token_logprob(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target_k) for each selected position, [K]."""
+    return logp.gather(-1, targets[:, None]).squeeze(-1)
+
+
+def nll(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """SFT loss: -(1/K) sum_k log p(target_k), over completion tokens only."""
+    return -token_logprob(logp, targets).mean()
+
+
+def kl_rev(logp_s: torch.Tensor, logp_r: torch.Tensor) -> torch.Tensor:
+    """KL(student || ref) per position: sum_v p_s(v) (log p_s(v) - log p_r(v)), [K]. Zero iff equal.
+
+    Mode-seeking: penalises the student for putting mass where the reference has little (e.g. loops)."""
+    return (logp_s.exp() * (logp_s - logp_r)).sum(-1)
+
+
+def kl_fwd(logp_s: torch.Tensor, logp_r: torch.Tensor) -> torch.Tensor:
+    """KL(ref || student) per position: sum_v p_r(v) (log p_r(v) - log p_s(v)), [K]. Zero iff equal.
+
+    Mass-covering: penalises the student for dropping mass the reference keeps."""
+    return (logp_r.exp() * (logp_r - logp_s)).sum(-1)
+
+
+KL = {"kl_rev": kl_rev, "kl_fwd": kl_fwd}
+
+
+def aggregate(kl: torch.Tensor, seg: torch.Tensor, n_seq: int, how: str) -> torch.Tensor:
+    """Per-completion divergence D_i from per-position KL over that completion's positions, [n_seq].
+
+    mean: (1/T) sum_t kl_t        rmse: sqrt((1/T) sum_t kl_t^2 + eps)
+    p95:  95th percentile of kl_t max:  max_t kl_t
+    A short loop inside a long completion barely moves `mean` but dominates the other three.
+    eps = 1e-12 keeps the rmse gradient finite at kl = 0 (there d/dkl = kl / rmse = 0)."""
+    out = []
+    for i in range(n_seq):
+        k = kl[seg == i]
+        if how == "mean":
+            out.append(k.mean())
+        elif how == "rmse":
+            out.append(torch.sqrt((k * k).mean() + 1e-12))
+        elif how == "p95":
+            out.append(torch.quantile(k, 0.95))
+        elif how == "max":
+            out.append(k.max())
+        else:
+            raise ValueError(f"unknown KL aggregation {how!r}; valid: mean, rmse, p95, max")
+    return torch.stack(out)
+
+
+def hinge(d: torch.Tensor, tau: float, lam: float) -> torch.Tensor:
+    """Barrier lam * mean_i relu(D_i - tau): zero while every completion stays within tau nats."""
+    return lam * F.relu(d - tau).mean()
+
+
+def lam_at_round(lam: float, round: int, power: float) -> float:
+    """lambda_r = lambda * (1 + round)^p (p < 0 decays the barrier over rounds; p = 0 keeps it fixed)."""
+    return lam * (1 + round) ** power
+
+
+def spectral_norm_lowrank(A: torch.Tensor, B: torch.Tensor, scale: float, iters: int = 8) -> torch.Tensor:
+    """sigma_max(scale * B @ A) by power iteration on the factors (Delta W is never formed).
+
+    The singular vector is found without gradient; the returned value ||scale * B A v|| is differentiable
+    in A and B (the usual spectral-norm trick)."""
+    with torch.no_grad():
+        v = torch.ones(A.shape[1], device=A.device, dtype=A.dtype) / math.sqrt(A.shape[1])
+        for _ in range(iters):
+            u = B @ (A @ v)
+            v = A.T @ (B.T @ u)
+            v = v / v.norm().clamp_min(1e-12)
+    return (scale * (B @ (A @ v))).norm()
+
+
+def cosine_warmup(step: int, total: int, warmup: int) -> float:
+    """LR multiplier: linear warm-up over `warmup` steps to 1, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))

