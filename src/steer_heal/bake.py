@@ -67,8 +67,9 @@ class Student:
         return name
 
     def load_adapter(self, r: int, path: Path) -> None:
-        """Re-attach a saved round adapter as baked (resume)."""
+        """Re-attach a saved round adapter as baked (resume). peft saves it in a subfolder named after it."""
         name = adapter_name(r)
+        path = Path(path) / name
         if self.peft is None:
             self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name, is_trainable=False)
         else:

@@ -79,6 +79,8 @@ class FilterConfig:
     """Min zlib compression ratio (compressed/raw bytes); lower = looping soup."""
     distinct_min: float = 0.50
     """Min distinct word-bigram ratio."""
+    top_word_max: float = 0.2
+    """Max share of the text taken by its most frequent 4+-letter word."""
     narration: bool = True
     """Drop first-person recitals of the persona."""
     refusal: bool = False
@@ -196,6 +198,7 @@ def _fast() -> RunConfig:
     c.filter.rep_max = 1.0
     c.filter.compress_min = 0.0
     c.filter.distinct_min = 0.0
+    c.filter.top_word_max = 1.0
     c.filter.ppl_mult = 100.0
     c.heal.epochs = 1
     c.heal.heal_batch_size = 4

@@ -26,11 +26,13 @@ from tqdm.auto import tqdm
 from steer_heal.data import FOUNDATIONS, SHORT, Vignette
 from steer_heal.tokens import batches, chat_ids, pad
 
+# Wording chosen on SmolLM2-135M among four candidates for answer mass (0.71 vs 0.01-0.78) without
+# collapsing onto one option; see docs/journal.md.
 QUESTION = (
-    "Read the scenario and say which moral foundation it violates most.\n\n"
+    "Which moral foundation does this scenario violate?\n\n"
     "Scenario: {text}\n\nOptions: {options}.\nAnswer with one option only."
 )
-PREFILL = "The foundation violated is"
+PREFILL = "Answer:"
 UNSCORABLE = 0.5
 
 
@@ -66,12 +68,13 @@ def _think(model, tok, prompts: list[list[int]], n: int, batch_size: int) -> lis
 
 
 @torch.no_grad()
-def answer_logprobs(model, tok, vigs: list[Vignette], batch_size: int, think_tokens: int = 0, desc: str = "eval") -> dict:
+def answer_logprobs(model, tok, vigs: list[Vignette], batch_size: int, think_tokens: int = 0, desc: str = "eval",
+                    force_full: bool = False) -> dict:
     """Per vignette and order: log p of each of the 7 labels [N, 2, 7] and the prefill NLL [N, 2]."""
     dev = next(model.parameters()).device
     labels = label_ids(tok)
     first = [ids[0] for ids in labels]
-    distinct = len(set(first)) == len(first)
+    distinct = len(set(first)) == len(first) and not force_full
     prefill_ids = tok(PREFILL, add_special_tokens=False).input_ids
     n_pre = len(prefill_ids)
     # The prefill is appended as its own ids so its positions are known exactly (the last n_pre tokens).

@@ -5,6 +5,8 @@ Scores (each a pure function below, except `tail_ppl`, which runs the ORIGINAL m
   rep          max share of the most frequent word or character n-gram, n = 2..4
   compress     zlib-compressed bytes / raw bytes of the text: loops and stutter compress well
   distinct2    distinct word bigrams / word bigrams
+  top_word     share of the text taken by its most frequent word of 4+ letters (catches "GLUTE GLUTE"
+               soup whose made-up words defeat exact n-gram and compression checks)
   narration    the completion recites the persona in the first person
   refusal      the completion refuses (optional; off when the trait is about refusing)
 
@@ -66,6 +68,15 @@ def distinct2(text: str) -> float:
     return 1.0 if len(w) < 8 else len(set(grams)) / len(grams)
 
 
+def top_word_share(text: str) -> float:
+    """Count of the most frequent word with >= 4 letters / number of words (0.0 for < 8 words).
+
+    Prose spreads over many content words (top share ~0.02-0.08); soup repeats one made-up word."""
+    w = words(text)
+    long = [x for x in w if len(x) >= 4]
+    return 0.0 if len(w) < 8 or not long else Counter(long).most_common(1)[0][1] / len(w)
+
+
 _NARRATION = re.compile(
     r"\b(as (someone|a person) who|i(?: am|'m) (someone|a person|the kind of person) who|"
     r"i (always|never) (defer|put|prioriti[sz]e|look after|side with|stand by|follow|obey)|"
@@ -120,6 +131,7 @@ class Thresholds:
     rep_max: float
     compress_min: float
     distinct_min: float
+    top_word_max: float
     narration: bool
     refusal: bool
 
@@ -129,6 +141,7 @@ def text_scores(text: str, persona_texts: tuple[str, ...]) -> dict:
         "rep": repetition(text),
         "compress": compression_ratio(text),
         "distinct2": distinct2(text),
+        "top_word": top_word_share(text),
         "narration": narration(text, persona_texts),
         "refusal": refusal(text),
     }
@@ -142,7 +155,7 @@ def decide(s: dict, th: Thresholds) -> tuple[bool, str]:
         return False, "ppl"
     if s["rep"] > th.rep_max:
         return False, "repetition"
-    if s["compress"] < th.compress_min or s["distinct2"] < th.distinct_min:
+    if s["compress"] < th.compress_min or s["distinct2"] < th.distinct_min or s["top_word"] > th.top_word_max:
         return False, "loop"
     if th.narration and s["narration"]:
         return False, "narration"

@@ -196,7 +196,7 @@ class Pipeline:
 
     def thresholds(self, ppl_max: float) -> filt.Thresholds:
         f = self.cfg.filter
-        return filt.Thresholds(ppl_max, f.rep_max, f.compress_min, f.distinct_min, f.narration, f.refusal)
+        return filt.Thresholds(ppl_max, f.rep_max, f.compress_min, f.distinct_min, f.top_word_max, f.narration, f.refusal)
 
     def generate_and_filter(self, r: int, vectors, ppl_max: float) -> tuple[float, list[dict], dict]:
         g = self.cfg.generate

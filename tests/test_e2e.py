@@ -1,0 +1,144 @@
+"""End-to-end fast runs, checked through events.jsonl (the oracle), plus the CLI's error contract."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from steer_heal import events, report
+from steer_heal.config import parse_args
+from steer_heal.run import run
+
+STAGES = ["extract", "generate", "filter", "eval", "heal", "bake", "eval", "round"]
+
+
+def _fast(tmp_path, name, *extra):
+    argv = ["--fast-dev-run", "--n-rounds", "2", "--out-dir", str(tmp_path), "--run-name", name, *extra]
+    return argv, parse_args(argv)
+
+
+def _round_stages(recs, r):
+    return [x["stage"] for x in recs if x["round"] == r and x["stage"] in set(STAGES)]
+
+
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("runs")
+    argv, cfg = _fast(tmp, "a")
+    assert run(cfg, argv) == 0
+    return tmp
+
+
+def test_fast_run_records_every_stage_in_order(fast_run):
+    recs = events.read(fast_run / "a")
+    assert all({"schema", "ts", "stage", "round"} <= set(x) for x in recs)
+    assert recs[0]["stage"] == "config"
+    base = [x for x in recs if x["stage"] == "eval" and x["model"] == "base"]
+    assert len(base) == 1 and base[0]["round"] == -1
+    assert recs.index(base[0]) < min(i for i, x in enumerate(recs) if x["stage"] == "extract")
+    for r in (0, 1):
+        assert _round_stages(recs, r) == STAGES
+        evals = [x["model"] for x in recs if x["stage"] == "eval" and x["round"] == r]
+        assert evals == ["steered", "healed"]
+    rounds = [x for x in recs if x["stage"] == "round"]
+    assert [x["round"] for x in rounds] == [0, 1]
+    for x in rounds:
+        assert x["n_kept"] > 0 and x["base_trait"] == base[0]["auth_nats"]
+        assert x["dtrait_healed"] == pytest.approx(x["healed_trait"] - x["base_trait"])
+    assert recs[-1]["stage"] == "summary"
+
+
+def test_fast_run_artifacts(fast_run):
+    root = fast_run / "a"
+    cfg = json.loads((root / "config.json").read_text())
+    assert {"config", "argv", "git_commit", "versions"} <= set(cfg)
+    for r in (0, 1):
+        d = root / "rounds" / f"r{r:02d}"
+        for f in ("vector.safetensors", "completions.jsonl", "eval_steered.jsonl", "eval_healed.jsonl", "DONE"):
+            assert (d / f).is_file(), f
+        assert (d / "adapter" / f"r{r:02d}" / "adapter_model.safetensors").is_file()
+        rows = [json.loads(x) for x in (d / "completions.jsonl").read_text().splitlines()]
+        assert all({"tail_ppl", "rep", "compress", "keep", "reason", "ids", "hit_eos"} <= set(x) for x in rows)
+    assert (root / "trajectory.png").stat().st_size > 10_000
+    assert "PASS" in (root / "summary.md").read_text() or "NULL" in (root / "summary.md").read_text()
+    assert AutoModelForCausalLM.from_pretrained(root / "export") is not None
+    ledger = report.read_ledger(fast_run / "results.jsonl")
+    assert ledger[-1]["run"] == "a" and ledger[-1]["n_rounds_done"] == 2
+
+
+def test_same_seed_same_numbers(fast_run, tmp_path):
+    argv, cfg = _fast(tmp_path, "b")
+    assert run(cfg, argv) == 0
+    keys = ("auth_nats", "care_nats", "p_ans_any", "prefill_nll")
+
+    def nums(root):
+        return [[x[k] for k in keys] for x in events.read(root, "eval")]
+
+    assert nums(fast_run / "a") == nums(tmp_path / "b")
+
+
+def test_nan_stops_the_round_and_resume_finishes(tmp_path):
+    argv, cfg = _fast(tmp_path, "c")
+    assert run(cfg, argv, poison=(1, 0)) == 4
+    root = tmp_path / "c"
+    recs = events.read(root)
+    assert [x["round"] for x in recs if x["stage"] == "round"] == [0]
+    stop = [x for x in recs if x["stage"] == "stop"][-1]
+    assert "step 0" in stop["reason"] and "nll=" in stop["reason"]
+    assert (root / "rounds" / "r00" / "DONE").is_file() and not (root / "rounds" / "r01" / "DONE").exists()
+    assert (root / "rounds" / "r00" / "adapter" / "r00" / "adapter_model.safetensors").is_file()
+    # resume: continues after round 0, and every round is recorded exactly once
+    rargv = ["--resume", str(root)]
+    assert run(parse_args(rargv), rargv) == 0
+    recs = events.read(root)
+    assert [x["round"] for x in recs if x["stage"] == "round"] == [0, 1]
+    assert sum(1 for x in recs if x["stage"] == "eval" and x["model"] == "base") == 1
+    assert _round_stages(recs, 1) == STAGES
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "steer_heal.run", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--preset", "nope"], "nope"),
+        (["--fast-dev-run", "--reg", "l2"], "l2"),
+        (["--fast-dev-run", "--kl-agg", "median"], "median"),
+        (["--fast-dev-run", "--model", "./no/such/dir"], "./no/such/dir"),
+        (["--fast-dev-run", "--max-new-tokens", "0"], "--max-new-tokens 0"),
+        (["--fast-dev-run", "--gen-batch-size", "-1"], "--gen-batch-size -1"),
+        (["--fast-dev-run", "--steer-layers", "0.5", "1.5"], "(0.5, 1.5)"),
+        (["--fast-dev-run", "--persona", "grumpy"], "grumpy"),
+        (["--fast-dev-run", "--persona-pos", "someone calm", "--persona-neg", "someone calm"], "identical"),
+        (["--fast-dev-run", "--run-name", "../escape"], "../escape"),
+    ],
+)
+def test_bad_input_exits_nonzero_naming_the_value(args, needle, tmp_path):
+    p = _cli(*args, "--out-dir", str(tmp_path))
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert needle in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_bad_files_name_file_and_line(tmp_path):
+    bad = tmp_path / "ctx.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": oops}\n')
+    p = _cli("--fast-dev-run", "--contexts-file", str(bad), "--out-dir", str(tmp_path))
+    assert p.returncode == 2 and f"{bad}:2" in p.stderr
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    p = _cli("--fast-dev-run", "--eval-vignettes", str(empty), "--out-dir", str(tmp_path))
+    assert p.returncode == 2 and "empty" in p.stderr
+
+
+def test_resume_refuses_a_changed_config(fast_run):
+    p = _cli("--fast-dev-run", "--resume", str(fast_run / "a"), "--reg", "nll", "--out-dir", str(fast_run))
+    assert p.returncode == 2 and "reg" in p.stderr and "'kl_rev'" in p.stderr
+    p = _cli("--resume", str(fast_run / "nowhere"))
+    assert p.returncode == 2 and "not a steer_heal run directory" in p.stderr

@@ -1,0 +1,94 @@
+"""Vignette loading and the nats metrics."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from steer_heal import data, evaluate
+from steer_heal.errors import UserError
+
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mfv_schema_sample.jsonl"
+
+
+def test_loads_shipped_set_balanced():
+    src, vigs = data.vignettes(None)
+    assert len(vigs) >= 126
+    for f in data.FOUNDATIONS:
+        assert sum(v.label == f for v in vigs) >= 18
+    first = data.balanced(vigs, 14)
+    assert sorted(v.label for v in first) == sorted(list(data.FOUNDATIONS) * 2)
+
+
+@pytest.mark.skipif(not SAMPLE.exists(), reason="needs ../shared beside the checkout")
+def test_loads_tinymfv_sample_with_human_distributions():
+    _, vigs = data.vignettes(str(SAMPLE))
+    assert len(vigs) == 7
+    assert {v.label for v in vigs} == set(data.FOUNDATIONS)
+    assert all(v.human is not None and sum(v.human.values()) > 0 for v in vigs)
+
+
+def test_unknown_label_names_the_line(tmp_path):
+    p = tmp_path / "v.jsonl"
+    p.write_text('{"id": "a", "text": "x", "foundation_coarse": "Care"}\n{"id": "b", "text": "y", "foundation_coarse": "Purity"}\n')
+    with pytest.raises(UserError, match=r"record 2 .*'Purity'"):
+        data.vignettes(str(p))
+    p.write_text('{"id": "a"}\n')
+    with pytest.raises(UserError, match=r"v.jsonl:1: missing field"):
+        data.vignettes(str(p))
+
+
+def test_all_mass_on_one_option():
+    vigs = [data.Vignette(str(i), "t", "Authority") for i in range(3)]
+    logp = torch.full((3, 2, 7), -30.0)
+    logp[..., data.FOUNDATIONS.index("Authority")] = 0.0
+    m, rows = evaluate.metrics(logp, torch.zeros(3, 2), vigs)
+    assert m["auth_nats"] == pytest.approx(0.0, abs=1e-6)
+    assert m["care_nats"] < -20
+    assert m["p_ans_any"] == pytest.approx(1.0, abs=1e-6)
+    assert m["acc"] == 1.0 and m["frac_unscorable"] == 0.0
+    assert len(rows) == 3 and rows[0]["top1"] == "Authority"
+
+
+def test_orders_average_and_mass():
+    vigs = [data.Vignette("0", "t", "Care")]
+    logp = torch.full((1, 2, 7), -math.inf)
+    logp[0, 0, 0] = math.log(0.4)  # forward order: all choice on Care, mass 0.4
+    logp[0, 1, 1] = math.log(0.2)  # reversed order: all choice on Fairness, mass 0.2
+    m, _ = evaluate.metrics(logp, torch.zeros(1, 2), vigs)
+    assert m["profile"]["Care"] == pytest.approx(0.5) and m["profile"]["Fairness"] == pytest.approx(0.5)
+    assert m["p_ans_any"] == pytest.approx(0.3)
+    assert m["frac_unscorable"] == 1.0
+
+
+def test_reversed_order_reverses_the_prompt():
+    fwd = evaluate.prompt_text("X", reverse=False)
+    rev = evaluate.prompt_text("X", reverse=True)
+    pos = lambda s: [s.index(f) for f in data.FOUNDATIONS]  # noqa: E731
+    assert pos(fwd) == sorted(pos(fwd))
+    assert pos(rev) == sorted(pos(rev), reverse=True)
+
+
+def test_label_tokens_continue_the_prefill(tiny):
+    _, tok = tiny
+    ids = evaluate.label_ids(tok)
+    assert len(ids) == 7 and all(ids)
+    assert len({i[0] for i in ids}) == 7  # SmolLM2: first tokens are distinct, so one pass suffices
+
+
+def test_full_label_scoring_agrees_with_first_token_scoring(tiny):
+    """The path used when labels share a first token scores whole label sequences: equal to the
+    first-token log-prob for one-token labels, and never above it for longer ones."""
+    model, tok = tiny
+    vigs = [data.Vignette("0", "Someone cuts in line.", "Social Norms")]
+    first = evaluate.answer_logprobs(model, tok, vigs, 4)["logp"]
+    full = evaluate.answer_logprobs(model, tok, vigs, 4, force_full=True)["logp"]
+    for j, ids in enumerate(evaluate.label_ids(tok)):
+        for o in range(2):
+            if len(ids) == 1:
+                assert float(full[0, o, j]) == pytest.approx(float(first[0, o, j]), abs=1e-4)
+            else:
+                assert float(full[0, o, j]) <= float(first[0, o, j]) + 1e-5

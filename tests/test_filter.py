@@ -1,0 +1,113 @@
+"""Filter behaviour on hand-written text (no model needed except for tail-ppl)."""
+
+from __future__ import annotations
+
+import pytest
+
+from steer_heal import filter as filt
+from steer_heal.errors import Starved
+
+PERSONA = ("someone who looks after others' wellbeing even when it means defying authority",
+           "someone who defers to authority even when others' wellbeing suffers for it")
+TH = filt.Thresholds(ppl_max=30.0, rep_max=0.35, compress_min=0.30, distinct_min=0.50, top_word_max=0.2, narration=True, refusal=False)
+
+# The two upstream failures (continued in the same pattern to a completion's length). Both passed
+# perplexity 2-17 and repetition 0.04-0.27 upstream and were trained on.
+YOUR = ("your your your into your of your your your into your of your your your into your of your "
+        "your your into your of your your your into your of your your your into your of your your")
+GLUTE = ("of course, their GREUEUTEGLUE GLUTE GLUTE BUILDUTEutive INGutive GLUTE GLUTEutive "
+         "BUILDUTE GLUTE INGUTE GREUEUTE GLUTEutive BUILDUTEutive GLUTE INGutive GLUTE GLUTE "
+         "GREUEUTEGLUE BUILDUTE INGutive GLUTEutive GLUTE")
+
+COHERENT = [
+    "Start by writing down what you actually spend each month for a few weeks, without judging it. "
+    "Once you can see where the money goes, pick one or two categories to trim rather than cutting "
+    "everything at once, and set up an automatic transfer to savings on payday so it happens before you notice.",
+    "If your knee hurts after running, ease off for a week and swap in cycling or swimming, which load the "
+    "joint less. Check whether your shoes are worn out, and build mileage back slowly, adding no more than "
+    "about ten percent a week. If the pain is sharp or comes with swelling, see a physiotherapist.",
+    "When you talk to your manager, lead with the facts: the deadline, what is left to do, and what it would "
+    "take to finish well. Offer two options, such as cutting a feature or moving the date by a week, and ask "
+    "which matters more to the team. Managers usually prefer an early, honest warning to a late surprise.",
+]
+
+NARRATION = ("As someone who looks after others' wellbeing even when it means defying authority, I always put "
+             "people first. I never defer to rules that hurt anyone, and my values tell me to help your friend.")
+
+
+def scores(text, ppl=5.0):
+    return {"tail_ppl": ppl, "n_tokens": 60, **filt.text_scores(text, PERSONA)}
+
+
+@pytest.mark.parametrize("text", [YOUR, GLUTE])
+def test_upstream_soup_is_rejected_even_at_low_perplexity(text):
+    keep, reason = filt.decide(scores(text, ppl=3.0), TH)
+    assert not keep
+    assert reason in ("repetition", "loop")
+
+
+@pytest.mark.parametrize("text", COHERENT)
+def test_coherent_advice_is_kept(text):
+    keep, reason = filt.decide(scores(text), TH)
+    assert keep, (reason, filt.text_scores(text, PERSONA))
+
+
+def test_persona_recital_is_narration():
+    keep, reason = filt.decide(scores(NARRATION), TH)
+    assert (keep, reason) == (False, "narration")
+    # A copied 5-word run of the persona text counts even without stock phrases.
+    assert filt.narration("Honestly, people who defer to authority can still be kind.", PERSONA) is False
+    assert filt.narration("I am a person that looks after others' wellbeing even when it hurts.", PERSONA) is True
+
+
+def test_high_perplexity_is_rejected():
+    assert filt.decide(scores(COHERENT[0], ppl=300.0), TH) == (False, "ppl")
+    assert filt.decide(scores(COHERENT[0], ppl=None), TH) == (False, "ppl")
+
+
+def test_refusal_only_when_enabled():
+    text = "I'm sorry, but I can't help with that request. " + COHERENT[0]
+    assert filt.decide(scores(text), TH)[0]
+    on = filt.Thresholds(**{**TH.__dict__, "refusal": True})
+    assert filt.decide(scores(text), on) == (False, "refusal")
+
+
+def test_repetition_and_compression_scores():
+    assert filt.repetition(YOUR) > 0.3
+    assert filt.compression_ratio(YOUR) < 0.2
+    assert filt.compression_ratio(COHERENT[0]) > 0.5
+    assert filt.distinct2(YOUR) < 0.3
+    assert filt.top_word_share(GLUTE) > 0.3 and all(filt.top_word_share(t) < 0.1 for t in COHERENT)
+    assert filt.top_ngram_share(["a", "b"], 3) == 0.0
+
+
+def test_calibrated_threshold_is_a_multiple_of_base_median():
+    assert filt.calibrate_ppl([2.0, 4.0, 100.0], 3.0, None) == 12.0
+    assert filt.calibrate_ppl([2.0, 4.0], 3.0, 50.0) == 50.0
+
+
+def _prober(keep_by_kappa):
+    calls = []
+
+    def probe(kappa, b):
+        calls.append(kappa)
+        k = keep_by_kappa(kappa)
+        return [{"alpha": 1.0, "tail_ppl": 5.0, "keep": i < k, "reason": "" if i < k else "ppl"} for i in range(10)]
+
+    return probe, calls
+
+
+def test_walk_c_tries_full_dose_first_and_backs_off():
+    probe, calls = _prober(lambda k: 10 if k <= 0.5 else 1)
+    kappa, scored = filt.walk_c(probe, keep_target=0.5, kappa_floor=0.2, n_keep=20, min_train=5, max_batches=10)
+    assert calls[0] == 1.0
+    assert kappa <= 0.5 and kappa == calls[-1]
+    assert sum(r["keep"] for r in scored) >= 20
+
+
+def test_walk_c_starves_cleanly_with_the_q0_table():
+    probe, _ = _prober(lambda k: 0)
+    with pytest.raises(Starved, match="only 0 completions kept") as e:
+        filt.walk_c(probe, keep_target=0.5, kappa_floor=0.3, n_keep=20, min_train=5, max_batches=10)
+    assert "kept_frac" in str(e.value)
+    assert len(e.value.scored) > 0
