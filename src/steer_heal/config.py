@@ -207,7 +207,12 @@ def _fast() -> RunConfig:
 
 
 def _smol() -> RunConfig:
-    return RunConfig(preset="smol", model="smollm2")
+    # Sized for 2 CPU cores: ~6 min per round (see docs/journal.md for the measurements behind it).
+    c = RunConfig(preset="smol", model="smollm2")
+    c.extract.n_contexts = 128
+    c.filter.n_keep = 40
+    c.heal.heal_batch_size = 4
+    return c
 
 
 def _gemma() -> RunConfig:

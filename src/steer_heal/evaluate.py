@@ -69,7 +69,7 @@ def _think(model, tok, prompts: list[list[int]], n: int, batch_size: int) -> lis
 
 @torch.no_grad()
 def answer_logprobs(model, tok, vigs: list[Vignette], batch_size: int, think_tokens: int = 0, desc: str = "eval",
-                    force_full: bool = False) -> dict:
+                    force_full: bool = False, system: str | None = None) -> dict:
     """Per vignette and order: log p of each of the 7 labels [N, 2, 7] and the prefill NLL [N, 2]."""
     dev = next(model.parameters()).device
     labels = label_ids(tok)
@@ -78,7 +78,7 @@ def answer_logprobs(model, tok, vigs: list[Vignette], batch_size: int, think_tok
     prefill_ids = tok(PREFILL, add_special_tokens=False).input_ids
     n_pre = len(prefill_ids)
     # The prefill is appended as its own ids so its positions are known exactly (the last n_pre tokens).
-    heads = [chat_ids(tok, prompt_text(v.text, rev)) for v in vigs for rev in (False, True)]
+    heads = [chat_ids(tok, prompt_text(v.text, rev), system) for v in vigs for rev in (False, True)]
     if think_tokens > 0:
         items = _think(model, tok, heads, think_tokens, batch_size)
     else:
@@ -148,6 +148,8 @@ def metrics(logp: torch.Tensor, prefill_nll: torch.Tensor, vigs: list[Vignette])
     return out, rows
 
 
-def evaluate(model, tok, vigs: list[Vignette], batch_size: int, think_tokens: int = 0, desc: str = "eval") -> tuple[dict, list[dict]]:
-    r = answer_logprobs(model, tok, vigs, batch_size, think_tokens, desc)
+def evaluate(model, tok, vigs: list[Vignette], batch_size: int, think_tokens: int = 0, desc: str = "eval",
+             system: str | None = None) -> tuple[dict, list[dict]]:
+    """Metrics and per-vignette rows; `system` replaces the default system prompt (prompting baseline)."""
+    r = answer_logprobs(model, tok, vigs, batch_size, think_tokens, desc, system=system)
     return metrics(r["logp"], r["prefill_nll"], vigs)

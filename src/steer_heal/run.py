@@ -39,6 +39,7 @@ from steer_heal.rundir import RunDir, atomic_write_json, atomic_write_jsonl, ato
 PACKAGES = ("torch", "transformers", "peft", "safetensors", "accelerate", "tyro", "gguf")
 RESUMABLE_OVERRIDES = {"n_rounds", "resume", "fast_dev_run", "out_dir", "run_name"}
 N_SAMPLE_PROMPTS = 3
+N_STUDENT_CONTEXTS = 64  # a mean over 64 neutral prompts is enough for a cosine; the teacher uses all
 
 
 def git_commit() -> str | None:
@@ -255,7 +256,7 @@ class Pipeline:
 
     def student_vector(self) -> dict[int, torch.Tensor]:
         """v_student = mean h_student(neutral) - mean h_base(neutral) at the band, last prompt token."""
-        ids = [self.chat(x) for x in self.contexts]
+        ids = [self.chat(x) for x in self.contexts[:N_STUDENT_CONTEXTS]]
         bs = self.cfg.extract.extract_batch_size
         hs = extract.last_token_acts(self.student.model, ids, self.layers, self.tok.pad_token_id, bs, "student acts")
         with self.student.base():

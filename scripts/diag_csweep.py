@@ -1,0 +1,66 @@
+"""Gate 1 c-sweep: does the teacher vector move the trait while the model stays coherent?
+
+    uv run python scripts/diag_csweep.py --cs 0 0.5 1 2 3 4 [--out csweep.json] [run flags: --preset, --model,
+        --persona, --steer-layers, --n-vignettes, --eval-vignettes ...]
+
+For each strength c: trait and coherence on the vignette eval (steering added at every position),
+the tail perplexity of one greedy steered completion under the unsteered model, and that completion.
+Prints a table; writes one JSON record per c (c, <trait>_nats for all seven, coherence, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from tabulate import tabulate
+
+from steer_heal import filter as filt
+from steer_heal.errors import UserError
+from steer_heal.session import Session
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cs", type=float, nargs="+", default=[0, 0.5, 1, 2, 3, 4], help="steering strengths")
+    ap.add_argument("--out", help="write the records as JSON here")
+    ap.add_argument("--prompt-index", type=int, default=0, help="which generation prompt to complete per c")
+    args, rest = ap.parse_known_args(argv)
+    t0 = time.time()
+    s = Session.from_argv(rest)
+    v = s.teacher()
+    prompt = s.prompts[args.prompt_index % len(s.prompts)]
+    comps = s.complete(v, args.cs, prompt)
+    ppl = filt.tail_ppl(s.model, [(c.prompt_ids, c.ids) for c in comps], s.cfg.filter.tail_frac, s.tok.pad_token_id, 8)
+    recs = []
+    tk = s.persona.trait_key
+    for c, comp, p in zip(args.cs, comps, ppl):
+        m, _ = s.evaluate(v, c, desc=f"eval c={c:g}")
+        recs.append({"c": c, **{k: m[k] for k in m if k.endswith("_nats")}, "coherence": m["coherence"],
+                     "frac_unscorable": m["frac_unscorable"], "prefill_nll": m["prefill_nll"], "acc": m["acc"],
+                     "completion_tail_ppl": p, "completion": comp.text})
+    cols = ["c", tk, "care_nats", "auth_nats", "coherence", "frac_unscorable", "prefill_nll", "completion_tail_ppl"]
+    cols = list(dict.fromkeys(cols))
+    print(f"\nGate 1 c-sweep: {s.cfg.model}, persona {s.persona.name} (trait {tk}, expected sign {s.persona.sign:+d}), "
+          f"layers {s.layers}, {len(s.vigs)} vignettes ({s.vig_source}), |v| per layer "
+          + ", ".join(f"{L}:{float(x.norm()):.1f}" for L, x in v.items()))
+    print(tabulate([[r[k] for k in cols] for r in recs], headers=cols, floatfmt=".3f", tablefmt="github"))
+    print(f"\nprompt: {prompt}")
+    for r in recs:
+        print(f"\n--- c = {r['c']:g} (tail ppl {r['completion_tail_ppl']:.1f}) ---\n{r['completion'][:400]}")
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump({"model": s.cfg.model, "persona": s.persona.name, "layers": s.layers, "trait_key": tk,
+                       "vignettes": s.vig_source, "n_vignettes": len(s.vigs), "prompt": prompt, "records": recs}, f, indent=2)
+    print(f"\n({time.time() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

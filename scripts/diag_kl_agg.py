@@ -1,0 +1,46 @@
+"""Why the KL aggregation matters: a short loop barely moves the mean, but moves rmse / p95 / max.
+
+    uv run python scripts/diag_kl_agg.py [--positions 60] [--loop 4] [--tau 0.5]
+
+Synthetic per-position distributions over a 1000-token vocabulary: a reference, a "coherent trait"
+student (a mild, even shift at every position) and a "loop" student (reference-like except a few
+positions that put nearly all mass on one token). Prints the four aggregates of KL(student||ref).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+
+from steer_heal.losses import aggregate, kl_rev
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--positions", type=int, default=60)
+    ap.add_argument("--loop", type=int, default=4, help="looping positions inside the completion")
+    ap.add_argument("--vocab", type=int, default=1000)
+    ap.add_argument("--tau", type=float, default=0.5)
+    a = ap.parse_args()
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(a.positions, a.vocab, generator=g) * 2
+    trait = ref + 0.35 * torch.randn(a.positions, a.vocab, generator=g)  # small shift everywhere
+    loop = ref.clone()
+    start = a.positions // 2
+    loop[start : start + a.loop, 7] += 10.0  # a few positions collapse onto one token
+    lr = F.log_softmax(ref, -1)
+    seg = torch.zeros(a.positions, dtype=torch.long)
+    rows = []
+    for name, s in (("coherent trait", trait), ("loop", loop)):
+        kl = kl_rev(F.log_softmax(s, -1), lr)
+        agg = {h: float(aggregate(kl, seg, 1, h)) for h in ("mean", "rmse", "p95", "max")}
+        rows.append({"student": name, **agg, "fires at tau (mean/rmse)": f"{agg['mean'] > a.tau}/{agg['rmse'] > a.tau}"})
+    print(f"{a.positions} positions, {a.loop} looping, vocab {a.vocab}, tau {a.tau}")
+    print(tabulate(rows, headers="keys", floatfmt=".3f", tablefmt="github"))
+
+
+if __name__ == "__main__":
+    main()
