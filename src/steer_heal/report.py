@@ -143,6 +143,10 @@ def trajectory_png(info: dict, path: Path, coh_floor: float) -> None:
     ax[2].scatter([], [], c="tab:blue", marker="o", label="steered")
     ax[2].scatter([], [], c="tab:orange", marker="s", label="healed")
     ax[2].set(xlabel=f"{tk} (nats)", ylabel="coherence", title="trait vs coherence")
+    from matplotlib.ticker import MaxNLocator
+
+    for a in ax[:2]:
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
     for a in ax:
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
