@@ -38,22 +38,45 @@ def main(argv: list[str]) -> int:
     tk = s.persona.trait_key
     for c, comp, p in zip(args.cs, comps, ppl):
         m, _ = s.evaluate(v, c, desc=f"eval c={c:g}")
-        recs.append({"c": c, **{k: m[k] for k in m if k.endswith("_nats")}, "coherence": m["coherence"],
-                     "frac_unscorable": m["frac_unscorable"], "prefill_nll": m["prefill_nll"], "acc": m["acc"],
-                     "completion_tail_ppl": p, "completion": comp.text})
+        recs.append(
+            {
+                "c": c,
+                **{k: m[k] for k in m if k.endswith("_nats")},
+                "coherence": m["coherence"],
+                "frac_unscorable": m["frac_unscorable"],
+                "prefill_nll": m["prefill_nll"],
+                "acc": m["acc"],
+                "completion_tail_ppl": p,
+                "completion": comp.text,
+            }
+        )
     cols = ["c", tk, "care_nats", "auth_nats", "coherence", "frac_unscorable", "prefill_nll", "completion_tail_ppl"]
     cols = list(dict.fromkeys(cols))
-    print(f"\nGate 1 c-sweep: {s.cfg.model}, persona {s.persona.name} (trait {tk}, expected sign {s.persona.sign:+d}), "
-          f"layers {s.layers}, {len(s.vigs)} vignettes ({s.vig_source}), |v| per layer "
-          + ", ".join(f"{L}:{float(x.norm()):.1f}" for L, x in v.items()))
+    print(
+        f"\nGate 1 c-sweep: {s.cfg.model}, persona {s.persona.name} (trait {tk}, expected sign {s.persona.sign:+d}), "
+        f"layers {s.layers}, {len(s.vigs)} vignettes ({s.vig_source}), |v| per layer "
+        + ", ".join(f"{L}:{float(x.norm()):.1f}" for L, x in v.items())
+    )
     print(tabulate([[r[k] for k in cols] for r in recs], headers=cols, floatfmt=".3f", tablefmt="github"))
     print(f"\nprompt: {prompt}")
     for r in recs:
         print(f"\n--- c = {r['c']:g} (tail ppl {r['completion_tail_ppl']:.1f}) ---\n{r['completion'][:400]}")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
-            json.dump({"model": s.cfg.model, "persona": s.persona.name, "layers": s.layers, "trait_key": tk,
-                       "vignettes": s.vig_source, "n_vignettes": len(s.vigs), "prompt": prompt, "records": recs}, f, indent=2)
+            json.dump(
+                {
+                    "model": s.cfg.model,
+                    "persona": s.persona.name,
+                    "layers": s.layers,
+                    "trait_key": tk,
+                    "vignettes": s.vig_source,
+                    "n_vignettes": len(s.vigs),
+                    "prompt": prompt,
+                    "records": recs,
+                },
+                f,
+                indent=2,
+            )
     print(f"\n({time.time() - t0:.0f} s)")
     return 0
 

@@ -37,7 +37,9 @@ def main() -> None:
     for name, s in (("coherent trait", trait), ("loop", loop)):
         kl = kl_rev(F.log_softmax(s, -1), lr)
         agg = {h: float(aggregate(kl, seg, 1, h)) for h in ("mean", "rmse", "p95", "max")}
-        rows.append({"student": name, **agg, "fires at tau (mean/rmse)": f"{agg['mean'] > a.tau}/{agg['rmse'] > a.tau}"})
+        rows.append(
+            {"student": name, **agg, "fires at tau (mean/rmse)": f"{agg['mean'] > a.tau}/{agg['rmse'] > a.tau}"}
+        )
     print(f"{a.positions} positions, {a.loop} looping, vocab {a.vocab}, tau {a.tau}")
     print(tabulate(rows, headers="keys", floatfmt=".3f", tablefmt="github"))
 

@@ -1,6 +1,6 @@
 """Rebuild summary.md and trajectory.png of a run from its events.jsonl alone (e.g. an interrupted run).
 
-    uv run python scripts/plot_run.py out/<run>
+uv run python scripts/plot_run.py out/<run>
 """
 
 from __future__ import annotations

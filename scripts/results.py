@@ -31,8 +31,14 @@ def table(rows: list[dict], by: list[str]) -> str:
         arms.setdefault(tuple(r.get(k) for k in by), []).append(r)
     out = []
     for key, rs in sorted(arms.items(), key=lambda kv: str(kv[0])):
-        out.append({**dict(zip(by, key)), "runs": len(rs), "seeds": sorted({r.get("seed") for r in rs}, key=str),
-                    **{m: mean_sd([r.get(m) for r in rs]) for m in METRICS}})
+        out.append(
+            {
+                **dict(zip(by, key)),
+                "runs": len(rs),
+                "seeds": sorted({r.get("seed") for r in rs}, key=str),
+                **{m: mean_sd([r.get(m) for r in rs]) for m in METRICS},
+            }
+        )
     return tabulate(out, headers="keys", tablefmt="github")
 
 

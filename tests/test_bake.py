@@ -18,7 +18,7 @@ def _enc(tok):
 
 def _randomise_b(student, name, scale=0.05):
     g = torch.Generator().manual_seed(7)
-    for A, B, _ in student.lora_factors(name):
+    for _A, B, _ in student.lora_factors(name):
         B.data.copy_(torch.randn(B.shape, generator=g) * scale)
 
 

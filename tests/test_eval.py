@@ -33,7 +33,10 @@ def test_loads_tinymfv_sample_with_human_distributions():
 
 def test_unknown_label_names_the_line(tmp_path):
     p = tmp_path / "v.jsonl"
-    p.write_text('{"id": "a", "text": "x", "foundation_coarse": "Care"}\n{"id": "b", "text": "y", "foundation_coarse": "Purity"}\n')
+    p.write_text(
+        '{"id": "a", "text": "x", "foundation_coarse": "Care"}\n'
+        '{"id": "b", "text": "y", "foundation_coarse": "Purity"}\n'
+    )
     with pytest.raises(UserError, match=r"record 2 .*'Purity'"):
         data.vignettes(str(p))
     p.write_text('{"id": "a"}\n')

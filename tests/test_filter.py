@@ -7,17 +7,25 @@ import pytest
 from steer_heal import filter as filt
 from steer_heal.errors import Starved
 
-PERSONA = ("someone who looks after others' wellbeing even when it means defying authority",
-           "someone who defers to authority even when others' wellbeing suffers for it")
-TH = filt.Thresholds(ppl_max=30.0, rep_max=0.35, compress_min=0.30, distinct_min=0.50, top_word_max=0.2, narration=True, refusal=False)
+PERSONA = (
+    "someone who looks after others' wellbeing even when it means defying authority",
+    "someone who defers to authority even when others' wellbeing suffers for it",
+)
+TH = filt.Thresholds(
+    ppl_max=30.0, rep_max=0.35, compress_min=0.30, distinct_min=0.50, top_word_max=0.2, narration=True, refusal=False
+)
 
 # The two upstream failures (continued in the same pattern to a completion's length). Both passed
 # perplexity 2-17 and repetition 0.04-0.27 upstream and were trained on.
-YOUR = ("your your your into your of your your your into your of your your your into your of your "
-        "your your into your of your your your into your of your your your into your of your your")
-GLUTE = ("of course, their GREUEUTEGLUE GLUTE GLUTE BUILDUTEutive INGutive GLUTE GLUTEutive "
-         "BUILDUTE GLUTE INGUTE GREUEUTE GLUTEutive BUILDUTEutive GLUTE INGutive GLUTE GLUTE "
-         "GREUEUTEGLUE BUILDUTE INGutive GLUTEutive GLUTE")
+YOUR = (
+    "your your your into your of your your your into your of your your your into your of your "
+    "your your into your of your your your into your of your your your into your of your your"
+)
+GLUTE = (
+    "of course, their GREUEUTEGLUE GLUTE GLUTE BUILDUTEutive INGutive GLUTE GLUTEutive "
+    "BUILDUTE GLUTE INGUTE GREUEUTE GLUTEutive BUILDUTEutive GLUTE INGutive GLUTE GLUTE "
+    "GREUEUTEGLUE BUILDUTE INGutive GLUTEutive GLUTE"
+)
 
 COHERENT = [
     "Start by writing down what you actually spend each month for a few weeks, without judging it. "
@@ -31,8 +39,10 @@ COHERENT = [
     "which matters more to the team. Managers usually prefer an early, honest warning to a late surprise.",
 ]
 
-NARRATION = ("As someone who looks after others' wellbeing even when it means defying authority, I always put "
-             "people first. I never defer to rules that hurt anyone, and my values tell me to help your friend.")
+NARRATION = (
+    "As someone who looks after others' wellbeing even when it means defying authority, I always put "
+    "people first. I never defer to rules that hurt anyone, and my values tell me to help your friend."
+)
 
 
 def scores(text, ppl=5.0):

@@ -140,7 +140,7 @@ class HealConfig:
 @dataclass
 class EvalConfig:
     eval_vignettes: str | None = None
-    """Vignette set: a JSONL path in the tinymfv schema, hf:wassname/tiny-mfv:classic, or default data/vignettes.jsonl."""
+    """Vignettes: a tinymfv-schema JSONL path, hf:wassname/tiny-mfv:classic, or None = data/vignettes.jsonl."""
     n_vignettes: int | None = None
     """Use only the first N vignettes (balanced order); None = all."""
     eval_batch_size: int = 32
@@ -256,9 +256,7 @@ def _preset_from_argv(argv: list[str]) -> str:
 def parse_args(argv: list[str] | None = None) -> RunConfig:
     argv = sys.argv[1:] if argv is None else argv
     default = preset(_preset_from_argv(argv))
-    cfg = tyro.cli(
-        tyro.conf.OmitArgPrefixes[RunConfig], default=default, args=argv, description=__doc__
-    )
+    cfg = tyro.cli(tyro.conf.OmitArgPrefixes[RunConfig], default=default, args=argv, description=__doc__)
     if cfg.fast_dev_run and cfg.preset != "fast":
         cfg = dataclasses.replace(cfg, preset="fast")
     return cfg

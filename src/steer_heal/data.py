@@ -14,8 +14,15 @@ from steer_heal.errors import UserError
 DATA = Path(__file__).resolve().parents[2] / "data"
 FOUNDATIONS = ("Care", "Fairness", "Loyalty", "Authority", "Sanctity", "Liberty", "Social Norms")
 # Short metric names: `auth_nats` = log of the mean probability that a vignette violates Authority.
-SHORT = {"Care": "care", "Fairness": "fair", "Loyalty": "loyal", "Authority": "auth",
-         "Sanctity": "sanct", "Liberty": "lib", "Social Norms": "social"}
+SHORT = {
+    "Care": "care",
+    "Fairness": "fair",
+    "Loyalty": "loyal",
+    "Authority": "auth",
+    "Sanctity": "sanct",
+    "Liberty": "lib",
+    "Social Norms": "social",
+}
 
 
 def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
@@ -136,7 +143,9 @@ def _hub_vignettes(spec: str) -> Path:
     """Download a tinymfv-schema split from the hub (needs network); `hf:wassname/tiny-mfv:classic`."""
     parts = spec.split(":")
     if len(parts) != 3:
-        raise UserError(f"--eval-vignettes {spec!r}: expected hf:<org/name>:<config>, e.g. hf:wassname/tiny-mfv:classic")
+        raise UserError(
+            f"--eval-vignettes {spec!r}: expected hf:<org/name>:<config>, e.g. hf:wassname/tiny-mfv:classic"
+        )
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 

@@ -52,7 +52,7 @@ def label_ids(tok) -> list[list[int]]:
         ids = tok(PREFILL + " " + f, add_special_tokens=False).input_ids
         if ids[: len(base)] != base:
             raise ValueError(f"tokenizer merges the prefill with the label {f!r}; choose another prefill")
-        out.append(ids[len(base):])
+        out.append(ids[len(base) :])
     return out
 
 
@@ -68,8 +68,16 @@ def _think(model, tok, prompts: list[list[int]], n: int, batch_size: int) -> lis
 
 
 @torch.no_grad()
-def answer_logprobs(model, tok, vigs: list[Vignette], batch_size: int, think_tokens: int = 0, desc: str = "eval",
-                    force_full: bool = False, system: str | None = None) -> dict:
+def answer_logprobs(
+    model,
+    tok,
+    vigs: list[Vignette],
+    batch_size: int,
+    think_tokens: int = 0,
+    desc: str = "eval",
+    force_full: bool = False,
+    system: str | None = None,
+) -> dict:
     """Per vignette and order: log p of each of the 7 labels [N, 2, 7] and the prefill NLL [N, 2]."""
     dev = next(model.parameters()).device
     labels = label_ids(tok)
@@ -128,7 +136,9 @@ def metrics(logp: torch.Tensor, prefill_nll: torch.Tensor, vigs: list[Vignette])
     out["prefill_nll"] = float(prefill_nll.mean())
     top = p.argmax(-1)
     labelled = [i for i, v in enumerate(vigs) if v.label is not None]
-    out["acc"] = (sum(FOUNDATIONS[int(top[i])] == vigs[i].label for i in labelled) / len(labelled)) if labelled else None
+    out["acc"] = (
+        (sum(FOUNDATIONS[int(top[i])] == vigs[i].label for i in labelled) / len(labelled)) if labelled else None
+    )
     humans = [i for i, v in enumerate(vigs) if v.human]
     if humans:
         tv = []
@@ -139,17 +149,29 @@ def metrics(logp: torch.Tensor, prefill_nll: torch.Tensor, vigs: list[Vignette])
         out["human_agree"] = 1 - sum(tv) / len(tv)
     out["n_vignettes"] = len(vigs)
     rows = [
-        {"id": v.id, "label": v.label, "top1": FOUNDATIONS[int(top[i])], "p_ans_any": float(mass[i]),
-         "prefill_nll": float(prefill_nll[i].mean()),
-         **{f"p_{SHORT[f]}": float(p[i, j]) for j, f in enumerate(FOUNDATIONS)},
-         **{f"logp_{SHORT[f]}": [float(logp[i, 0, j]), float(logp[i, 1, j])] for j, f in enumerate(FOUNDATIONS)}}
+        {
+            "id": v.id,
+            "label": v.label,
+            "top1": FOUNDATIONS[int(top[i])],
+            "p_ans_any": float(mass[i]),
+            "prefill_nll": float(prefill_nll[i].mean()),
+            **{f"p_{SHORT[f]}": float(p[i, j]) for j, f in enumerate(FOUNDATIONS)},
+            **{f"logp_{SHORT[f]}": [float(logp[i, 0, j]), float(logp[i, 1, j])] for j, f in enumerate(FOUNDATIONS)},
+        }
         for i, v in enumerate(vigs)
     ]
     return out, rows
 
 
-def evaluate(model, tok, vigs: list[Vignette], batch_size: int, think_tokens: int = 0, desc: str = "eval",
-             system: str | None = None) -> tuple[dict, list[dict]]:
+def evaluate(
+    model,
+    tok,
+    vigs: list[Vignette],
+    batch_size: int,
+    think_tokens: int = 0,
+    desc: str = "eval",
+    system: str | None = None,
+) -> tuple[dict, list[dict]]:
     """Metrics and per-vignette rows; `system` replaces the default system prompt (prompting baseline)."""
     r = answer_logprobs(model, tok, vigs, batch_size, think_tokens, desc, system=system)
     return metrics(r["logp"], r["prefill_nll"], vigs)

@@ -15,14 +15,27 @@ from __future__ import annotations
 import json
 import math
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from steer_heal.errors import UserError
 
 SCHEMA = "1.0"
-STAGES = ("config", "extract", "generate", "filter", "calibrate", "heal_step", "heal", "bake", "eval",
-          "round", "stop", "resume", "summary")
+STAGES = (
+    "config",
+    "extract",
+    "generate",
+    "filter",
+    "calibrate",
+    "heal_step",
+    "heal",
+    "bake",
+    "eval",
+    "round",
+    "stop",
+    "resume",
+    "summary",
+)
 
 
 def finite(x):
@@ -41,7 +54,7 @@ def finite(x):
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 class Events:

@@ -20,8 +20,14 @@ from steer_heal.tokens import batches, chat_ids, pad
 
 
 @torch.no_grad()
-def last_token_acts(model: nn.Module, prompts: list[list[int]], layers: list[int], pad_id: int,
-                    batch_size: int, desc: str = "activations") -> dict[int, torch.Tensor]:
+def last_token_acts(
+    model: nn.Module,
+    prompts: list[list[int]],
+    layers: list[int],
+    pad_id: int,
+    batch_size: int,
+    desc: str = "activations",
+) -> dict[int, torch.Tensor]:
     """Block outputs at each prompt's last token: {L: [N, H] float32}."""
     dev = next(model.parameters()).device
     out: dict[int, list[torch.Tensor]] = {L: [] for L in layers}
@@ -33,7 +39,9 @@ def last_token_acts(model: nn.Module, prompts: list[list[int]], layers: list[int
     return {L: torch.cat(v) for L, v in out.items()}
 
 
-def mean_diff(pos: dict[int, torch.Tensor], neg: dict[int, torch.Tensor], normalize: bool = False) -> dict[int, torch.Tensor]:
+def mean_diff(
+    pos: dict[int, torch.Tensor], neg: dict[int, torch.Tensor], normalize: bool = False
+) -> dict[int, torch.Tensor]:
     """v_L = mean(pos_L) - mean(neg_L); unit-normalised per layer when `normalize`."""
     v = {L: pos[L].mean(0) - neg[L].mean(0) for L in pos}
     if normalize:
@@ -41,8 +49,9 @@ def mean_diff(pos: dict[int, torch.Tensor], neg: dict[int, torch.Tensor], normal
     return v
 
 
-def teacher_vector(model, tok, persona: Persona, contexts: list[str], layers: list[int],
-                   batch_size: int, normalize: bool = False) -> dict[int, torch.Tensor]:
+def teacher_vector(
+    model, tok, persona: Persona, contexts: list[str], layers: list[int], batch_size: int, normalize: bool = False
+) -> dict[int, torch.Tensor]:
     pos = [chat_ids(tok, x, persona.system(True)) for x in contexts]
     neg = [chat_ids(tok, x, persona.system(False)) for x in contexts]
     hp = last_token_acts(model, pos, layers, tok.pad_token_id, batch_size, "extract +")

@@ -108,7 +108,9 @@ def refusal(text: str) -> bool:
 
 
 @torch.no_grad()
-def tail_ppl(model, pairs: list[tuple[list[int], list[int]]], tail_frac: float, pad_id: int, batch_size: int) -> list[float]:
+def tail_ppl(
+    model, pairs: list[tuple[list[int], list[int]]], tail_frac: float, pad_id: int, batch_size: int
+) -> list[float]:
     """exp(mean NLL over the last ceil(tail_frac * n) completion tokens), one per (prompt, completion).
 
     Call it on the ORIGINAL model (adapters disabled): the student that made the text would grade itself."""
@@ -176,13 +178,16 @@ def q0_table(scored: list[dict]) -> list[dict]:
         g = [s for s in scored if s["alpha"] == alpha]
         ppl = [s["tail_ppl"] for s in g if s["tail_ppl"] is not None]
         drops = Counter(s["reason"] for s in g if not s["keep"])
-        rows.append({
-            "alpha": alpha, "n": len(g),
-            "mean_ppl": sum(ppl) / len(ppl) if ppl else None,
-            "median_ppl": statistics.median(ppl) if ppl else None,
-            "kept_frac": sum(s["keep"] for s in g) / len(g),
-            **{f"drop_{k}": v for k, v in sorted(drops.items())},
-        })
+        rows.append(
+            {
+                "alpha": alpha,
+                "n": len(g),
+                "mean_ppl": sum(ppl) / len(ppl) if ppl else None,
+                "median_ppl": statistics.median(ppl) if ppl else None,
+                "kept_frac": sum(s["keep"] for s in g) / len(g),
+                **{f"drop_{k}": v for k, v in sorted(drops.items())},
+            }
+        )
     return rows
 
 
@@ -190,7 +195,9 @@ def format_q0(rows: list[dict]) -> str:
     return tabulate(rows, headers="keys", floatfmt=".3g", missingval="0")
 
 
-def walk_c(probe, keep_target: float, kappa_floor: float, n_keep: int, min_train: int, max_batches: int) -> tuple[float, list[dict]]:
+def walk_c(
+    probe, keep_target: float, kappa_floor: float, n_keep: int, min_train: int, max_batches: int
+) -> tuple[float, list[dict]]:
     """Walk-C dose control. `probe(kappa, batch_index) -> scored rows` generates and scores one batch of
     fresh prompts at strengths alpha * kappa.
 

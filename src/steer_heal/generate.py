@@ -49,9 +49,19 @@ def cut(row: list[int], stops: list[int]) -> tuple[list[int], bool]:
 
 
 @torch.no_grad()
-def generate(model, tok, rows: list[tuple[int, str, list[int], float, float]], vectors: dict[int, torch.Tensor] | None,
-             max_new_tokens: int, temperature: float, top_p: float, batch_size: int, seed: int,
-             do_sample: bool = True, desc: str = "generate") -> list[Completion]:
+def generate(
+    model,
+    tok,
+    rows: list[tuple[int, str, list[int], float, float]],
+    vectors: dict[int, torch.Tensor] | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    batch_size: int,
+    seed: int,
+    do_sample: bool = True,
+    desc: str = "generate",
+) -> list[Completion]:
     """rows = (prompt_idx, user text, prompt ids, alpha, coeff). Returns one Completion per row, in order."""
     dev = next(model.parameters()).device
     stops = stop_ids(model, tok)
@@ -61,15 +71,22 @@ def generate(model, tok, rows: list[tuple[int, str, list[int], float, float]], v
         enc.pop("position_ids")  # generate derives positions from the attention mask
         coeff = torch.tensor([r[4] for r in chunk], dtype=torch.float32, device=dev)
         torch.manual_seed(seed * 100_003 + b)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
-        kw = dict(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=tok.pad_token_id,
-                  repetition_penalty=1.0, **sampling)
+        sampling = (
+            dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
+        )
+        kw = dict(
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stops,
+            pad_token_id=tok.pad_token_id,
+            repetition_penalty=1.0,
+            **sampling,
+        )
         if vectors:
             with steer(model, vectors, coeff):
                 seq = model.generate(**enc, **kw)
         else:
             seq = model.generate(**enc, **kw)
-        new = seq[:, enc["input_ids"].shape[1]:].tolist()
+        new = seq[:, enc["input_ids"].shape[1] :].tolist()
         for r, row in zip(chunk, new):
             ids, eos = cut(row, stops)
             text = tok.decode(ids, skip_special_tokens=True)

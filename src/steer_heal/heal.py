@@ -25,7 +25,14 @@ from steer_heal.bake import Student, lora_targets
 from steer_heal.config import HealConfig
 from steer_heal.errors import NonFiniteLoss
 from steer_heal.losses import (
-    KL, aggregate, completion_batch, cosine_warmup, hinge, lam_at_round, nll, selected_logprobs,
+    KL,
+    aggregate,
+    completion_batch,
+    cosine_warmup,
+    hinge,
+    lam_at_round,
+    nll,
+    selected_logprobs,
     spectral_norm_lowrank,
 )
 from steer_heal.tokens import batches
@@ -45,7 +52,10 @@ class HealResult:
 
 def lora_config(student: Student, cfg: HealConfig) -> LoraConfig:
     return LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=0.0,
+        bias="none",
         target_modules=lora_targets(student.model, cfg.lora_layers, cfg.lora_targets),
         init_lora_weights=True,  # A random, B = 0: the fresh adapter is exactly the reference
     )
@@ -56,8 +66,17 @@ def _grad_norm(loss: torch.Tensor, params: list[torch.Tensor]) -> float:
     return math.sqrt(sum(float((x.float() ** 2).sum()) for x in g if x is not None))
 
 
-def heal(student: Student, pairs: list[tuple[list[int], list[int]]], cfg: HealConfig, round: int, seed: int,
-         pad_id: int, emit, log_every: int = 5, poison_step: int | None = None) -> HealResult:
+def heal(
+    student: Student,
+    pairs: list[tuple[list[int], list[int]]],
+    cfg: HealConfig,
+    round: int,
+    seed: int,
+    pad_id: int,
+    emit,
+    log_every: int = 5,
+    poison_step: int | None = None,
+) -> HealResult:
     """Train adapter r<round> on (prompt ids, completion ids) pairs; returns a summary.
 
     `emit(**fields)` writes a heal_step event. `poison_step` injects NaN into the loss at that step
@@ -96,7 +115,9 @@ def heal(student: Student, pairs: list[tuple[list[int], list[int]]], cfg: HealCo
                     l_bar = hinge(d, cfg.tau, lam_r)
                 l_spec = torch.zeros((), device=dev)
                 if cfg.spectral_lam > 0:
-                    l_spec = cfg.spectral_lam * sum(spectral_norm_lowrank(A, B, s) for A, B, s in student.lora_factors(name))
+                    l_spec = cfg.spectral_lam * sum(
+                        spectral_norm_lowrank(A, B, s) for A, B, s in student.lora_factors(name)
+                    )
                 loss = l_nll + l_bar + l_spec
                 if poison_step is not None and step == poison_step:
                     loss = loss * float("nan")
@@ -127,8 +148,16 @@ def heal(student: Student, pairs: list[tuple[list[int], list[int]]], cfg: HealCo
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 if step % log_every == 0 or step == total - 1:
-                    emit(step=step, nll=l_nll.item(), d=d.mean().item(), barrier=l_bar.item(),
-                         spectral=l_spec.item(), fired=fired_now, grad_ratio=ratio, lr=lr)
+                    emit(
+                        step=step,
+                        nll=l_nll.item(),
+                        d=d.mean().item(),
+                        barrier=l_bar.item(),
+                        spectral=l_spec.item(),
+                        fired=fired_now,
+                        grad_ratio=ratio,
+                        lr=lr,
+                    )
                 bar.update(1)
                 bar.set_postfix(nll=f"{l_nll.item():.3f}", D=f"{d.mean().item():.3f}")
                 step += 1
@@ -139,5 +168,13 @@ def heal(student: Student, pairs: list[tuple[list[int], list[int]]], cfg: HealCo
         f"heal r{round}: {step} steps, nll {nlls[0]:.3f} -> {nlls[-1]:.3f}, D mean {sum(ds) / len(ds):.3f}, "
         f"barrier fired {sum(fired) / len(fired):.0%}"
     )
-    return HealResult(name, step, nlls[0], nlls[-1], sum(ds) / len(ds), sum(fired) / len(fired),
-                      sum(ratios) / len(ratios) if ratios else None, time.time() - t0)
+    return HealResult(
+        name,
+        step,
+        nlls[0],
+        nlls[-1],
+        sum(ds) / len(ds),
+        sum(fired) / len(fired),
+        sum(ratios) / len(ratios) if ratios else None,
+        time.time() - t0,
+    )

@@ -28,8 +28,10 @@ def deltas(base: dict, steered: dict | None, healed: dict | None, trait_key: str
         return m[k] - base[k] if m and isfinite(m.get(k)) and isfinite(base.get(k)) else None
 
     out = {
-        "dtrait_steered": d(steered, trait_key), "dtrait_healed": d(healed, trait_key),
-        "dcoh_steered": d(steered, "coherence"), "dcoh_healed": d(healed, "coherence"),
+        "dtrait_steered": d(steered, trait_key),
+        "dtrait_healed": d(healed, trait_key),
+        "dcoh_steered": d(steered, "coherence"),
+        "dcoh_healed": d(healed, "coherence"),
     }
     ds, dh = out["dtrait_steered"], out["dtrait_healed"]
     out["retain"] = dh / ds if ds is not None and dh is not None and abs(ds) >= SLOPE_MIN_DTRAIT else None
@@ -45,7 +47,9 @@ def slope(dtrait, dcoh):
     return 100 * dcoh / dtrait
 
 
-def verdict(base: dict, healed: dict | None, trait_key: str, sign: int, coh_floor: float, stop_reason: str | None) -> str:
+def verdict(
+    base: dict, healed: dict | None, trait_key: str, sign: int, coh_floor: float, stop_reason: str | None
+) -> str:
     """One line. Finiteness and the absolute coherence floor are checked before any trait ratio: a
     collapsed model sends the trait to -inf, which a ratio-only verdict would score as success."""
     if healed is None:
@@ -57,11 +61,15 @@ def verdict(base: dict, healed: dict | None, trait_key: str, sign: int, coh_floo
         return f"FAIL: coherence {c:.3f} below the floor {coh_floor:.2f} ({trait_key} {t:+.3f})"
     dt = t - base[trait_key]
     if sign * dt < SLOPE_MIN_DTRAIT:
-        return (f"NULL: {trait_key} moved {dt:+.3f} nats vs base (expected sign {sign:+d}, |d| >= {SLOPE_MIN_DTRAIT}); "
-                f"coherence {c:.3f}")
+        return (
+            f"NULL: {trait_key} moved {dt:+.3f} nats vs base (expected sign {sign:+d}, |d| >= {SLOPE_MIN_DTRAIT}); "
+            f"coherence {c:.3f}"
+        )
     tail = f"; stopped: {stop_reason}" if stop_reason else ""
-    return (f"PASS: {trait_key} {dt:+.3f} nats vs base in the expected direction, coherence {c:.3f} "
-            f">= floor {coh_floor:.2f}{tail}")
+    return (
+        f"PASS: {trait_key} {dt:+.3f} nats vs base in the expected direction, coherence {c:.3f} "
+        f">= floor {coh_floor:.2f}{tail}"
+    )
 
 
 def collect(run_dir: Path) -> dict:
@@ -82,19 +90,29 @@ def fmt(x, spec=".3f"):
 def summary_rows(info: dict) -> list[dict]:
     tk = info["config"].get("trait_key", "auth_nats")
     base = info["base"]
-    rows = [{"round": "base", "model": "base", tk: fmt(base.get(tk)), "coherence": fmt(base.get("coherence"))}] if base else []
+    rows = (
+        [{"round": "base", "model": "base", tk: fmt(base.get(tk)), "coherence": fmt(base.get("coherence"))}]
+        if base
+        else []
+    )
     for r in info["rounds"]:
         for m in ("steered", "healed"):
-            rows.append({
-                "round": r["round"], "model": m, tk: fmt(r.get(f"{m}_trait")), "coherence": fmt(r.get(f"{m}_coh")),
-                "dTrait": fmt(r.get(f"dtrait_{m}"), "+.3f"), "dCoh": fmt(r.get(f"dcoh_{m}"), "+.3f"),
-                "retain": fmt(r.get("retain"), ".2f") if m == "healed" else "",
-                "slope": fmt(r.get(f"slope_{m}"), ".1f"),
-                "kappa": fmt(r.get("kappa"), ".2f") if m == "steered" else "",
-                "kept": f"{r.get('n_kept')}/{r.get('n_generated')}" if m == "steered" else "",
-                "cos_v0": fmt(r.get("cos_v0"), ".2f") if m == "steered" else "",
-                "cos_stu": fmt(r.get("cos_student_teacher"), ".2f") if m == "healed" else "",
-            })
+            rows.append(
+                {
+                    "round": r["round"],
+                    "model": m,
+                    tk: fmt(r.get(f"{m}_trait")),
+                    "coherence": fmt(r.get(f"{m}_coh")),
+                    "dTrait": fmt(r.get(f"dtrait_{m}"), "+.3f"),
+                    "dCoh": fmt(r.get(f"dcoh_{m}"), "+.3f"),
+                    "retain": fmt(r.get("retain"), ".2f") if m == "healed" else "",
+                    "slope": fmt(r.get(f"slope_{m}"), ".1f"),
+                    "kappa": fmt(r.get("kappa"), ".2f") if m == "steered" else "",
+                    "kept": f"{r.get('n_kept')}/{r.get('n_generated')}" if m == "steered" else "",
+                    "cos_v0": fmt(r.get("cos_v0"), ".2f") if m == "steered" else "",
+                    "cos_stu": fmt(r.get("cos_student_teacher"), ".2f") if m == "healed" else "",
+                }
+            )
     return rows
 
 
@@ -185,18 +203,38 @@ def ledger_row(info: dict, verdict_line: str, run_dir: Path) -> dict:
     last = rounds[-1] if rounds else {}
     sign = cfg.get("trait_sign", -1)
     floor = cfg.get("coh_floor", 0.0)
-    ok = [r for r in rounds if isfinite(r.get("healed_coh")) and r["healed_coh"] >= floor and isfinite(r.get("dtrait_healed"))]
+    ok = [
+        r
+        for r in rounds
+        if isfinite(r.get("healed_coh")) and r["healed_coh"] >= floor and isfinite(r.get("dtrait_healed"))
+    ]
     best = max(ok, key=lambda r: sign * r["dtrait_healed"]) if ok else {}
     c = cfg.get("config", {})
     heal = c.get("heal", {})
     return {
-        "run": run_dir.name, "commit": cfg.get("git_commit"), "argv": cfg.get("argv"), "preset": c.get("preset"),
-        "model": c.get("model"), "reg": heal.get("reg"), "lam": heal.get("lam"), "tau": heal.get("tau"),
-        "kl_agg": heal.get("kl_agg"), "barrier_ref": heal.get("barrier_ref"), "seed": c.get("seed"),
-        "trait_key": tk, "base_trait": (info["base"] or {}).get(tk), "base_coh": (info["base"] or {}).get("coherence"),
-        "n_rounds_done": len(rounds), "final_dtrait": last.get("dtrait_healed"), "final_coh": last.get("healed_coh"),
-        "final_retain": last.get("retain"), "best_round": best.get("round"), "best_dtrait": best.get("dtrait_healed"),
-        "best_coh": best.get("healed_coh"), "verdict": verdict_line, "stop": (info["stop"] or {}).get("reason"),
+        "run": run_dir.name,
+        "commit": cfg.get("git_commit"),
+        "argv": cfg.get("argv"),
+        "preset": c.get("preset"),
+        "model": c.get("model"),
+        "reg": heal.get("reg"),
+        "lam": heal.get("lam"),
+        "tau": heal.get("tau"),
+        "kl_agg": heal.get("kl_agg"),
+        "barrier_ref": heal.get("barrier_ref"),
+        "seed": c.get("seed"),
+        "trait_key": tk,
+        "base_trait": (info["base"] or {}).get(tk),
+        "base_coh": (info["base"] or {}).get("coherence"),
+        "n_rounds_done": len(rounds),
+        "final_dtrait": last.get("dtrait_healed"),
+        "final_coh": last.get("healed_coh"),
+        "final_retain": last.get("retain"),
+        "best_round": best.get("round"),
+        "best_dtrait": best.get("dtrait_healed"),
+        "best_coh": best.get("healed_coh"),
+        "verdict": verdict_line,
+        "stop": (info["stop"] or {}).get("reason"),
     }
 
 

@@ -19,14 +19,15 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
 import torch
 from loguru import logger
 
-from steer_heal import data, events, extract, filter as filt, models, report
+from steer_heal import data, events, extract, models, report
+from steer_heal import filter as filt
 from steer_heal.bake import Student
 from steer_heal.config import RunConfig, from_dict, parse_args, to_dict
 from steer_heal.errors import NonFiniteLoss, Starved, UserError
@@ -34,7 +35,15 @@ from steer_heal.evaluate import evaluate
 from steer_heal.generate import Completion, generate
 from steer_heal.heal import heal
 from steer_heal.hooks import steer
-from steer_heal.rundir import RunDir, atomic_write_json, atomic_write_jsonl, atomic_write_text, safe_name, save_tensors, load_tensors
+from steer_heal.rundir import (
+    RunDir,
+    atomic_write_json,
+    atomic_write_jsonl,
+    atomic_write_text,
+    load_tensors,
+    safe_name,
+    save_tensors,
+)
 
 PACKAGES = ("torch", "transformers", "peft", "safetensors", "accelerate", "tyro", "gguf")
 RESUMABLE_OVERRIDES = {"n_rounds", "resume", "fast_dev_run", "out_dir", "run_name"}
@@ -44,8 +53,9 @@ N_STUDENT_CONTEXTS = 64  # a mean over 64 neutral prompts is enough for a cosine
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -69,11 +79,19 @@ def seed_everything(seed: int) -> None:
 def validate(cfg: RunConfig) -> None:
     """Reject values no stage could use, naming the flag and what is valid."""
     positive = {
-        "--n-rounds": cfg.n_rounds, "--n-contexts": cfg.extract.n_contexts, "--extract-batch-size": cfg.extract.extract_batch_size,
-        "--n-prompts": cfg.generate.n_prompts, "--max-new-tokens": cfg.generate.max_new_tokens,
-        "--gen-batch-size": cfg.generate.gen_batch_size, "--n-keep": cfg.filter.n_keep, "--min-train": cfg.filter.min_train,
-        "--max-collect-batches": cfg.filter.max_collect_batches, "--lora-r": cfg.heal.lora_r, "--epochs": cfg.heal.epochs,
-        "--heal-batch-size": cfg.heal.heal_batch_size, "--grad-accum": cfg.heal.grad_accum,
+        "--n-rounds": cfg.n_rounds,
+        "--n-contexts": cfg.extract.n_contexts,
+        "--extract-batch-size": cfg.extract.extract_batch_size,
+        "--n-prompts": cfg.generate.n_prompts,
+        "--max-new-tokens": cfg.generate.max_new_tokens,
+        "--gen-batch-size": cfg.generate.gen_batch_size,
+        "--n-keep": cfg.filter.n_keep,
+        "--min-train": cfg.filter.min_train,
+        "--max-collect-batches": cfg.filter.max_collect_batches,
+        "--lora-r": cfg.heal.lora_r,
+        "--epochs": cfg.heal.epochs,
+        "--heal-batch-size": cfg.heal.heal_batch_size,
+        "--grad-accum": cfg.heal.grad_accum,
         "--eval-batch-size": cfg.eval.eval_batch_size,
     }
     for flag, v in positive.items():
@@ -94,7 +112,7 @@ def validate(cfg: RunConfig) -> None:
 
 
 def make_run_dir(cfg: RunConfig) -> RunDir:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     model_tag = Path(cfg.model).name.replace(".gguf", "") or "model"
     name = safe_name(cfg.run_name or f"{stamp}_{model_tag}_{cfg.heal.reg}_s{cfg.seed}")
     root = Path(cfg.out_dir) / name
@@ -111,8 +129,9 @@ def resolve_resume(cfg: RunConfig, argv: list[str]) -> tuple[RunConfig, RunDir]:
     given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
     if given <= RESUMABLE_OVERRIDES:
         merged = from_dict(stored)
-        merged = dataclasses.replace(merged, n_rounds=cfg.n_rounds if "n_rounds" in given else merged.n_rounds,
-                                     resume=cfg.resume)
+        merged = dataclasses.replace(
+            merged, n_rounds=cfg.n_rounds if "n_rounds" in given else merged.n_rounds, resume=cfg.resume
+        )
         return merged, rd
     now = to_dict(cfg)
     diff = [k for k in sorted(set(now) | set(stored)) if k not in RESUMABLE_OVERRIDES and now.get(k) != stored.get(k)]
@@ -123,7 +142,14 @@ def resolve_resume(cfg: RunConfig, argv: list[str]) -> tuple[RunConfig, RunDir]:
 
 
 def completion_row(c: Completion, scores: dict, keep: bool, reason: str) -> dict:
-    return {**dataclasses.asdict(c), "n_tokens": len(c.ids), "hit_cap": c.hit_cap, **scores, "keep": keep, "reason": reason}
+    return {
+        **dataclasses.asdict(c),
+        "n_tokens": len(c.ids),
+        "hit_cap": c.hit_cap,
+        **scores,
+        "keep": keep,
+        "reason": reason,
+    }
 
 
 class Pipeline:
@@ -132,7 +158,9 @@ class Pipeline:
     def __init__(self, cfg: RunConfig, rd: RunDir):
         self.cfg, self.rd = cfg, rd
         self.ev = events.Events(rd.events)
-        self.persona = data.persona(cfg.extract.persona, cfg.extract.persona_pos, cfg.extract.persona_neg, cfg.extract.personas_file)
+        self.persona = data.persona(
+            cfg.extract.persona, cfg.extract.persona_pos, cfg.extract.persona_neg, cfg.extract.personas_file
+        )
         ctx = data.texts(cfg.extract.contexts_file, "contexts.jsonl")
         random.Random(cfg.seed).shuffle(ctx)
         self.contexts = ctx[: cfg.extract.n_contexts]
@@ -163,7 +191,9 @@ class Pipeline:
                 m, rows = evaluate(model, self.tok, self.vigs, cfg.eval_batch_size, cfg.eval_think_tokens, "eval base")
         elif vectors is not None:
             with steer(model, vectors, c):
-                m, rows = evaluate(model, self.tok, self.vigs, cfg.eval_batch_size, cfg.eval_think_tokens, f"eval {which}")
+                m, rows = evaluate(
+                    model, self.tok, self.vigs, cfg.eval_batch_size, cfg.eval_think_tokens, f"eval {which}"
+                )
         else:
             m, rows = evaluate(model, self.tok, self.vigs, cfg.eval_batch_size, cfg.eval_think_tokens, f"eval {which}")
         atomic_write_jsonl(self.rd.eval_rows(r, which), rows)
@@ -178,12 +208,30 @@ class Pipeline:
         k = min(len(self.prompts), max(g.n_prompts, 8))
         rows = [(i, self.prompts[i], self.prompt_ids[i], 0.0, 0.0) for i in range(k)]
         with self.student.base():
-            comps = generate(self.student.model, self.tok, rows, None, g.max_new_tokens, g.temperature, g.top_p,
-                             g.gen_batch_size, self.cfg.seed, desc="calibrate")
+            comps = generate(
+                self.student.model,
+                self.tok,
+                rows,
+                None,
+                g.max_new_tokens,
+                g.temperature,
+                g.top_p,
+                g.gen_batch_size,
+                self.cfg.seed,
+                desc="calibrate",
+            )
             ppl = self.tail_ppl(comps)
         th = filt.calibrate_ppl(ppl, f.ppl_mult, f.ppl_max)
-        self.ev.emit("calibrate", -1, n=len(ppl), base_median_ppl=statistics.median(ppl), ppl_mult=f.ppl_mult,
-                     ppl_max_override=f.ppl_max, ppl_max=th, base_ppls=ppl)
+        self.ev.emit(
+            "calibrate",
+            -1,
+            n=len(ppl),
+            base_median_ppl=statistics.median(ppl),
+            ppl_mult=f.ppl_mult,
+            ppl_max_override=f.ppl_max,
+            ppl_max=th,
+            base_ppls=ppl,
+        )
         logger.info(f"filter calibration: base median tail-ppl {statistics.median(ppl):.2f} -> ppl_max {th:.2f}")
         return th
 
@@ -191,13 +239,22 @@ class Pipeline:
         """Scored under the ORIGINAL model (every adapter off)."""
         pairs = [(c.prompt_ids, c.ids) for c in comps if c.ids]
         with self.student.base():
-            vals = iter(filt.tail_ppl(self.student.model, pairs, self.cfg.filter.tail_frac, self.tok.pad_token_id,
-                                      self.cfg.generate.gen_batch_size))
+            vals = iter(
+                filt.tail_ppl(
+                    self.student.model,
+                    pairs,
+                    self.cfg.filter.tail_frac,
+                    self.tok.pad_token_id,
+                    self.cfg.generate.gen_batch_size,
+                )
+            )
         return [next(vals) if c.ids else None for c in comps]
 
     def thresholds(self, ppl_max: float) -> filt.Thresholds:
         f = self.cfg.filter
-        return filt.Thresholds(ppl_max, f.rep_max, f.compress_min, f.distinct_min, f.top_word_max, f.narration, f.refusal)
+        return filt.Thresholds(
+            ppl_max, f.rep_max, f.compress_min, f.distinct_min, f.top_word_max, f.narration, f.refusal
+        )
 
     def generate_and_filter(self, r: int, vectors, ppl_max: float) -> tuple[float, list[dict], dict]:
         g = self.cfg.generate
@@ -210,8 +267,18 @@ class Pipeline:
             idx = [(offset + (b * g.n_prompts) + j) % len(self.prompts) for j in range(g.n_prompts)]
             rows = [(i, self.prompts[i], self.prompt_ids[i], a, a * kappa) for i in idx for a in g.alphas]
             t0 = time.time()
-            comps = generate(self.student.model, self.tok, rows, vectors, g.max_new_tokens, g.temperature, g.top_p,
-                             g.gen_batch_size, self.cfg.seed * 1000 + r * 50 + b, desc=f"generate r{r} k={kappa:g}")
+            comps = generate(
+                self.student.model,
+                self.tok,
+                rows,
+                vectors,
+                g.max_new_tokens,
+                g.temperature,
+                g.top_p,
+                g.gen_batch_size,
+                self.cfg.seed * 1000 + r * 50 + b,
+                desc=f"generate r{r} k={kappa:g}",
+            )
             stats["gen_seconds"] += time.time() - t0
             stats["n_generated"] += len(comps)
             stats["tokens"] += sum(len(c.ids) for c in comps)
@@ -227,31 +294,73 @@ class Pipeline:
 
         f = self.cfg.filter
         try:
-            kappa, scored = filt.walk_c(probe, f.keep_target, f.kappa_floor, f.n_keep, f.min_train, f.max_collect_batches)
+            kappa, scored = filt.walk_c(
+                probe, f.keep_target, f.kappa_floor, f.n_keep, f.min_train, f.max_collect_batches
+            )
         except Starved as e:
             atomic_write_jsonl(self.rd.completions(r), e.scored)
-            self.ev.emit("filter", r, kappa=e.kappa, ppl_max=ppl_max, q0=filt.q0_table(e.scored),
-                         n_kept=sum(s["keep"] for s in e.scored), n_scored=len(e.scored), starved=True)
+            self.ev.emit(
+                "filter",
+                r,
+                kappa=e.kappa,
+                ppl_max=ppl_max,
+                q0=filt.q0_table(e.scored),
+                n_kept=sum(s["keep"] for s in e.scored),
+                n_scored=len(e.scored),
+                starved=True,
+            )
             raise
         atomic_write_jsonl(self.rd.completions(r), scored)
         q0 = filt.q0_table(scored)
         tps = stats["tokens"] / max(stats["gen_seconds"], 1e-9)
-        self.ev.emit("generate", r, n=stats["n_generated"], tokens=stats["tokens"], tokens_per_s=tps,
-                     seconds=stats["gen_seconds"], alphas=list(g.alphas), kappa=kappa,
-                     hit_cap_frac=sum(s["hit_cap"] for s in scored) / len(scored))
+        self.ev.emit(
+            "generate",
+            r,
+            n=stats["n_generated"],
+            tokens=stats["tokens"],
+            tokens_per_s=tps,
+            seconds=stats["gen_seconds"],
+            alphas=list(g.alphas),
+            kappa=kappa,
+            hit_cap_frac=sum(s["hit_cap"] for s in scored) / len(scored),
+        )
         kept = [s for s in scored if s["keep"]]
         samples = _near_threshold(scored, ppl_max)
-        self.ev.emit("filter", r, kappa=kappa, ppl_max=ppl_max, q0=q0, n_kept=len(kept), n_scored=len(scored),
-                     seconds=stats["filter_seconds"], samples=samples, starved=False)
-        logger.info(f"filter r{r} (kappa {kappa:g}, ppl_max {ppl_max:.1f}): kept {len(kept)}/{len(scored)}\n{filt.format_q0(q0)}")
+        self.ev.emit(
+            "filter",
+            r,
+            kappa=kappa,
+            ppl_max=ppl_max,
+            q0=q0,
+            n_kept=len(kept),
+            n_scored=len(scored),
+            seconds=stats["filter_seconds"],
+            samples=samples,
+            starved=False,
+        )
+        logger.info(
+            f"filter r{r} (kappa {kappa:g}, ppl_max {ppl_max:.1f}): "
+            f"kept {len(kept)}/{len(scored)}\n{filt.format_q0(q0)}"
+        )
         return kappa, kept, stats
 
     def samples(self, vectors, c: float) -> list[dict]:
         """Greedy completions for a few fixed prompts (steered if vectors are given)."""
         g = self.cfg.generate
         rows = [(i, self.prompts[i], self.prompt_ids[i], c, c) for i in range(min(N_SAMPLE_PROMPTS, len(self.prompts)))]
-        comps = generate(self.student.model, self.tok, rows, vectors, g.max_new_tokens, 1.0, 1.0, g.gen_batch_size, 0,
-                         do_sample=False, desc="samples")
+        comps = generate(
+            self.student.model,
+            self.tok,
+            rows,
+            vectors,
+            g.max_new_tokens,
+            1.0,
+            1.0,
+            g.gen_batch_size,
+            0,
+            do_sample=False,
+            desc="samples",
+        )
         return [{"prompt": x.prompt, "text": x.text} for x in comps]
 
     def student_vector(self) -> dict[int, torch.Tensor]:
@@ -269,7 +378,10 @@ def _near_threshold(scored: list[dict], ppl_max: float, k: int = 2) -> dict:
 
     def pick(rows):
         rows = sorted((r for r in rows if r["tail_ppl"] is not None), key=lambda r: abs(r["tail_ppl"] - ppl_max))[:k]
-        return [{"alpha": r["alpha"], "tail_ppl": r["tail_ppl"], "reason": r["reason"], "text": r["text"][:300]} for r in rows]
+        return [
+            {"alpha": r["alpha"], "tail_ppl": r["tail_ppl"], "reason": r["reason"], "text": r["text"][:300]}
+            for r in rows
+        ]
 
     return {"kept": pick([r for r in scored if r["keep"]]), "dropped": pick([r for r in scored if not r["keep"]])}
 
@@ -283,10 +395,19 @@ def run(cfg: RunConfig, argv: list[str] | None = None, poison: tuple[int, int] |
         cfg, rd = resolve_resume(cfg, argv)
     else:
         rd = make_run_dir(cfg)
-    persona = data.persona(cfg.extract.persona, cfg.extract.persona_pos, cfg.extract.persona_neg, cfg.extract.personas_file)
+    persona = data.persona(
+        cfg.extract.persona, cfg.extract.persona_pos, cfg.extract.persona_neg, cfg.extract.personas_file
+    )
     if not resuming:
-        meta = {"config": to_dict(cfg), "argv": argv, "git_commit": git_commit(), "versions": versions(),
-                "trait_key": persona.trait_key, "trait_sign": persona.sign, "coh_floor": cfg.coh_floor}
+        meta = {
+            "config": to_dict(cfg),
+            "argv": argv,
+            "git_commit": git_commit(),
+            "versions": versions(),
+            "trait_key": persona.trait_key,
+            "trait_sign": persona.sign,
+            "coh_floor": cfg.coh_floor,
+        }
         atomic_write_json(rd.config, meta)  # first artifact: the run describes itself
         events.Events(rd.events).emit("config", -1, **meta)
     logger.add(rd.root / "run.log", level="INFO", enqueue=False)
@@ -315,17 +436,42 @@ def run(cfg: RunConfig, argv: list[str] | None = None, poison: tuple[int, int] |
     for r in range(start, cfg.n_rounds):
         secs: dict[str, float] = {}
         t0 = time.time()
-        v = extract.teacher_vector(pipe.student.model, pipe.tok, persona, pipe.contexts, pipe.layers,
-                                   cfg.extract.extract_batch_size, cfg.extract.normalize)
+        v = extract.teacher_vector(
+            pipe.student.model,
+            pipe.tok,
+            persona,
+            pipe.contexts,
+            pipe.layers,
+            cfg.extract.extract_batch_size,
+            cfg.extract.normalize,
+        )
         v0 = v0 or v
-        save_tensors(rd.vector(r), {str(L): x for L, x in v.items()},
-                     {"model": cfg.model, "layers": json.dumps(pipe.layers), "persona": persona.name,
-                      "pos": persona.pos, "neg": persona.neg, "n_contexts": str(len(pipe.contexts)),
-                      "round": str(r), "normalized": str(cfg.extract.normalize)})
+        save_tensors(
+            rd.vector(r),
+            {str(L): x for L, x in v.items()},
+            {
+                "model": cfg.model,
+                "layers": json.dumps(pipe.layers),
+                "persona": persona.name,
+                "pos": persona.pos,
+                "neg": persona.neg,
+                "n_contexts": str(len(pipe.contexts)),
+                "round": str(r),
+                "normalized": str(cfg.extract.normalize),
+            },
+        )
         cos_v0 = extract.cosine(v, v0)
         secs["extract"] = time.time() - t0
-        ev.emit("extract", r, layers=pipe.layers, norm=extract.norm(v), per_layer_norm={L: float(x.norm()) for L, x in v.items()},
-                cos_v0=cos_v0, n_contexts=len(pipe.contexts), seconds=secs["extract"])
+        ev.emit(
+            "extract",
+            r,
+            layers=pipe.layers,
+            norm=extract.norm(v),
+            per_layer_norm={L: float(x.norm()) for L, x in v.items()},
+            cos_v0=cos_v0,
+            n_contexts=len(pipe.contexts),
+            seconds=secs["extract"],
+        )
         logger.info(f"extract r{r}: layers {pipe.layers}, |v| {extract.norm(v):.2f}, cos(v, v0) {cos_v0:.3f}")
         try:
             kappa, kept, gstats = pipe.generate_and_filter(r, v, ppl_max)
@@ -334,24 +480,42 @@ def run(cfg: RunConfig, argv: list[str] | None = None, poison: tuple[int, int] |
             logger.error(str(e))
             break
         secs["generate"], secs["filter"] = gstats["gen_seconds"], gstats["filter_seconds"]
-        c_eval = cfg.eval.eval_alpha if cfg.eval.eval_alpha is not None else statistics.median(cfg.generate.alphas) * kappa
+        c_eval = (
+            cfg.eval.eval_alpha if cfg.eval.eval_alpha is not None else statistics.median(cfg.generate.alphas) * kappa
+        )
         t0 = time.time()
         steered = pipe.eval(r, "steered", v, c_eval)
         steered_samples = pipe.samples(v, c_eval)
         secs["eval_steered"] = time.time() - t0
         pairs = [(s["prompt_ids"], s["ids"]) for s in kept]
         try:
-            res = heal(pipe.student, pairs, cfg.heal, r, cfg.seed, pipe.tok.pad_token_id,
-                       emit=lambda **kw: ev.emit("heal_step", r, **kw),
-                       poison_step=poison[1] if poison and poison[0] == r else None)
+            res = heal(
+                pipe.student,
+                pairs,
+                cfg.heal,
+                r,
+                cfg.seed,
+                pipe.tok.pad_token_id,
+                emit=lambda r=r, **kw: ev.emit("heal_step", r, **kw),
+                poison_step=poison[1] if poison and poison[0] == r else None,
+            )
         except NonFiniteLoss as e:
             pipe.student.drop_training()
             stop_reason, code = str(e), 4
             logger.error(f"{e}; rounds before {r} are intact in {rd.root}")
             break
         secs["heal"] = res.seconds
-        ev.emit("heal", r, **dataclasses.asdict(res), n_train=len(pairs), reg=cfg.heal.reg, lam=cfg.heal.lam, tau=cfg.heal.tau,
-                kl_agg=cfg.heal.kl_agg, barrier_ref=cfg.heal.barrier_ref)
+        ev.emit(
+            "heal",
+            r,
+            **dataclasses.asdict(res),
+            n_train=len(pairs),
+            reg=cfg.heal.reg,
+            lam=cfg.heal.lam,
+            tau=cfg.heal.tau,
+            kl_agg=cfg.heal.kl_agg,
+            barrier_ref=cfg.heal.barrier_ref,
+        )
         t0 = time.time()
         name = pipe.student.bake()
         pipe.student.save_adapter(name, rd.adapter(r))
@@ -362,20 +526,42 @@ def run(cfg: RunConfig, argv: list[str] | None = None, poison: tuple[int, int] |
         healed_samples = pipe.samples(None, 0.0)
         vs = pipe.student_vector()
         secs["eval_healed"] = time.time() - t0
-        atomic_write_json(rd.round(r) / "samples.json",
-                          [{"prompt": s["prompt"], "steered": s["text"], "healed": h["text"]}
-                           for s, h in zip(steered_samples, healed_samples)])
+        atomic_write_json(
+            rd.round(r) / "samples.json",
+            [
+                {"prompt": s["prompt"], "steered": s["text"], "healed": h["text"]}
+                for s, h in zip(steered_samples, healed_samples)
+            ],
+        )
         d = report.deltas(base, steered, healed, tk)
         rec = ev.emit(
-            "round", r, steered_trait=steered[tk], healed_trait=healed[tk], steered_coh=steered["coherence"],
-            healed_coh=healed["coherence"], base_trait=base[tk], base_coh=base["coherence"], **d, c_eval=c_eval,
-            cos_v0=cos_v0, cos_student_teacher=extract.cosine(vs, v), norm_v=extract.norm(v), norm_student=extract.norm(vs),
-            kappa=kappa, n_generated=gstats["n_generated"], n_kept=len(kept), heal_nll=res.nll_last, heal_d=res.d_mean,
-            barrier_fired=res.fired_frac, seconds=secs,
+            "round",
+            r,
+            steered_trait=steered[tk],
+            healed_trait=healed[tk],
+            steered_coh=steered["coherence"],
+            healed_coh=healed["coherence"],
+            base_trait=base[tk],
+            base_coh=base["coherence"],
+            **d,
+            c_eval=c_eval,
+            cos_v0=cos_v0,
+            cos_student_teacher=extract.cosine(vs, v),
+            norm_v=extract.norm(v),
+            norm_student=extract.norm(vs),
+            kappa=kappa,
+            n_generated=gstats["n_generated"],
+            n_kept=len(kept),
+            heal_nll=res.nll_last,
+            heal_d=res.d_mean,
+            barrier_fired=res.fired_frac,
+            seconds=secs,
         )
         atomic_write_text(rd.done(r), json.dumps({"round": r, "ts": rec["ts"]}) + "\n")  # the round is complete
-        logger.info(f"round {r}: {tk} steered {steered[tk]:+.3f} healed {healed[tk]:+.3f} (base {base[tk]:+.3f}), "
-                    f"coherence {healed['coherence']:.3f}, retain {d['retain']}")
+        logger.info(
+            f"round {r}: {tk} steered {steered[tk]:+.3f} healed {healed[tk]:+.3f} (base {base[tk]:+.3f}), "
+            f"coherence {healed['coherence']:.3f}, retain {d['retain']}"
+        )
         if not (healed["coherence"] >= cfg.coh_floor):
             stop_reason = f"healed coherence {healed['coherence']:.3f} < floor {cfg.coh_floor} at round {r}"
             logger.warning(stop_reason)
@@ -386,9 +572,13 @@ def run(cfg: RunConfig, argv: list[str] | None = None, poison: tuple[int, int] |
         pipe.student.export(pipe.tok, rd.export)
     rep = report.build(rd.root)
     ev.emit("summary", -1, verdict=rep["verdict"], seconds=time.time() - t_run, rounds_done=len(rd.completed_rounds()))
-    report.append_ledger(Path(cfg.out_dir) / "results.jsonl", report.ledger_row(report.collect(rd.root), rep["verdict"], rd.root))
+    report.append_ledger(
+        Path(cfg.out_dir) / "results.jsonl", report.ledger_row(report.collect(rd.root), rep["verdict"], rd.root)
+    )
     print("\n" + rep["table"] + "\n\nfilter (Q0):\n" + rep["q0"] + "\n")
-    expect = "PASS: trait moves in the persona's direction (sign %+d) with coherence >= %.2f" % (persona.sign, cfg.coh_floor)
+    expect = (
+        f"PASS: trait moves in the persona's direction (sign {persona.sign:+d}) with coherence >= {cfg.coh_floor:.2f}"
+    )
     logger.info(f"expected: {expect}")
     print(f"{rep['verdict']}\nrun directory: {rd.root}  ({time.time() - t_run:.0f} s)")
     return code

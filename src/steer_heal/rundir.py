@@ -120,5 +120,7 @@ class RunDir:
 
     def read_config(self) -> dict:
         if not self.is_run():
-            raise UserError(f"--resume {self.root}: not a steer_heal run directory (needs config.json and events.jsonl)")
+            raise UserError(
+                f"--resume {self.root}: not a steer_heal run directory (needs config.json and events.jsonl)"
+            )
         return json.loads(self.config.read_text(encoding="utf-8"))

@@ -12,9 +12,7 @@ import torch
 
 def chat_ids(tok, user: str, system: str | None = None, prefill: str = "") -> list[int]:
     """Token ids of [system] + user + assistant header (+ a prefilled start of the answer)."""
-    msgs = ([{"role": "system", "content": system}] if system is not None else []) + [
-        {"role": "user", "content": user}
-    ]
+    msgs = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": user}]
     text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     # add_special_tokens=False: the template already wrote BOS/<|im_start|>; the tokenizer must not add more.
     return tok(text + prefill, add_special_tokens=False).input_ids
