@@ -144,3 +144,48 @@ def test_resume_refuses_a_changed_config(fast_run):
     assert p.returncode == 2 and "reg" in p.stderr and "'kl_rev'" in p.stderr
     p = _cli("--resume", str(fast_run / "nowhere"))
     assert p.returncode == 2 and "not a steer_heal run directory" in p.stderr
+
+
+def test_starvation_ends_cleanly_with_the_q0_table(tmp_path, capsys):
+    # An absolute perplexity ceiling of 1.0 rejects every completion: the dose controller must walk
+    # down to its floor, then stop the run with exit code 3 and leave the run directory readable.
+    argv, cfg = _fast(tmp_path, "s", "--ppl-max", "1.0")
+    assert run(cfg, argv) == 3
+    root = tmp_path / "s"
+    recs = events.read(root)
+    stop = [x for x in recs if x["stage"] == "stop"]
+    assert len(stop) == 1 and stop[0]["code"] == 3 and "only 0 completions kept" in stop[0]["reason"]
+    filt = [x for x in recs if x["stage"] == "filter"][-1]
+    assert filt["starved"] and filt["n_kept"] == 0 and filt["q0"][0]["kept_frac"] == 0.0
+    assert (root / "rounds" / "r00" / "completions.jsonl").is_file()
+    assert "FAIL" in (root / "summary.md").read_text()
+    assert recs[-1]["stage"] == "summary"
+
+
+def test_score_completions_script(tmp_path):
+    from tests.test_filter import COHERENT, YOUR
+
+    inp = tmp_path / "in.jsonl"
+    lines = [{"prompt": "How do I save money?", "completion": COHERENT[0]}, {"prompt": "Hi", "completion": YOUR}]
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    p = subprocess.run(
+        [
+            sys.executable,
+            "scripts/score_completions.py",
+            str(inp),
+            "--fast-dev-run",
+            "--ppl-max",
+            "1e9",
+            "--rep-max",
+            "0.35",
+            "--compress-min",
+            "0.3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = [json.loads(x) for x in p.stdout.splitlines()]
+    assert [x["keep"] for x in out] == [True, False]
+    assert out[1]["reason"] in ("repetition", "loop") and out[0]["tail_ppl"] > 0

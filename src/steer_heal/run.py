@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import statistics
 import subprocess
 import sys
@@ -26,9 +25,8 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from steer_heal import data, events, extract, models, report
+from steer_heal import data, events, extract, report
 from steer_heal import filter as filt
-from steer_heal.bake import Student
 from steer_heal.config import RunConfig, from_dict, parse_args, to_dict
 from steer_heal.errors import NonFiniteLoss, Starved, UserError
 from steer_heal.evaluate import evaluate
@@ -44,6 +42,7 @@ from steer_heal.rundir import (
     safe_name,
     save_tensors,
 )
+from steer_heal.session import Session
 
 PACKAGES = ("torch", "transformers", "peft", "safetensors", "accelerate", "tyro", "gguf")
 RESUMABLE_OVERRIDES = {"n_rounds", "resume", "fast_dev_run", "out_dir", "run_name"}
@@ -69,11 +68,6 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[p] = "missing"
     return out
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def validate(cfg: RunConfig) -> None:
@@ -158,21 +152,16 @@ class Pipeline:
     def __init__(self, cfg: RunConfig, rd: RunDir):
         self.cfg, self.rd = cfg, rd
         self.ev = events.Events(rd.events)
-        self.persona = data.persona(
-            cfg.extract.persona, cfg.extract.persona_pos, cfg.extract.persona_neg, cfg.extract.personas_file
+        self.session = Session.from_config(cfg)
+        se = self.session
+        self.persona, self.contexts, self.prompts = se.persona, se.contexts, se.prompts
+        self.vig_source, self.vigs, self.tok, self.student, self.layers = (
+            se.vig_source,
+            se.vigs,
+            se.tok,
+            se.student,
+            se.layers,
         )
-        ctx = data.texts(cfg.extract.contexts_file, "contexts.jsonl")
-        random.Random(cfg.seed).shuffle(ctx)
-        self.contexts = ctx[: cfg.extract.n_contexts]
-        self.prompts = data.texts(cfg.generate.prompts_file, "dilemmas.jsonl")
-        random.Random(cfg.seed + 1).shuffle(self.prompts)
-        self.vig_source, vigs = data.vignettes(cfg.eval.eval_vignettes)
-        self.vigs = data.balanced(vigs, cfg.eval.n_vignettes)
-        seed_everything(cfg.seed)
-        model, self.tok = models.load(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)
-        self.student = Student(model)
-        self.n_layers = len(models.decoder_layers(model))
-        self.layers = models.band(self.n_layers, cfg.extract.steer_layers, "--steer-layers")
         self.prompt_ids = [self.chat(p) for p in self.prompts]
 
     def chat(self, user: str) -> list[int]:
@@ -204,61 +193,29 @@ class Pipeline:
 
     def calibrate(self) -> float:
         """Filter ppl threshold from the base model's own unsteered completions on the generation prompts."""
-        g, f = self.cfg.generate, self.cfg.filter
-        k = min(len(self.prompts), max(g.n_prompts, 8))
-        rows = [(i, self.prompts[i], self.prompt_ids[i], 0.0, 0.0) for i in range(k)]
-        with self.student.base():
-            comps = generate(
-                self.student.model,
-                self.tok,
-                rows,
-                None,
-                g.max_new_tokens,
-                g.temperature,
-                g.top_p,
-                g.gen_batch_size,
-                self.cfg.seed,
-                desc="calibrate",
-            )
-            ppl = self.tail_ppl(comps)
+        f = self.cfg.filter
+        ppl = self.session.calibration_ppls()
         th = filt.calibrate_ppl(ppl, f.ppl_mult, f.ppl_max)
+        med = statistics.median(ppl)
         self.ev.emit(
             "calibrate",
             -1,
             n=len(ppl),
-            base_median_ppl=statistics.median(ppl),
+            base_median_ppl=med,
             ppl_mult=f.ppl_mult,
             ppl_max_override=f.ppl_max,
             ppl_max=th,
             base_ppls=ppl,
         )
-        logger.info(f"filter calibration: base median tail-ppl {statistics.median(ppl):.2f} -> ppl_max {th:.2f}")
+        logger.info(f"filter calibration: base median tail-ppl {med:.2f} -> ppl_max {th:.2f}")
         return th
 
-    def tail_ppl(self, comps: list[Completion]) -> list[float]:
-        """Scored under the ORIGINAL model (every adapter off)."""
-        pairs = [(c.prompt_ids, c.ids) for c in comps if c.ids]
-        with self.student.base():
-            vals = iter(
-                filt.tail_ppl(
-                    self.student.model,
-                    pairs,
-                    self.cfg.filter.tail_frac,
-                    self.tok.pad_token_id,
-                    self.cfg.generate.gen_batch_size,
-                )
-            )
-        return [next(vals) if c.ids else None for c in comps]
-
-    def thresholds(self, ppl_max: float) -> filt.Thresholds:
-        f = self.cfg.filter
-        return filt.Thresholds(
-            ppl_max, f.rep_max, f.compress_min, f.distinct_min, f.top_word_max, f.narration, f.refusal
-        )
+    def tail_ppl(self, comps: list[Completion]) -> list[float | None]:
+        return self.session.base_tail_ppl([(c.prompt_ids, c.ids) for c in comps])
 
     def generate_and_filter(self, r: int, vectors, ppl_max: float) -> tuple[float, list[dict], dict]:
         g = self.cfg.generate
-        th = self.thresholds(ppl_max)
+        th = self.session.thresholds(ppl_max)
         persona_texts = (self.persona.pos, self.persona.neg)
         stats = {"n_generated": 0, "tokens": 0, "gen_seconds": 0.0, "filter_seconds": 0.0}
         offset = (r * 7919) % len(self.prompts)

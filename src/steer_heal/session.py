@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from steer_heal import data, extract, models
+from steer_heal import filter as filt
 from steer_heal.bake import Student
 from steer_heal.config import RunConfig, parse_args
 from steer_heal.evaluate import evaluate
@@ -82,6 +83,47 @@ class Session:
             return evaluate(
                 self.model, self.tok, self.vigs, e.eval_batch_size, e.eval_think_tokens, desc, system=system
             )
+
+    def base_tail_ppl(self, pairs: list[tuple[list[int], list[int]]]) -> list[float | None]:
+        """Tail perplexity of (prompt ids, completion ids) under the ORIGINAL model; None for empty completions."""
+        nonempty = [p for p in pairs if p[1]]
+        with self.student.base():
+            vals = iter(
+                filt.tail_ppl(
+                    self.model,
+                    nonempty,
+                    self.cfg.filter.tail_frac,
+                    self.tok.pad_token_id,
+                    self.cfg.generate.gen_batch_size,
+                )
+            )
+        return [next(vals) if p[1] else None for p in pairs]
+
+    def calibration_ppls(self) -> list[float]:
+        """Tail-ppl of the base model's own unsteered samples on the first generation prompts (>= 8)."""
+        g = self.cfg.generate
+        k = min(len(self.prompts), max(g.n_prompts, 8))
+        rows = [(i, self.prompts[i], chat_ids(self.tok, self.prompts[i]), 0.0, 0.0) for i in range(k)]
+        with self.student.base():
+            comps = generate(
+                self.model,
+                self.tok,
+                rows,
+                None,
+                g.max_new_tokens,
+                g.temperature,
+                g.top_p,
+                g.gen_batch_size,
+                self.cfg.seed,
+                desc="calibrate",
+            )
+        return [p for p in self.base_tail_ppl([(c.prompt_ids, c.ids) for c in comps]) if p is not None]
+
+    def thresholds(self, ppl_max: float) -> filt.Thresholds:
+        f = self.cfg.filter
+        return filt.Thresholds(
+            ppl_max, f.rep_max, f.compress_min, f.distinct_min, f.top_word_max, f.narration, f.refusal
+        )
 
     def complete(self, vectors, cs: list[float], prompt: str, greedy: bool = True, max_new_tokens: int | None = None):
         """One completion of `prompt` per strength in `cs`, all in one mixed-strength batch."""
