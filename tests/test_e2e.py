@@ -189,3 +189,29 @@ def test_score_completions_script(tmp_path):
     out = [json.loads(x) for x in p.stdout.splitlines()]
     assert [x["keep"] for x in out] == [True, False]
     assert out[1]["reason"] in ("repetition", "loop") and out[0]["tail_ppl"] > 0
+
+
+def test_plot_run_rebuilds_the_report_from_events(fast_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(fast_run / "a", copy)
+    (copy / "trajectory.png").unlink()
+    (copy / "summary.md").unlink()
+    p = subprocess.run([sys.executable, "scripts/plot_run.py", str(copy)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (copy / "trajectory.png").stat().st_size > 10_000
+    md = (copy / "summary.md").read_text()
+    assert "| healed" in md and "### r00" in md
+
+
+def test_ledger_reads_back_after_a_column_is_added(tmp_path):
+    from scripts.results import table
+
+    path = tmp_path / "results.jsonl"
+    report.append_ledger(path, {"run": "old", "reg": "nll", "seed": 0, "final_dtrait": -0.5})
+    report.append_ledger(path, {"run": "new", "reg": "nll", "seed": 1, "final_dtrait": -0.7, "new_col": 3})
+    rows = report.read_ledger(path)
+    assert [r["run"] for r in rows] == ["old", "new"] and "new_col" not in rows[0]
+    md = table(rows, ["reg"])
+    assert "-0.600 ± 0.141" in md and "| nll" in md

@@ -191,9 +191,26 @@ def build(run_dir: Path) -> dict:
     table = tabulate(summary_rows(info), headers="keys", tablefmt="github")
     q0 = tabulate(q0_rows(info), headers="keys", tablefmt="github", floatfmt=".3g", missingval="0")
     trajectory_png(info, run_dir / "trajectory.png", floor)
-    md = f"# {run_dir.name}\n\n{v}\n\n## Rounds\n\n{table}\n\n## Filter (Q0)\n\n{q0}\n\n![trajectory](trajectory.png)\n"
+    md = (
+        f"# {run_dir.name}\n\n{v}\n\n## Rounds\n\n{table}\n\n## Filter (Q0)\n\n{q0}\n\n"
+        "![trajectory](trajectory.png)\n\n## Samples (greedy; steered before heal, healed after bake)\n\n"
+        + samples_md(run_dir)
+    )
     atomic_write_text(run_dir / "summary.md", md)
     return {"table": table, "q0": q0, "verdict": v, "info": info}
+
+
+def samples_md(run_dir: Path, width: int = 240) -> str:
+    """Steered and healed completions side by side for the fixed sample prompts of each round."""
+    out = []
+    for f in sorted(Path(run_dir).glob("rounds/r*/samples.json")):
+        rows = json.loads(f.read_text(encoding="utf-8"))
+        cell = lambda t: " ".join(t.split())[:width].replace("|", "/")  # noqa: E731
+        table = [
+            {"prompt": cell(r["prompt"])[:80], "steered": cell(r["steered"]), "healed": cell(r["healed"])} for r in rows
+        ]
+        out.append(f"### {f.parent.name}\n\n" + tabulate(table, headers="keys", tablefmt="github"))
+    return "\n\n".join(out) + "\n"
 
 
 def ledger_row(info: dict, verdict_line: str, run_dir: Path) -> dict:
