@@ -61,6 +61,7 @@ def generate(
     seed: int,
     do_sample: bool = True,
     desc: str = "generate",
+    min_new_tokens: int = 0,
 ) -> list[Completion]:
     """rows = (prompt_idx, user text, prompt ids, alpha, coeff). Returns one Completion per row, in order."""
     dev = next(model.parameters()).device
@@ -79,6 +80,7 @@ def generate(
             eos_token_id=stops,
             pad_token_id=tok.pad_token_id,
             repetition_penalty=1.0,
+            min_new_tokens=min_new_tokens,  # > 0 only in benchmarks, to compare equal token counts
             **sampling,
         )
         if vectors:

@@ -1,0 +1,195 @@
+"""Speed and memory benchmarks; each figure is a ratio of two measurements taken in the same run.
+
+    uv run python scripts/bench.py [--batch 32] [--new-tokens 32] [--run-dir out/<smol run>] [run flags]
+
+Measures, on the configured model (default: the smol preset):
+  steer_overhead_ratio   steered / unsteered tokens/s, same batch, same token count (hook cost)
+  batch_speedup          one mixed-strength batch / the same rows generated one at a time (tokens/s)
+  filter_speedup         tail-ppl scoring completions/s, batched / one at a time
+  heal_mem_ratio         peak memory of one heal step (forward + backward of NLL + kl_rev), completion-only
+                         log-softmax / full [B, L, V] log-softmax, at L = --heal-len (half prompt, half
+                         completion), each in a fresh process (peak RSS on CPU, max_memory_allocated on CUDA)
+  eval_vignettes_per_s   vignettes scored per second (both option orders)
+  round_seconds          wall time of the last round of --run-dir, with its per-stage breakdown
+The last line printed is one JSON object with these keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+from steer_heal import events
+from steer_heal import filter as filt
+from steer_heal.generate import generate
+from steer_heal.session import Session
+from steer_heal.tokens import chat_ids
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def gen(s: Session, rows, vectors, batch: int, n: int):
+    return generate(s.model, s.tok, rows, vectors, n, 1.0, 1.0, batch, 0, do_sample=False, min_new_tokens=n)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def heal_step_peak(argv: list[str], lean: bool, length: int, batch: int) -> int:
+    """Peak extra bytes of one heal step (run in a fresh process by `main`)."""
+    from steer_heal.config import HealConfig
+    from steer_heal.heal import lora_config
+    from steer_heal.losses import completion_batch, kl_rev, naive_logprobs, nll, selected_logprobs
+
+    s = Session.from_argv(argv)
+    st = s.student
+    st.add_adapter(0, lora_config(st, HealConfig()))
+    dev = next(st.model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    vocab = st.model.get_output_embeddings().weight.shape[0]
+    half = length // 2
+    rand = lambda: torch.randint(0, vocab, (half,), generator=g).tolist()  # noqa: E731
+    pairs = [(rand(), rand()) for _ in range(batch)]  # half prompt, half completion
+    b = completion_batch(pairs, s.tok.pad_token_id, dev)
+    logprobs = selected_logprobs if lean else naive_logprobs
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = rss_bytes()
+    lp = logprobs(st.model, b)
+    with torch.no_grad(), st.base():
+        ref = logprobs(st.model, b)
+    loss = nll(lp, b["targets"]) + kl_rev(lp, ref).mean()
+    loss.backward()
+    if cuda:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--heal-len", type=int, default=1024)
+    ap.add_argument("--heal-batch", type=int, default=2)
+    ap.add_argument("--run-dir", help="a finished run whose last round gives round_seconds")
+    ap.add_argument("--_heal-peak", choices=["lean", "naive"], help=argparse.SUPPRESS)
+    a, rest = ap.parse_known_args(argv)
+    if a._heal_peak:
+        print(heal_step_peak(rest, a._heal_peak == "lean", a.heal_len, a.heal_batch))
+        return 0
+
+    s = Session.from_argv(rest)
+    v = s.teacher()
+    alphas = s.cfg.generate.alphas
+    prompts = [s.prompts[i % len(s.prompts)] for i in range(a.batch)]
+    rows = [(i, p, chat_ids(s.tok, p), alphas[i % len(alphas)], alphas[i % len(alphas)]) for i, p in enumerate(prompts)]
+    n, B = a.new_tokens, a.batch
+    gen(s, rows[:4], v, 4, 4)  # warm-up
+    res: dict[str, float | None] = {}
+    table = []
+
+    plain, t_plain = timed(lambda: gen(s, rows, None, B, n))
+    steered, t_steer = timed(lambda: gen(s, rows, v, B, n))
+    tok_plain = sum(len(c.ids) for c in plain) / t_plain
+    tok_steer = sum(len(c.ids) for c in steered) / t_steer
+    res["steer_overhead_ratio"] = tok_steer / tok_plain
+    table.append([f"generate, unsteered, batch {B}", f"{tok_plain:.1f} tok/s", ""])
+    table.append(
+        [
+            f"generate, mixed-strength steered, batch {B}",
+            f"{tok_steer:.1f} tok/s",
+            f"steer_overhead_ratio {res['steer_overhead_ratio']:.3f}",
+        ]
+    )
+
+    single, t_single = timed(lambda: gen(s, rows, v, 1, n))
+    tok_single = sum(len(c.ids) for c in single) / t_single
+    res["batch_speedup"] = tok_steer / tok_single
+    table.append(
+        ["generate, steered, one at a time", f"{tok_single:.1f} tok/s", f"batch_speedup {res['batch_speedup']:.2f}"]
+    )
+
+    pairs = [(c.prompt_ids, c.ids) for c in steered]
+    with s.student.base():
+        _, t_b = timed(lambda: filt.tail_ppl(s.model, pairs, 0.5, s.tok.pad_token_id, B))
+        _, t_1 = timed(lambda: filt.tail_ppl(s.model, pairs, 0.5, s.tok.pad_token_id, 1))
+    res["filter_speedup"] = t_1 / t_b
+    table.append(["filter tail-ppl, batched", f"{len(pairs) / t_b:.1f} completions/s", ""])
+    table.append(
+        [
+            "filter tail-ppl, one at a time",
+            f"{len(pairs) / t_1:.1f} completions/s",
+            f"filter_speedup {res['filter_speedup']:.2f}",
+        ]
+    )
+
+    _, t_eval = timed(lambda: s.evaluate(desc="bench eval"))
+    res["eval_vignettes_per_s"] = len(s.vigs) / t_eval
+    table.append([f"eval, {len(s.vigs)} vignettes x 2 orders", f"{res['eval_vignettes_per_s']:.2f} vignettes/s", ""])
+
+    peaks = {}
+    for mode in ("lean", "naive"):
+        cmd = [
+            sys.executable,
+            __file__,
+            "--_heal-peak",
+            mode,
+            "--heal-len",
+            str(a.heal_len),
+            "--heal-batch",
+            str(a.heal_batch),
+            *rest,
+        ]
+        p = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        peaks[mode] = int(p.stdout.strip().splitlines()[-1])
+    res["heal_mem_ratio"] = peaks["lean"] / peaks["naive"]
+    for mode in ("lean", "naive"):
+        table.append(
+            [
+                f"heal step peak, {mode}, B={a.heal_batch} L={a.heal_len}",
+                f"{peaks[mode] / 2**20:.0f} MiB",
+                f"heal_mem_ratio {res['heal_mem_ratio']:.3f}" if mode == "naive" else "",
+            ]
+        )
+
+    res["round_seconds"] = None
+    if a.run_dir:
+        last = events.read(Path(a.run_dir), "round")[-1]
+        secs = last["seconds"]
+        res["round_seconds"] = sum(secs.values())
+        res["round_breakdown"] = secs
+        table.append(
+            [
+                f"round {last['round']} of {Path(a.run_dir).name}",
+                f"{res['round_seconds']:.0f} s",
+                ", ".join(f"{k} {x:.0f}" for k, x in secs.items()),
+            ]
+        )
+    dev = next(s.model.parameters()).device
+    print(f"\nmodel {s.cfg.model} on {dev} ({torch.get_num_threads()} threads), batch {B}, {n} new tokens per row")
+    print(tabulate(table, headers=["measurement", "value", "ratio"], tablefmt="github"))
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
