@@ -215,3 +215,35 @@ def test_ledger_reads_back_after_a_column_is_added(tmp_path):
     assert [r["run"] for r in rows] == ["old", "new"] and "new_col" not in rows[0]
     md = table(rows, ["reg"])
     assert "-0.600 ± 0.141" in md and "| nll" in md
+
+
+def test_barrier_sweep_reproduces_the_runs_own_heal(fast_run, tmp_path):
+    # Same data, same init seed, same settings as the run (kl_rev, lam 0.3, tau 0.5, rmse), with round 0's
+    # adapter re-loaded from its safetensors: the re-healed student must score exactly like the run's.
+    out = tmp_path / "bar.json"
+    p = subprocess.run(
+        [
+            sys.executable,
+            "scripts/diag_barrier.py",
+            str(fast_run / "a"),
+            "--round",
+            "1",
+            "--regs",
+            "nll",
+            "kl_rev",
+            "--lams",
+            "0.3",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["arm"] for r in rows][:2] == ["base", "steered c=2"] and len(rows) == 4
+    run_healed = [x for x in events.read(fast_run / "a", "eval") if x["model"] == "healed" and x["round"] == 1][0]
+    same = [r for r in rows if r.get("reg") == "kl_rev"][0]
+    assert same["auth_nats"] == pytest.approx(run_healed["auth_nats"], abs=1e-5)
+    assert same["coherence"] == pytest.approx(run_healed["coherence"], abs=1e-6)
