@@ -139,6 +139,18 @@ def test_bad_files_name_file_and_line(tmp_path):
     assert p.returncode == 2 and "empty" in p.stderr
 
 
+def test_corrupt_model_files_are_named(tmp_path):
+    gguf = tmp_path / "broken.gguf"
+    gguf.write_bytes(b"GGUF" + b"\x00" * 64)
+    p = _cli("--fast-dev-run", "--model", str(gguf), "--out-dir", str(tmp_path))
+    assert p.returncode == 2 and str(gguf) in p.stderr and "Traceback" not in p.stderr
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{not json")
+    p = _cli("--fast-dev-run", "--model", str(ckpt), "--out-dir", str(tmp_path))
+    assert p.returncode == 2 and str(ckpt) in p.stderr and "Traceback" not in p.stderr
+
+
 def test_resume_refuses_a_changed_config(fast_run):
     p = _cli("--fast-dev-run", "--resume", str(fast_run / "a"), "--reg", "nll", "--out-dir", str(fast_run))
     assert p.returncode == 2 and "reg" in p.stderr and "'kl_rev'" in p.stderr

@@ -1,0 +1,54 @@
+"""The events.jsonl contract and atomic writes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from steer_heal import events
+from steer_heal.errors import UserError
+from steer_heal.rundir import atomic_write_json, safe_name
+
+
+def test_non_finite_floats_become_null_and_fields_are_present(tmp_path):
+    ev = events.Events(tmp_path / "events.jsonl")
+    ev.emit("eval", -1, model="base", x=math.nan, y=[1.0, math.inf], z={"a": -math.inf})
+    (rec,) = events.read(tmp_path)
+    assert rec["schema"] == events.SCHEMA and rec["stage"] == "eval" and rec["round"] == -1 and rec["ts"]
+    assert rec["x"] is None and rec["y"] == [1.0, None] and rec["z"] == {"a": None}
+    with pytest.raises(ValueError, match="unknown event stage 'evaluate'"):
+        ev.emit("evaluate", 0)
+
+
+def test_reader_rejects_an_unknown_major_version(tmp_path):
+    p = tmp_path / "events.jsonl"
+    p.write_text(json.dumps({"schema": "2.0", "ts": "t", "stage": "eval", "round": 0}) + "\n")
+    with pytest.raises(UserError, match=r"schema '2.0' is not readable by this version \(reads 1\.0\)"):
+        events.read(p)
+
+
+def test_reader_skips_only_a_torn_last_line(tmp_path):
+    ev = events.Events(tmp_path / "events.jsonl")
+    ev.emit("round", 0)
+    with (tmp_path / "events.jsonl").open("a") as f:
+        f.write('{"schema": "1.0", "st')  # a crash mid-write
+    assert [r["stage"] for r in events.read(tmp_path)] == ["round"]
+    (tmp_path / "events.jsonl").write_text(
+        '{"broken\n' + json.dumps({"schema": "1.0", "stage": "x", "round": 0}) + "\n"
+    )
+    with pytest.raises(UserError, match="events.jsonl:1: corrupt event line"):
+        events.read(tmp_path)
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    atomic_write_json(tmp_path / "a" / "c.json", {"v": math.nan})
+    assert json.loads((tmp_path / "a" / "c.json").read_text()) == {"v": None}
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["c.json"]
+
+
+@pytest.mark.parametrize("name", ["../up", "a/b", "/abs", "..", ""])
+def test_run_names_cannot_escape_the_out_dir(name):
+    with pytest.raises(UserError, match="run name"):
+        safe_name(name)
