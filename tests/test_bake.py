@@ -85,3 +85,27 @@ def test_heal_trains_only_the_new_adapter_and_prev_reference(fresh_tiny):
         if n in frozen:
             assert torch.equal(q, frozen[n]), f"baked adapter {n} changed during the next round's heal"
     assert all(q.dtype == torch.float32 for n, q in st.model.named_parameters() if "lora_" in n)
+
+
+def test_base_context_keeps_baked_adapters_frozen(fresh_tiny):
+    model, tok = fresh_tiny
+    st = Student(model)
+    st.add_adapter(0, lora_config(st, HealConfig(lora_r=4)))
+    st.bake()
+    st.add_adapter(1, lora_config(st, HealConfig(lora_r=4)))
+    with st.base():
+        pass
+    grads = {n: p.requires_grad for n, p in st.model.named_parameters() if "lora_" in n}
+    assert not any(g for n, g in grads.items() if ".r00." in n)
+    assert all(g for n, g in grads.items() if ".r01." in n)
+
+
+def test_short_last_accumulation_group_still_steps(fresh_tiny):
+    model, tok = fresh_tiny
+    st = Student(model)
+    p = chat_ids(tok, "Tip?")
+    pairs = [(p, [100 + i, tok.eos_token_id]) for i in range(6)]
+    cfg = HealConfig(reg="nll", epochs=1, heal_batch_size=3, grad_accum=4, lr=1e-2)
+    res = heal(st, pairs, cfg, 0, 0, tok.pad_token_id, emit=lambda **kw: None)
+    assert res.steps == 1  # 2 micro-batches < grad_accum 4: one (rescaled) step, not zero
+    assert any(float(B.abs().max()) > 0 for _, B, _ in st.lora_factors("r00"))

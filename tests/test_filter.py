@@ -115,6 +115,16 @@ def test_walk_c_tries_full_dose_first_and_backs_off():
     assert sum(r["keep"] for r in scored) >= 20
 
 
+def test_walk_c_tries_the_floor_itself_and_q0_keeps_doses_apart():
+    probe, calls = _prober(lambda k: 10 if k <= 0.25 else 0)
+    kappa, scored = filt.walk_c(probe, keep_target=0.5, kappa_floor=0.25, n_keep=10, min_train=5, max_batches=10)
+    assert kappa == 0.25 and calls[-1] == 0.25
+    rows = [dict(r, kappa=k) for r, k in zip(scored, [c for c in calls for _ in range(10)])]
+    q0 = filt.q0_table(rows)
+    assert [r["kappa"] for r in q0] == sorted(set(calls))  # one row per applied strength
+    assert q0[0]["kept_frac"] == 1.0 and all(r["kept_frac"] == 0.0 for r in q0[1:])
+
+
 def test_walk_c_starves_cleanly_with_the_q0_table():
     probe, _ = _prober(lambda k: 0)
     with pytest.raises(Starved, match="only 0 completions kept") as e:

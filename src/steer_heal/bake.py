@@ -6,15 +6,18 @@ into the original weights during the run, so
   - `with student.prev():` is the student before the current round (all baked adapters, none training);
   - adapters live in fp32 whatever the model dtype, so small deltas are never rounded away in bf16;
   - what was trained is what gets evaluated: the same adapter modules serve both.
-`export()` writes the final student as a plain Hugging Face model (an exact fp32 merge of all adapters).
+`export()` writes the final student as a plain Hugging Face model: all adapters merged in fp32, then
+stored in the model's dtype. For fp32 models this is exact; for bf16 the merged weights are rounded
+once (the max deviation from the fp32 merge is logged), and the exact per-round adapters sit beside it.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from loguru import logger
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
@@ -50,6 +53,7 @@ class Student:
         self.model = model  # plain transformers model until the first adapter is added
         self.baked: list[str] = []
         self.training: str | None = None
+        self.export_rounding = 0.0  # max |stored - fp32 merge| over exported weights (0 for fp32 models)
 
     @property
     def peft(self) -> PeftModel | None:
@@ -102,10 +106,22 @@ class Student:
             self.training = None
             if self.baked:
                 self._activate(self.baked)
+            else:
+                # The only adapter is gone: back to the plain model, so base() does not look it up.
+                self.model = self.peft.get_base_model()
 
+    @contextmanager
     def base(self):
         """Context: the original weights (every adapter off)."""
-        return self.peft.disable_adapter() if self.peft is not None else nullcontext()
+        if self.peft is None:
+            yield
+            return
+        try:
+            with self.peft.disable_adapter():
+                yield
+        finally:
+            # peft re-enables adapters by marking every active one trainable; restore our grad state.
+            self._activate(self.baked + ([self.training] if self.training else []))
 
     @contextmanager
     def prev(self):
@@ -154,7 +170,10 @@ class Student:
         for mname, m in base.named_modules():
             if mname in deltas:
                 w = m.base_layer.weight
-                sd[mname + ".weight"] = (w.float() + deltas[mname]).to(w.dtype)
+                merged = w.float() + deltas[mname]
+                sd[mname + ".weight"] = merged.to(w.dtype)
+                err = float((sd[mname + ".weight"].float() - merged).abs().max())
+                self.export_rounding = max(self.export_rounding, err)
                 if m.base_layer.bias is not None:
                     sd[mname + ".bias"] = m.base_layer.bias
         for n, p in base.state_dict().items():
@@ -168,6 +187,11 @@ class Student:
         """Final student as a Hugging Face model directory (safetensors + config + tokenizer)."""
         base = unwrap(self.model)
         sd = self.merged_state_dict()
+        if self.export_rounding > 0:
+            logger.warning(
+                f"export: merged weights rounded to {next(base.parameters()).dtype}, max abs deviation "
+                f"{self.export_rounding:.3g} from the fp32 merge; exact adapters are in rounds/*/adapter"
+            )
 
         def write(tmp: Path):
             base.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)

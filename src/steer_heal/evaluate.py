@@ -58,13 +58,14 @@ def label_ids(tok) -> list[list[int]]:
 
 def _think(model, tok, prompts: list[list[int]], n: int, batch_size: int) -> list[list[int]]:
     """Greedy `n`-token think budget appended before the prefill (costs n decode steps per vignette)."""
-    from steer_heal.generate import generate  # local: generate imports hooks, kept out of the pure path
+    from steer_heal.generate import generate, stop_ids  # local: generate imports hooks, kept out of the pure path
 
     rows = [(i, "", p, 0.0, 0.0) for i, p in enumerate(prompts)]
     comps = generate(model, tok, rows, None, n, 1.0, 1.0, batch_size, 0, do_sample=False, desc="think")
     sep = tok("\n\n", add_special_tokens=False).input_ids + tok(PREFILL, add_special_tokens=False).input_ids
     # The end-of-turn token (if the model stopped) is dropped so the answer stays inside the same turn.
-    return [p + [t for t in c.ids if t not in (tok.eos_token_id,)] + sep for p, c in zip(prompts, comps)]
+    stops = set(stop_ids(model, tok))  # e.g. Gemma's <end_of_turn> as well as <eos>
+    return [p + [t for t in c.ids if t not in stops] + sep for p, c in zip(prompts, comps)]
 
 
 @torch.no_grad()

@@ -172,15 +172,18 @@ def calibrate_ppl(base_ppls: list[float], mult: float, override: float | None) -
 
 
 def q0_table(scored: list[dict]) -> list[dict]:
-    """Per strength: n, mean/median tail-ppl, kept fraction, drop counts by reason (the Q0 table)."""
+    """Per strength actually applied (alpha x kappa): n, mean/median tail-ppl, kept fraction, drop counts
+    by reason (the Q0 table). Probes at different kappa are separate rows, never pooled."""
     rows = []
-    for alpha in sorted({s["alpha"] for s in scored}):
-        g = [s for s in scored if s["alpha"] == alpha]
+    for alpha, kappa in sorted({(s["alpha"], s.get("kappa", 1.0)) for s in scored}):
+        g = [s for s in scored if s["alpha"] == alpha and s.get("kappa", 1.0) == kappa]
         ppl = [s["tail_ppl"] for s in g if s["tail_ppl"] is not None]
         drops = Counter(s["reason"] for s in g if not s["keep"])
         rows.append(
             {
                 "alpha": alpha,
+                "kappa": kappa,
+                "c": alpha * kappa,
                 "n": len(g),
                 "mean_ppl": sum(ppl) / len(ppl) if ppl else None,
                 "median_ppl": statistics.median(ppl) if ppl else None,
@@ -206,8 +209,10 @@ def walk_c(
     Kept rows from every probe count (they are coherent at their own dose). Raises Starved when fewer
     than min_train are kept in the end."""
     kappas = [1.0]
-    while kappas[-1] * 0.7 >= kappa_floor - 1e-9:
+    while kappas[-1] * 0.7 > kappa_floor + 1e-9:
         kappas.append(round(kappas[-1] * 0.7, 4))
+    if kappas[-1] > kappa_floor:
+        kappas.append(kappa_floor)  # the floor itself is always tried before declaring starvation
     scored: list[dict] = []
     b = 0
     kappa = kappas[-1]

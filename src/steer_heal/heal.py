@@ -87,7 +87,7 @@ def heal(
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     rng = random.Random(seed * 31 + round)
     micro_per_epoch = math.ceil(len(pairs) / cfg.heal_batch_size)
-    total = max(1, cfg.epochs * micro_per_epoch // cfg.grad_accum)
+    total = math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum)  # a short last group still steps
     warm = max(1, int(cfg.warmup_frac * total))
     lam_r = lam_at_round(cfg.lam, round, cfg.lam_round_pow)
     dev = next(student.model.parameters()).device
@@ -139,8 +139,13 @@ def heal(
                 fired.append(fired_now)
                 if ratio is not None:
                     ratios.append(ratio)
-                if micro % cfg.grad_accum:
+                last = micro == cfg.epochs * micro_per_epoch
+                if micro % cfg.grad_accum and not last:
                     continue
+                if micro % cfg.grad_accum:  # the last, short group: rescale its summed grads to a mean
+                    for p in params:
+                        if p.grad is not None:
+                            p.grad.mul_(cfg.grad_accum / (micro % cfg.grad_accum))
                 lr = cfg.lr * cosine_warmup(step, total, warm)
                 for g in opt.param_groups:
                     g["lr"] = lr

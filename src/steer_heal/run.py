@@ -378,6 +378,12 @@ def run(cfg: RunConfig, argv: list[str] | None = None, poison: tuple[int, int] |
         _truncate_events(rd, start)
         for r in done:
             pipe.student.load_adapter(r, rd.adapter(r))
+        last = [x for x in events.read(rd.events, "round") if x["round"] == done[-1]] if done else []
+        if last and not (last[0].get("healed_coh") or 0) >= cfg.coh_floor:
+            logger.warning(
+                f"round {done[-1]} ended below the coherence floor ({last[0].get('healed_coh')} < "
+                f"{cfg.coh_floor}); continuing from that student, as asked"
+            )
         ev.emit("resume", start, completed=done)
         logger.info(f"resuming after round {done[-1] if done else '-'}; {len(done)} adapters re-attached")
     else:
