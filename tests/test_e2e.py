@@ -66,6 +66,8 @@ def test_fast_run_artifacts(fast_run):
     assert (root / "trajectory.png").stat().st_size > 10_000
     assert "PASS" in (root / "summary.md").read_text() or "NULL" in (root / "summary.md").read_text()
     assert AutoModelForCausalLM.from_pretrained(root / "export") is not None
+    for r in (0, 1):
+        assert (root / "export" / "adapters" / f"r{r:02d}" / "adapter_model.safetensors").is_file()
     ledger = report.read_ledger(fast_run / "results.jsonl")
     assert ledger[-1]["run"] == "a" and ledger[-1]["n_rounds_done"] == 2
 

@@ -13,6 +13,7 @@ once (the max deviation from the fp32 merge is logged), and the exact per-round 
 
 from __future__ import annotations
 
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -183,8 +184,9 @@ class Student:
             sd.setdefault(clean, p)
         return sd
 
-    def export(self, tok, target: Path) -> None:
-        """Final student as a Hugging Face model directory (safetensors + config + tokenizer)."""
+    def export(self, tok, target: Path, adapters: dict[str, Path] | None = None) -> None:
+        """Final student as a Hugging Face model directory (safetensors + config + tokenizer), with the
+        saved per-round adapters copied under `adapters/<name>/` (peft format, exact fp32)."""
         base = unwrap(self.model)
         sd = self.merged_state_dict()
         if self.export_rounding > 0:
@@ -196,5 +198,7 @@ class Student:
         def write(tmp: Path):
             base.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
             tok.save_pretrained(str(tmp))
+            for name, src in (adapters or {}).items():
+                shutil.copytree(src, tmp / "adapters" / name)
 
         atomic_dir(target, write)

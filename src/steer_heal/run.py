@@ -27,6 +27,7 @@ from loguru import logger
 
 from steer_heal import data, events, extract, report
 from steer_heal import filter as filt
+from steer_heal.bake import adapter_name
 from steer_heal.config import RunConfig, from_dict, parse_args, to_dict
 from steer_heal.errors import NonFiniteLoss, Starved, UserError
 from steer_heal.evaluate import evaluate
@@ -532,7 +533,8 @@ def run(cfg: RunConfig, argv: list[str] | None = None, poison: tuple[int, int] |
     if stop_reason:
         ev.emit("stop", r, reason=stop_reason, code=code)
     if rd.completed_rounds():
-        pipe.student.export(pipe.tok, rd.export)
+        adapters = {adapter_name(r): rd.adapter(r) / adapter_name(r) for r in rd.completed_rounds()}
+        pipe.student.export(pipe.tok, rd.export, adapters)
     rep = report.build(rd.root)
     ev.emit("summary", -1, verdict=rep["verdict"], seconds=time.time() - t_run, rounds_done=len(rd.completed_rounds()))
     report.append_ledger(
