@@ -29,6 +29,7 @@ from tabulate import tabulate
 
 from steer_heal import events
 from steer_heal import filter as filt
+from steer_heal.errors import cli
 from steer_heal.generate import generate
 from steer_heal.session import Session
 from steer_heal.tokens import chat_ids
@@ -192,4 +193,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    cli(main)

@@ -25,7 +25,7 @@ from tabulate import tabulate
 from steer_heal import events
 from steer_heal.config import from_dict
 from steer_heal.data import read_jsonl
-from steer_heal.errors import UserError
+from steer_heal.errors import UserError, cli
 from steer_heal.heal import heal
 from steer_heal.report import deltas
 from steer_heal.rundir import RunDir
@@ -128,8 +128,4 @@ def _d(base: dict, m: dict, tk: str, which: str) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main)

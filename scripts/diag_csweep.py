@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 from tabulate import tabulate
 
 from steer_heal import filter as filt
-from steer_heal.errors import UserError
+from steer_heal.errors import cli
 from steer_heal.session import Session
 
 
@@ -82,8 +81,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main)

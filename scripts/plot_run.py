@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from steer_heal import report
-from steer_heal.errors import UserError
+from steer_heal.errors import cli
 
 
 def main(argv: list[str]) -> int:
@@ -23,8 +23,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main)

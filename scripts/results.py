@@ -12,6 +12,7 @@ import sys
 
 from tabulate import tabulate
 
+from steer_heal.errors import cli
 from steer_heal.report import read_ledger
 
 METRICS = ("final_dtrait", "final_coh", "final_retain", "best_dtrait", "n_rounds_done")
@@ -56,4 +57,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    cli(main)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from steer_heal import filter as filt
 from steer_heal.data import read_jsonl
-from steer_heal.errors import UserError
+from steer_heal.errors import UserError, cli
 from steer_heal.session import Session
 from steer_heal.tokens import chat_ids
 
@@ -53,8 +53,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main)

@@ -13,3 +13,15 @@ class Starved(Exception):
 
 class NonFiniteLoss(Exception):
     """The heal loss became NaN/inf; the round stops, earlier rounds stay intact. Exit code 4."""
+
+
+def cli(main) -> None:
+    """Run `main(argv) -> exit code` as a command: a UserError becomes one 'error: ...' line and exit 2."""
+    import sys
+
+    try:
+        code = main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
