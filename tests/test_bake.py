@@ -109,3 +109,28 @@ def test_short_last_accumulation_group_still_steps(fresh_tiny):
     res = heal(st, pairs, cfg, 0, 0, tok.pad_token_id, emit=lambda **kw: None)
     assert res.steps == 1  # 2 micro-batches < grad_accum 4: one (rescaled) step, not zero
     assert any(float(B.abs().max()) > 0 for _, B, _ in st.lora_factors("r00"))
+
+
+@torch.no_grad()
+def test_drop_training_restores_the_student(fresh_tiny):
+    model, tok = fresh_tiny
+    enc = _enc(tok)
+    ref = model(**enc).logits.clone()
+    st = Student(model)
+    for _ in range(2):  # dropping the only adapter, then adding one again, must work
+        name = st.add_adapter(0, lora_config(st, HealConfig(lora_r=4)))
+        _randomise_b(st, name)
+        st.drop_training()
+        assert torch.equal(st.model(**enc).logits, ref)
+        with st.base():
+            assert torch.equal(st.model(**enc).logits, ref)
+    st.add_adapter(0, lora_config(st, HealConfig(lora_r=4)))
+    _randomise_b(st, "r00")
+    st.bake()
+    baked = st.model(**enc).logits.clone()
+    st.add_adapter(1, lora_config(st, HealConfig(lora_r=4)))
+    _randomise_b(st, "r01")
+    st.drop_training()
+    assert torch.allclose(st.model(**enc).logits, baked, atol=1e-6)
+    with st.base():
+        assert torch.allclose(st.model(**enc).logits, ref, atol=1e-6)

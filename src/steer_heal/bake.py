@@ -102,14 +102,16 @@ class Student:
 
     def drop_training(self) -> None:
         """Discard the adapter in training (a failed round)."""
-        if self.training is not None:
+        if self.training is None:
+            return
+        if not self.baked:
+            # The only adapter: strip the LoRA layers (no merge) and go back to the plain model; peft
+            # would otherwise keep the deleted name as its active adapter and fail on the next lookup.
+            self.model = self.peft.unload()
+        else:
             self.peft.delete_adapter(self.training)
-            self.training = None
-            if self.baked:
-                self._activate(self.baked)
-            else:
-                # The only adapter is gone: back to the plain model, so base() does not look it up.
-                self.model = self.peft.get_base_model()
+            self._activate(self.baked)
+        self.training = None
 
     @contextmanager
     def base(self):
