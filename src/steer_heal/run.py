@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -30,10 +31,8 @@ from steer_heal import filter as filt
 from steer_heal.bake import adapter_name
 from steer_heal.config import RunConfig, from_dict, parse_args, to_dict
 from steer_heal.errors import NonFiniteLoss, Starved, UserError
-from steer_heal.evaluate import evaluate
 from steer_heal.generate import Completion, generate
 from steer_heal.heal import heal
-from steer_heal.hooks import steer
 from steer_heal.rundir import (
     RunDir,
     atomic_write_json,
@@ -44,6 +43,7 @@ from steer_heal.rundir import (
     save_tensors,
 )
 from steer_heal.session import Session
+from steer_heal.tokens import chat_ids
 
 PACKAGES = ("torch", "transformers", "peft", "safetensors", "accelerate", "tyro", "gguf")
 RESUMABLE_OVERRIDES = {"n_rounds", "resume", "fast_dev_run", "out_dir", "run_name"}
@@ -155,7 +155,7 @@ class Pipeline:
         self.ev = events.Events(rd.events)
         self.session = Session.from_config(cfg)
         se = self.session
-        self.persona, self.contexts, self.prompts = se.persona, se.contexts, se.prompts
+        self.persona, self.contexts, self.prompts, self.prompt_ids = se.persona, se.contexts, se.prompts, se.prompt_ids
         self.vig_source, self.vigs, self.tok, self.student, self.layers = (
             se.vig_source,
             se.vigs,
@@ -163,29 +163,16 @@ class Pipeline:
             se.student,
             se.layers,
         )
-        self.prompt_ids = [self.chat(p) for p in self.prompts]
 
     def chat(self, user: str) -> list[int]:
-        from steer_heal.tokens import chat_ids
-
         return chat_ids(self.tok, user)
 
     # ------------------------------------------------------------------ stages
 
     def eval(self, r: int, which: str, vectors=None, c: float = 0.0) -> dict:
-        cfg = self.cfg.eval
         t0 = time.time()
-        model = self.student.model
-        if which == "base":
-            with self.student.base():
-                m, rows = evaluate(model, self.tok, self.vigs, cfg.eval_batch_size, cfg.eval_think_tokens, "eval base")
-        elif vectors is not None:
-            with steer(model, vectors, c):
-                m, rows = evaluate(
-                    model, self.tok, self.vigs, cfg.eval_batch_size, cfg.eval_think_tokens, f"eval {which}"
-                )
-        else:
-            m, rows = evaluate(model, self.tok, self.vigs, cfg.eval_batch_size, cfg.eval_think_tokens, f"eval {which}")
+        with self.student.base() if which == "base" else nullcontext():
+            m, rows = self.session.evaluate(vectors, c, desc=f"eval {which}")
         atomic_write_jsonl(self.rd.eval_rows(r, which), rows)
         tk = self.persona.trait_key
         logger.info(f"eval r{r} {which}: {tk} {m[tk]:+.3f}, coherence {m['coherence']:.3f}, acc {m['acc']}")

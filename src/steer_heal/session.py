@@ -30,6 +30,7 @@ class Session:
     persona: data.Persona
     contexts: list[str]
     prompts: list[str]
+    prompt_ids: list[list[int]]  # the generation prompts, tokenised once
     vig_source: str
     vigs: list[data.Vignette]
     layers: list[int]
@@ -58,6 +59,7 @@ class Session:
             persona,
             ctx[: e.n_contexts],
             prompts,
+            [chat_ids(tok, p) for p in prompts],
             src,
             data.balanced(vigs, cfg.eval.n_vignettes),
             layers,
@@ -103,7 +105,7 @@ class Session:
         """Tail-ppl of the base model's own unsteered samples on the first generation prompts (>= 8)."""
         g = self.cfg.generate
         k = min(len(self.prompts), max(g.n_prompts, 8))
-        rows = [(i, self.prompts[i], chat_ids(self.tok, self.prompts[i]), 0.0, 0.0) for i in range(k)]
+        rows = [(i, self.prompts[i], self.prompt_ids[i], 0.0, 0.0) for i in range(k)]
         with self.student.base():
             comps = generate(
                 self.model,
