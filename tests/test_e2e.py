@@ -13,7 +13,7 @@ from steer_heal import events, report
 from steer_heal.config import parse_args
 from steer_heal.run import run
 
-STAGES = ["extract", "generate", "filter", "eval", "heal", "bake", "eval", "round"]
+STAGES = ["extract", "generate", "filter", "eval", "heal", "bake", "eval", "collapse", "round"]
 
 
 def _fast(tmp_path, name, *extra):
@@ -84,8 +84,8 @@ def test_same_seed_same_numbers(fast_run, tmp_path):
 
 
 def test_nan_stops_the_round_and_resume_finishes(tmp_path):
-    argv, cfg = _fast(tmp_path, "c")
-    assert run(cfg, argv, poison=(1, 0)) == 4
+    argv, cfg = _fast(tmp_path, "c", "--max-bad-steps", "0")
+    assert run(cfg, argv, poison=(1, 0)) == 4  # --max-bad-steps 0: the first NaN stops the round
     root = tmp_path / "c"
     recs = events.read(root)
     assert [x["round"] for x in recs if x["stage"] == "round"] == [0]

@@ -135,6 +135,12 @@ class HealConfig:
     """Fraction of steps spent warming up before the cosine decay."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
+    barrier_max_ratio: float = 10.0
+    """Safety check: drop a micro-batch's barrier when it exceeds this multiple of its NLL (counted)."""
+    max_bad_steps: int = 2
+    """Safety check: non-finite micro-batches skipped per round before the run stops (exit 4)."""
+    lam_warmup_frac: float = 0.0
+    """Ramp lambda linearly from 0 over this fraction of each round's steps (0 = full strength from step 0)."""
 
 
 @dataclass
@@ -152,12 +158,27 @@ class EvalConfig:
 
 
 @dataclass
+class CollapseConfig:
+    pr_contexts: int = 256
+    """Neutral prompts (the first of the extraction contexts) for the participation ratio / effective rank."""
+    entropy_prompts: int = 16
+    """Prompts whose sampled completions measure the student's output entropy (0 = off)."""
+    amp_gauge: bool = False
+    """Measure the band's amplification (Jacobian sigma_max, torch.func) each round."""
+    amp_prompts: int = 4
+    """Prompts for the amplification gauge."""
+    amp_iters: int = 8
+    """Power-iteration steps per prompt for the amplification gauge."""
+
+
+@dataclass
 class RunConfig:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     heal: HealConfig = field(default_factory=HealConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    collapse: CollapseConfig = field(default_factory=CollapseConfig)
     preset: PresetName = "smol"
     """Named preset the other flags override (fast = tiny random model, smol = embedded SmolLM2, gemma)."""
     model: str = "smollm2"
@@ -203,6 +224,11 @@ def _fast() -> RunConfig:
     c.heal.epochs = 1
     c.heal.heal_batch_size = 4
     c.eval.n_vignettes = 14
+    c.collapse.pr_contexts = 16
+    c.collapse.entropy_prompts = 4
+    c.collapse.amp_gauge = True
+    c.collapse.amp_prompts = 2
+    c.collapse.amp_iters = 4
     return c
 
 

@@ -8,11 +8,13 @@ those would hide over-steering from the filter.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from steer_heal.errors import halve_and_retry
 from steer_heal.hooks import steer
 from steer_heal.tokens import batches, pad
 
@@ -67,28 +69,34 @@ def generate(
     dev = next(model.parameters()).device
     stops = stop_ids(model, tok)
     out: list[Completion] = []
-    for b, chunk in enumerate(tqdm(list(batches(rows, batch_size)), desc=desc, leave=False)):
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else {"do_sample": False}
+    kw = dict(
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stops,
+        pad_token_id=tok.pad_token_id,
+        repetition_penalty=1.0,
+        min_new_tokens=min_new_tokens,  # > 0 only in benchmarks, to compare equal token counts
+        **sampling,
+    )
+
+    def run(chunk, seed_b: int) -> list[list[int]]:
         enc = pad([r[2] for r in chunk], tok.pad_token_id, "left", dev)
         enc.pop("position_ids")  # generate derives positions from the attention mask
         coeff = torch.tensor([r[4] for r in chunk], dtype=torch.float32, device=dev)
-        torch.manual_seed(seed * 100_003 + b)
-        sampling = (
-            dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
-        )
-        kw = dict(
-            max_new_tokens=max_new_tokens,
-            eos_token_id=stops,
-            pad_token_id=tok.pad_token_id,
-            repetition_penalty=1.0,
-            min_new_tokens=min_new_tokens,  # > 0 only in benchmarks, to compare equal token counts
-            **sampling,
-        )
-        if vectors:
-            with steer(model, vectors, coeff):
-                seq = model.generate(**enc, **kw)
-        else:
+        torch.manual_seed(seed_b)
+        with steer(model, vectors, coeff) if vectors else nullcontext():
             seq = model.generate(**enc, **kw)
-        new = seq[:, enc["input_ids"].shape[1] :].tolist()
+        return seq[:, enc["input_ids"].shape[1] :].tolist()
+
+    for b, chunk in enumerate(tqdm(list(batches(rows, batch_size)), desc=desc, leave=False)):
+        try:
+            new = run(chunk, seed * 100_003 + b)
+        except torch.OutOfMemoryError:
+            new = None  # retry outside the except block, so the failed call's tensors can be freed
+        if new is None:
+            new = halve_and_retry(
+                chunk, lambda half, i, b=b: run(half, seed * 100_003 + b + 7919 * (i + 1)), "--gen-batch-size"
+            )
         for r, row in zip(chunk, new):
             ids, eos = cut(row, stops)
             text = tok.decode(ids, skip_special_tokens=True)

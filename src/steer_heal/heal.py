@@ -4,6 +4,12 @@
     D_i  = aggregation (mean | rmse | p95 | max) over completion i of per-position KL(student || ref)
            (kl_rev) or KL(ref || student) (kl_fwd); `nll` = no barrier.
 
+Safety check (per micro-batch): a non-finite NLL or spectral term skips the whole micro-batch; a
+non-finite barrier, or one larger than `barrier_max_ratio` x NLL, is dropped for that micro-batch and
+the SFT step goes on. Both are counted and warned about once; more than `max_bad_steps` skipped
+micro-batches in a round raise NonFiniteLoss (the weights have most likely diverged). `lam_warmup_frac`
+ramps lambda linearly from 0 over the first part of the round.
+
 The reference logits come from the same model with adapters switched off (`base`) or with only the
 already-baked adapters on (`prev`), never from a second copy of the model. The adapter starts at B = 0,
 so D = 0 at step 0.
@@ -11,6 +17,7 @@ so D = 0 at step 0.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -23,7 +30,7 @@ from tqdm.auto import tqdm
 
 from steer_heal.bake import Student, lora_targets
 from steer_heal.config import HealConfig
-from steer_heal.errors import NonFiniteLoss
+from steer_heal.errors import NonFiniteLoss, OutOfMemory, free_memory
 from steer_heal.losses import (
     KL,
     aggregate,
@@ -48,6 +55,10 @@ class HealResult:
     fired_frac: float
     grad_ratio_mean: float | None
     seconds: float
+    barrier_skipped: int = 0
+    steps_skipped: int = 0
+    batch_size: int = 0
+    grad_accum: int = 0
 
 
 def lora_config(student: Student, cfg: HealConfig) -> LoraConfig:
@@ -76,11 +87,14 @@ def heal(
     emit,
     log_every: int = 5,
     poison_step: int | None = None,
+    barrier_boost: float = 1.0,
 ) -> HealResult:
     """Train adapter r<round> on (prompt ids, completion ids) pairs; returns a summary.
 
-    `emit(**fields)` writes a heal_step event. `poison_step` injects NaN into the loss at that step
-    (fault-injection tests). Raises NonFiniteLoss, naming the step and loss terms, on NaN/inf."""
+    `emit(**fields)` writes a heal_step event. Fault injection (tests): `poison_step` makes the NLL NaN
+    from that step on, as diverged weights would; `barrier_boost` multiplies the barrier term. Raises
+    NonFiniteLoss, naming the step and loss terms, once more than `cfg.max_bad_steps` micro-batches
+    were skipped as non-finite."""
     torch.manual_seed(seed * 7919 + round)
     name = student.add_adapter(round, lora_config(student, cfg))
     params = student.trainable()
@@ -97,6 +111,7 @@ def heal(
 
     t0, step, micro = time.time(), 0, 0
     nlls, ds, fired, ratios = [], [], [], []
+    skipped = {"barrier": 0, "step": 0}
     bar = tqdm(total=total, desc=f"heal r{round}", leave=False)
     try:
         for _epoch in range(cfg.epochs):
@@ -106,37 +121,52 @@ def heal(
                 batch = completion_batch([pairs[i] for i in idx], pad_id, dev)
                 logp = selected_logprobs(model, batch)
                 l_nll = nll(logp, batch["targets"])
+                if poison_step is not None and step >= poison_step:
+                    l_nll = l_nll * float("nan")
                 l_bar = torch.zeros((), device=dev)
                 d = torch.zeros(len(idx), device=dev)
                 if cfg.reg != "nll":
                     with torch.no_grad(), ref_ctx():
                         logp_ref = selected_logprobs(model, batch)
                     d = aggregate(KL[cfg.reg](logp, logp_ref), batch["seg"], len(idx), cfg.kl_agg)
-                    l_bar = hinge(d, cfg.tau, lam_r)
+                    ramp = min(1.0, step / (cfg.lam_warmup_frac * total)) if cfg.lam_warmup_frac > 0 else 1.0
+                    l_bar = hinge(d, cfg.tau, lam_r * ramp) * barrier_boost
                 l_spec = torch.zeros((), device=dev)
                 if cfg.spectral_lam > 0:
                     l_spec = cfg.spectral_lam * sum(
                         spectral_norm_lowrank(A, B, s) for A, B, s in student.lora_factors(name)
                     )
-                loss = l_nll + l_bar + l_spec
-                if poison_step is not None and step == poison_step:
-                    loss = loss * float("nan")
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(
-                        f"heal r{round} step {step}: loss is {loss.item()} (nll={l_nll.item():.4g}, "
-                        f"barrier={l_bar.item():.4g}, spectral={l_spec.item():.4g})"
-                    )
-                fired_now = bool(l_bar.detach() > 0)
+                terms = f"nll={l_nll.item():.4g}, barrier={l_bar.item():.4g}, spectral={l_spec.item():.4g}"
+                ok = bool(torch.isfinite(l_nll) and torch.isfinite(l_spec))
+                if not ok:
+                    skipped["step"] += 1
+                    if skipped["step"] > cfg.max_bad_steps:
+                        raise NonFiniteLoss(
+                            f"heal r{round} step {step}: non-finite loss ({terms}); {skipped['step']} micro-batches "
+                            f"skipped, more than --max-bad-steps {cfg.max_bad_steps}"
+                        )
+                    if skipped["step"] == 1:
+                        logger.warning(f"heal r{round} step {step}: non-finite loss ({terms}); micro-batch skipped")
+                elif not torch.isfinite(l_bar) or l_bar.item() > cfg.barrier_max_ratio * l_nll.item():
+                    skipped["barrier"] += 1
+                    if skipped["barrier"] == 1:
+                        logger.warning(
+                            f"heal r{round} step {step}: barrier dropped for this micro-batch ({terms}; limit "
+                            f"{cfg.barrier_max_ratio:g} x nll); counted in the round record, warned once"
+                        )
+                    l_bar = torch.zeros((), device=dev)
+                fired_now = bool(l_bar.detach() > 0) and ok
                 ratio = None
                 if fired_now and step % log_every == 0:
                     # Measured only on logged steps: two extra backward passes through the graph.
                     gn = _grad_norm(l_nll, params)
                     ratio = _grad_norm(l_bar, params) / max(gn, 1e-12)
-                (loss / cfg.grad_accum).backward()
                 micro += 1
-                nlls.append(l_nll.item())
-                ds.append(d.mean().item())
-                fired.append(fired_now)
+                if ok:  # a skipped micro-batch adds no gradient; the schedule below runs as usual
+                    ((l_nll + l_bar + l_spec) / cfg.grad_accum).backward()
+                    nlls.append(l_nll.item())
+                    ds.append(d.mean().item())
+                    fired.append(fired_now)
                 if ratio is not None:
                     ratios.append(ratio)
                 last = micro == cfg.epochs * micro_per_epoch
@@ -162,6 +192,8 @@ def heal(
                         fired=fired_now,
                         grad_ratio=ratio,
                         lr=lr,
+                        barrier_skipped=skipped["barrier"],
+                        steps_skipped=skipped["step"],
                     )
                 bar.update(1)
                 bar.set_postfix(nll=f"{l_nll.item():.3f}", D=f"{d.mean().item():.3f}")
@@ -169,9 +201,12 @@ def heal(
     finally:
         bar.close()
         model.eval()
+    if not nlls:
+        raise NonFiniteLoss(f"heal r{round}: every micro-batch was skipped as non-finite")
     logger.info(
         f"heal r{round}: {step} steps, nll {nlls[0]:.3f} -> {nlls[-1]:.3f}, D mean {sum(ds) / len(ds):.3f}, "
-        f"barrier fired {sum(fired) / len(fired):.0%}"
+        f"barrier fired {sum(fired) / len(fired):.0%}, skipped: barrier {skipped['barrier']}, "
+        f"micro-batches {skipped['step']}"
     )
     return HealResult(
         name,
@@ -182,4 +217,36 @@ def heal(
         sum(fired) / len(fired),
         sum(ratios) / len(ratios) if ratios else None,
         time.time() - t0,
+        skipped["barrier"],
+        skipped["step"],
+        cfg.heal_batch_size,
+        cfg.grad_accum,
+    )
+
+
+def heal_with_retry(student: Student, pairs, cfg: HealConfig, *args, **kw) -> HealResult:
+    """`heal`, and on out-of-memory once more from a fresh adapter with half the micro-batch and twice the
+    accumulation (the same examples per optimiser step). A second out-of-memory raises OutOfMemory."""
+    try:
+        return heal(student, pairs, cfg, *args, **kw)
+    except torch.OutOfMemoryError:
+        pass  # leave the except block first, so the failed step's tensors can be freed
+    student.drop_training()
+    free_memory()
+    if cfg.heal_batch_size < 2:
+        raise OutOfMemory("out of memory in heal at --heal-batch-size 1; use shorter completions or a smaller model")
+    half = dataclasses.replace(cfg, heal_batch_size=cfg.heal_batch_size // 2, grad_accum=cfg.grad_accum * 2)
+    logger.warning(
+        f"out of memory in heal at --heal-batch-size {cfg.heal_batch_size}; retrying the round with "
+        f"{half.heal_batch_size} x grad-accum {half.grad_accum}"
+    )
+    try:
+        return heal(student, pairs, half, *args, **kw)
+    except torch.OutOfMemoryError:
+        pass
+    student.drop_training()
+    free_memory()
+    raise OutOfMemory(
+        f"out of memory in heal at --heal-batch-size {cfg.heal_batch_size} and again at {half.heal_batch_size}; "
+        f"pass --heal-batch-size {max(1, half.heal_batch_size // 2)} --grad-accum {half.grad_accum * 2}"
     )

@@ -80,7 +80,15 @@ def collect(run_dir: Path) -> dict:
     rounds = [r for r in recs if r["stage"] == "round"]
     stops = [r for r in recs if r["stage"] == "stop"]
     filters = [r for r in recs if r["stage"] == "filter"]
-    return {"config": cfg, "base": base, "rounds": rounds, "stop": stops[-1] if stops else None, "filters": filters}
+    col = {r["round"]: r for r in recs if r["stage"] == "collapse"}  # -1 = base; a re-run round replaces
+    return {
+        "config": cfg,
+        "base": base,
+        "rounds": rounds,
+        "stop": stops[-1] if stops else None,
+        "filters": filters,
+        "collapse": col,
+    }
 
 
 def fmt(x, spec=".3f"):
@@ -116,6 +124,25 @@ def summary_rows(info: dict) -> list[dict]:
     return rows
 
 
+COLLAPSE_COLS = ("pr_band", "pr_final", "erank_band", "erank_final", "entropy_mean", "entropy_p5", "amp")
+
+
+def collapse_rows(info: dict) -> list[dict]:
+    """Per-model collapse signals next to coherence: the base row, then each round's healed student."""
+    col, base = info.get("collapse", {}), info["base"] or {}
+    done = {r["round"]: r for r in info["rounds"]}
+    out = []
+    for r, c in sorted(col.items()):
+        if r >= 0 and r not in done:
+            continue  # a round that did not finish has no coherence to compare with
+        rec = done.get(r, {})
+        row = {"round": "base" if r < 0 else r, "coherence": base.get("coherence") if r < 0 else rec.get("healed_coh")}
+        row |= {k: c.get(k) for k in COLLAPSE_COLS}
+        row["skipped"] = "" if r < 0 else f"{rec.get('barrier_skipped', 0)}/{rec.get('steps_skipped', 0)}"
+        out.append(row)
+    return out
+
+
 def q0_rows(info: dict) -> list[dict]:
     out = []
     for f in info["filters"]:
@@ -133,7 +160,7 @@ def trajectory_png(info: dict, path: Path, coh_floor: float) -> None:
     tk = info["config"].get("trait_key", "auth_nats")
     base, rounds = info["base"], info["rounds"]
     rs = [r["round"] for r in rounds]
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, ax = plt.subplots(1, 4, figsize=(20, 4.2))
     for m, style in (("steered", "o--"), ("healed", "s-")):
         ax[0].plot(rs, [r.get(f"{m}_trait") for r in rounds], style, label=m)
         ax[1].plot(rs, [r.get(f"{m}_coh") for r in rounds], style, label=m)
@@ -161,9 +188,19 @@ def trajectory_png(info: dict, path: Path, coh_floor: float) -> None:
     ax[2].scatter([], [], c="tab:blue", marker="o", label="steered")
     ax[2].scatter([], [], c="tab:orange", marker="s", label="healed")
     ax[2].set(xlabel=f"{tk} (nats)", ylabel="coherence", title="trait vs coherence")
+    # Collapse precursors, each relative to the base model's value (1 = unchanged), next to coherence.
+    crow = collapse_rows(info)
+    if crow and crow[0]["round"] == "base":
+        b, rest = crow[0], crow[1:]
+        for k in ("coherence", "pr_band", "pr_final", "entropy_mean", "entropy_p5", "amp"):
+            if isfinite(b.get(k)) and b[k] != 0 and any(isfinite(x.get(k)) for x in rest):
+                ys = [x[k] / b[k] if isfinite(x.get(k)) else None for x in rest]
+                ax[3].plot([-1] + [x["round"] for x in rest], [1.0, *ys], "k-" if k == "coherence" else "o-", label=k)
+        ax[3].axhline(1.0, color="gray", ls=":")
+    ax[3].set(xlabel="round (-1 = base)", ylabel="value / base", title="collapse precursors")
     from matplotlib.ticker import MaxNLocator
 
-    for a in ax[:2]:
+    for a in (ax[0], ax[1], ax[3]):
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
     for a in ax:
         a.grid(alpha=0.3)
@@ -190,14 +227,17 @@ def build(run_dir: Path) -> dict:
     v = verdict(info["base"], healed, tk, sign, floor, reason) if info["base"] else "FAIL: no base eval recorded"
     table = tabulate(summary_rows(info), headers="keys", tablefmt="github")
     q0 = tabulate(q0_rows(info), headers="keys", tablefmt="github", floatfmt=".3g", missingval="0")
+    col = tabulate(collapse_rows(info), headers="keys", tablefmt="github", floatfmt=".3f", missingval="")
     trajectory_png(info, run_dir / "trajectory.png", floor)
     md = (
         f"# {run_dir.name}\n\n{v}\n\n## Rounds\n\n{table}\n\n## Filter (Q0)\n\n{q0}\n\n"
+        f"## Collapse signals (unsteered; skipped = barrier / micro-batches dropped by the heal safety check)"
+        f"\n\n{col}\n\n"
         "![trajectory](trajectory.png)\n\n## Samples (greedy; steered before heal, healed after bake)\n\n"
         + samples_md(run_dir)
     )
     atomic_write_text(run_dir / "summary.md", md)
-    return {"table": table, "q0": q0, "verdict": v, "info": info}
+    return {"table": table, "q0": q0, "collapse": col, "verdict": v, "info": info}
 
 
 def samples_md(run_dir: Path, width: int = 240) -> str:

@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from steer_heal import data, events, extract, report
+from steer_heal import collapse, data, events, extract, models, report
 from steer_heal import filter as filt
 from steer_heal.bake import adapter_name
 from steer_heal.config import RunConfig, from_dict, parse_args, to_dict
 from steer_heal.errors import NonFiniteLoss, Starved, UserError
 from steer_heal.generate import Completion, generate
-from steer_heal.heal import heal
+from steer_heal.heal import heal_with_retry
 from steer_heal.rundir import (
     RunDir,
     atomic_write_json,
@@ -88,12 +88,25 @@ def validate(cfg: RunConfig) -> None:
         "--heal-batch-size": cfg.heal.heal_batch_size,
         "--grad-accum": cfg.heal.grad_accum,
         "--eval-batch-size": cfg.eval.eval_batch_size,
+        "--amp-prompts": cfg.collapse.amp_prompts,
+        "--amp-iters": cfg.collapse.amp_iters,
     }
     for flag, v in positive.items():
         if v < 1:
             raise UserError(f"{flag} {v} must be a positive integer")
     if cfg.eval.n_vignettes is not None and cfg.eval.n_vignettes < 1:
         raise UserError(f"--n-vignettes {cfg.eval.n_vignettes} must be a positive integer")
+    if cfg.collapse.pr_contexts < 2:
+        raise UserError(f"--pr-contexts {cfg.collapse.pr_contexts} must be >= 2 (a covariance needs two samples)")
+    non_negative = {"--entropy-prompts": cfg.collapse.entropy_prompts, "--max-bad-steps": cfg.heal.max_bad_steps}
+    for flag, v in non_negative.items():
+        if v < 0:
+            raise UserError(f"{flag} {v} must be >= 0")
+    if cfg.heal.barrier_max_ratio <= 0 or not 0 <= cfg.heal.lam_warmup_frac <= 1:
+        raise UserError(
+            f"--barrier-max-ratio {cfg.heal.barrier_max_ratio} must be > 0 and "
+            f"--lam-warmup-frac {cfg.heal.lam_warmup_frac} must lie in [0, 1]"
+        )
     if cfg.eval.eval_think_tokens < 0:
         raise UserError(f"--eval-think-tokens {cfg.eval.eval_think_tokens} must be >= 0")
     if not cfg.generate.alphas or any(a <= 0 for a in cfg.generate.alphas):
@@ -308,14 +321,60 @@ class Pipeline:
         )
         return [{"prompt": x.prompt, "text": x.text} for x in comps]
 
-    def student_vector(self) -> dict[int, torch.Tensor]:
+    def neutral_acts(self, which: str) -> dict[int, torch.Tensor]:
+        """Last-prompt-token block outputs over the neutral prompts, at the band and the final block."""
+        ids = [self.chat(x) for x in self.contexts[: self.cfg.collapse.pr_contexts]]
+        layers = [*self.layers, len(models.decoder_layers(self.student.model)) - 1]
+        with self.student.base() if which == "base" else nullcontext():
+            return extract.last_token_acts(
+                self.student.model, ids, layers, self.tok.pad_token_id, self.cfg.extract.extract_batch_size, "acts"
+            )
+
+    def collapse_signals(self, r: int, which: str, acts: dict[int, torch.Tensor]) -> dict:
+        """Dimensional budget, output entropy and (optionally) amplification of the unsteered model."""
+        c, g = self.cfg.collapse, self.cfg.generate
+        t0 = time.time()
+        final = max(acts)
+        rec = collapse.dimensional_budget(acts, self.layers, final)
+        with self.student.base() if which == "base" else nullcontext():
+            if c.entropy_prompts > 0:
+                k = min(c.entropy_prompts, len(self.contexts))
+                rows = [(i, x, self.chat(x), 0.0, 0.0) for i, x in enumerate(self.contexts[:k])]
+                comps = generate(
+                    self.student.model,
+                    self.tok,
+                    rows,
+                    None,
+                    g.max_new_tokens,
+                    g.temperature,
+                    g.top_p,
+                    g.gen_batch_size,
+                    self.cfg.seed * 1000 + 999,  # the same seed every round: only the weights differ
+                    desc=f"entropy {which}",
+                )
+                rec |= collapse.output_entropy(
+                    self.student.model,
+                    [(x.prompt_ids, x.ids) for x in comps],
+                    self.tok.pad_token_id,
+                    self.cfg.heal.heal_batch_size,
+                )
+            if c.amp_gauge:
+                ids = [self.chat(x) for x in self.contexts[: c.amp_prompts]]
+                rec |= collapse.amplification(
+                    self.student.model, ids, self.layers[0], self.layers[-1], c.amp_iters, self.cfg.seed
+                )
+        rec["seconds"] = time.time() - t0
+        self.ev.emit("collapse", r, model=which, **rec)
+        amp = f", amp {rec['amp']:.3f}" if rec.get("amp") is not None else ""
+        ent = f", entropy {rec['entropy_mean']:.3f} (p5 {rec['entropy_p5']:.3f})" if rec.get("entropy_mean") else ""
+        logger.info(f"collapse r{r} {which}: PR band {rec['pr_band']:.2f}, PR final {rec['pr_final']:.2f}{ent}{amp}")
+        return rec
+
+    @staticmethod
+    def student_vector(student_acts: dict, base_acts: dict, layers: list[int]) -> dict[int, torch.Tensor]:
         """v_student = mean h_student(neutral) - mean h_base(neutral) at the band, last prompt token."""
-        ids = [self.chat(x) for x in self.contexts[:N_STUDENT_CONTEXTS]]
-        bs = self.cfg.extract.extract_batch_size
-        hs = extract.last_token_acts(self.student.model, ids, self.layers, self.tok.pad_token_id, bs, "student acts")
-        with self.student.base():
-            hb = extract.last_token_acts(self.student.model, ids, self.layers, self.tok.pad_token_id, bs, "base acts")
-        return extract.mean_diff(hs, hb)
+        n = N_STUDENT_CONTEXTS
+        return extract.mean_diff({L: student_acts[L][:n] for L in layers}, {L: base_acts[L][:n] for L in layers})
 
 
 def _near_threshold(scored: list[dict], ppl_max: float, k: int = 2) -> dict:
@@ -381,6 +440,9 @@ def run(cfg: RunConfig, argv: list[str] | None = None, poison: tuple[int, int] |
     base = base or pipe.eval(-1, "base")
     cal = next((x for x in recs if x["stage"] == "calibrate"), None)
     ppl_max = cal["ppl_max"] if cal else pipe.calibrate()
+    base_acts = pipe.neutral_acts("base")
+    if not any(x["stage"] == "collapse" and x.get("model") == "base" for x in recs):
+        pipe.collapse_signals(-1, "base", base_acts)
     v0 = {int(k): v for k, v in load_tensors(rd.vector(0)).items()} if start > 0 else None
     tk = persona.trait_key
     stop_reason, code = None, 0
@@ -440,7 +502,7 @@ def run(cfg: RunConfig, argv: list[str] | None = None, poison: tuple[int, int] |
         secs["eval_steered"] = time.time() - t0
         pairs = [(s["prompt_ids"], s["ids"]) for s in kept]
         try:
-            res = heal(
+            res = heal_with_retry(
                 pipe.student,
                 pairs,
                 cfg.heal,
@@ -475,8 +537,12 @@ def run(cfg: RunConfig, argv: list[str] | None = None, poison: tuple[int, int] |
         t0 = time.time()
         healed = pipe.eval(r, "healed")
         healed_samples = pipe.samples(None, 0.0)
-        vs = pipe.student_vector()
         secs["eval_healed"] = time.time() - t0
+        t0 = time.time()
+        acts = pipe.neutral_acts("healed")
+        vs = pipe.student_vector(acts, base_acts, pipe.layers)
+        col = pipe.collapse_signals(r, "healed", acts)
+        secs["collapse"] = time.time() - t0
         atomic_write_json(
             rd.round(r) / "samples.json",
             [
@@ -506,6 +572,9 @@ def run(cfg: RunConfig, argv: list[str] | None = None, poison: tuple[int, int] |
             heal_nll=res.nll_last,
             heal_d=res.d_mean,
             barrier_fired=res.fired_frac,
+            barrier_skipped=res.barrier_skipped,
+            steps_skipped=res.steps_skipped,
+            **{k: col.get(k) for k in collapse.SIGNALS | {"erank_band": -1}},
             seconds=secs,
         )
         atomic_write_text(rd.done(r), json.dumps({"round": r, "ts": rec["ts"]}) + "\n")  # the round is complete
@@ -527,7 +596,7 @@ def run(cfg: RunConfig, argv: list[str] | None = None, poison: tuple[int, int] |
     report.append_ledger(
         Path(cfg.out_dir) / "results.jsonl", report.ledger_row(report.collect(rd.root), rep["verdict"], rd.root)
     )
-    print("\n" + rep["table"] + "\n\nfilter (Q0):\n" + rep["q0"] + "\n")
+    print("\n" + rep["table"] + "\n\nfilter (Q0):\n" + rep["q0"] + "\n\ncollapse signals:\n" + rep["collapse"] + "\n")
     expect = (
         f"PASS: trait moves in the persona's direction (sign {persona.sign:+d}) with coherence >= {cfg.coh_floor:.2f}"
     )
