@@ -36,3 +36,15 @@ sweep-ref PRESET="smol" ROUNDS="4":
     for ref in base prev; do for s in 0 1 2; do \
       uv run python -m steer_heal.run --preset {{PRESET}} --reg kl_rev --barrier-ref $ref --seed $s --n-rounds {{ROUNDS}}; done; done
     uv run python scripts/results.py
+
+# Per-stage paired table of a finished run: base, steered at several c, each round's healed student.
+stages RUN *ARGS:
+    uv run python scripts/diag_stages.py {{RUN}} {{ARGS}}
+
+# Q7: does baking beat prompting, and is the shift specific to the vector (random vector, same norm)?
+baseline RUN *ARGS:
+    uv run python scripts/diag_prompt_baseline.py {{RUN}} {{ARGS}}
+
+# Collapse early warning: did PR / entropy / amplification move before coherence fell?
+collapse RUN *ARGS:
+    uv run python scripts/diag_collapse.py {{RUN}} {{ARGS}}

@@ -1,0 +1,89 @@
+"""Baselines and controls: does baking beat prompting, and is the shift specific to the vector?
+
+    uv run python scripts/diag_prompt_baseline.py out/<run> [--n-random 3] [--n-vignettes 70]
+        [--eval-vignettes PATH] [--out baseline.json]
+
+Scored side by side on the same vignettes, from the run's stored config:
+  base            the original model
+  system prompt   the original model with the persona written into the system prompt (no weights changed)
+  random vector   the original model steered by a random direction with the teacher vector's norm at every
+                  band layer, at the run's round-0 strength (one row per seed, then their mean)
+  steered         the original model steered by the round-0 teacher vector at that strength
+  healed rN       the student after each completed round, unsteered
+dTrait / dCoh are against base; retain = dTrait / dTrait(steered).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from steer_heal import events, paired
+from steer_heal.errors import UserError, cli
+from steer_heal.rundir import atomic_write_json
+
+
+def random_like(v: dict[int, torch.Tensor], seed: int) -> dict[int, torch.Tensor]:
+    """A Gaussian random direction per layer, scaled to that layer's norm in v."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for L in sorted(v):
+        x = torch.randn(v[L].shape, generator=g, dtype=torch.float32)
+        out[L] = (x / x.norm() * v[L].float().norm()).to(v[L].dtype)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--n-random", type=int, default=3, help="random vectors (seeds 0..N-1)")
+    ap.add_argument("--n-vignettes", type=int, help="score only the first N vignettes (balanced order)")
+    ap.add_argument("--eval-vignettes", help="score on these vignettes instead of the run's")
+    ap.add_argument("--out", type=Path, help="write the rows as JSON here")
+    a = ap.parse_args(argv)
+    if a.n_random < 1:
+        raise UserError(f"--n-random {a.n_random} must be a positive integer")
+    rd, meta, s = paired.open_run(a.run_dir, a.eval_vignettes, a.n_vignettes)
+    tk = meta["trait_key"]
+    done = rd.completed_rounds()
+    if not done:
+        raise UserError(f"{rd.root}: no completed round to score (no rounds/r*/DONE)")
+    c = next(x for x in events.read(rd.events, "eval") if x.get("model") == "steered" and x["round"] == 0)["c"]
+    v0 = paired.teacher(rd, 0)
+    print(f"{rd.root.name}: {len(s.vigs)} vignettes from {s.vig_source}; c = {c:g}; rounds {done}", file=sys.stderr)
+
+    base, _ = s.evaluate(desc="eval base")
+    steered, _ = s.evaluate(v0, c, desc="eval steered")
+    rows = [paired.row("base", base, base, tk)]
+    system = s.persona.system(True)
+    m, _ = s.evaluate(system=system, desc="eval system prompt")
+    rows.append(paired.row("system prompt", m, base, tk, steered=steered, system=system))
+    rand = []
+    for seed in range(a.n_random):
+        m, _ = s.evaluate(random_like(v0, seed), c, desc=f"eval random {seed}")
+        rand.append(paired.row(f"random vector s{seed}", m, base, tk, steered=steered, c=c, seed=seed))
+    rows += rand
+    if len(rand) > 1:
+        mean = {k: statistics.fmean(r[k] for r in rand) for k in (tk, "coherence")}
+        rows.append(paired.row(f"random vector (mean of {len(rand)})", mean, base, tk, steered=steered, c=c))
+    rows.append(paired.row(f"steered c={c:g}", steered, base, tk, steered=steered, c=c))
+    for r in done:
+        s.student.load_adapter(r, rd.adapter(r))
+        m, _ = s.evaluate(desc=f"eval healed r{r}")
+        rows.append(paired.row(f"healed r{r}", m, base, tk, steered=steered, round=r))
+    print(paired.table(rows, ["arm", tk, "coherence", "dTrait", "dCoh", "slope", "retain"]))
+    print(f"\nsystem prompt: {system!r}\nvector norm {float(torch.cat([x.flatten() for x in v0.values()]).norm()):.3f}")
+    if a.out:
+        atomic_write_json(
+            a.out, {"run": rd.root.name, "trait_key": tk, "vignettes": s.vig_source, "n": len(s.vigs), "rows": rows}
+        )
+        print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,65 @@
+"""Stages table: base, steered at several strengths, and each round's healed student, all paired.
+
+    uv run python scripts/diag_stages.py out/<run> [--cs 1 2 3] [--n-vignettes 70]
+        [--eval-vignettes PATH] [--out stages.json]
+
+Every row is scored now, on the same vignettes, from the run's stored config: the base model, the base
+model steered by the round-0 teacher vector at each c in --cs (plus the run's own round-0 eval strength),
+and the student after each completed round (its adapters re-attached from the run directory, unsteered).
+dTrait / dCoh are against the base row; retain = dTrait(healed) / dTrait(steered at the run's strength);
+slope = 100 * dCoh / dTrait. Use --eval-vignettes to re-score a run on a held-out set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from steer_heal import events, paired
+from steer_heal.errors import UserError, cli
+from steer_heal.rundir import atomic_write_json
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--cs", nargs="+", type=float, default=[1.0, 2.0, 3.0], help="steering strengths to score")
+    ap.add_argument("--n-vignettes", type=int, help="score only the first N vignettes (balanced order)")
+    ap.add_argument("--eval-vignettes", help="score on these vignettes instead of the run's")
+    ap.add_argument("--out", type=Path, help="write the rows as JSON here")
+    a = ap.parse_args(argv)
+    rd, meta, s = paired.open_run(a.run_dir, a.eval_vignettes, a.n_vignettes)
+    tk = meta["trait_key"]
+    done = rd.completed_rounds()
+    if not done:
+        raise UserError(f"{rd.root}: no completed round to score (no rounds/r*/DONE)")
+    steered0 = next(x for x in events.read(rd.events, "eval") if x.get("model") == "steered" and x["round"] == 0)
+    c_run = steered0["c"]
+    v0 = paired.teacher(rd, 0)
+    print(f"{rd.root.name}: {len(s.vigs)} vignettes from {s.vig_source}; rounds {done}", file=sys.stderr)
+
+    base, _ = s.evaluate(desc="eval base")
+    rows = [paired.row("base", base, base, tk, stage="base")]
+    ref = None
+    for c in sorted({*a.cs, c_run}):
+        m, _ = s.evaluate(v0, c, desc=f"eval steered c={c:g}")
+        label = f"steered c={c:g}" + (" (run)" if c == c_run else "")
+        rows.append(paired.row(label, m, base, tk, stage="steered", c=c))
+        ref = m if c == c_run else ref
+    for r in done:
+        s.student.load_adapter(r, rd.adapter(r))
+        m, _ = s.evaluate(desc=f"eval healed r{r}")
+        rows.append(paired.row(f"healed r{r}", m, base, tk, steered=ref, stage="healed", round=r))
+    print(paired.table(rows, ["arm", tk, "coherence", "dTrait", "dCoh", "slope", "retain"]))
+    print(f"\nretain is against steered c={c_run:g} (the strength the run evaluated round 0 at)")
+    if a.out:
+        atomic_write_json(
+            a.out, {"run": rd.root.name, "trait_key": tk, "vignettes": s.vig_source, "n": len(s.vigs), "rows": rows}
+        )
+        print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)
