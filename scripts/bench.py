@@ -6,9 +6,11 @@ Measures, on the configured model (default: the smol preset):
   steer_overhead_ratio   steered / unsteered tokens/s, same batch, same token count (hook cost)
   batch_speedup          one mixed-strength batch / the same rows generated one at a time (tokens/s)
   filter_speedup         tail-ppl scoring completions/s, batched / one at a time
-  heal_mem_ratio         peak memory of one heal step (forward + backward of NLL + kl_rev), completion-only
-                         log-softmax / full [B, L, V] log-softmax, at L = --heal-len (half prompt, half
-                         completion), each in a fresh process (peak RSS on CPU, max_memory_allocated on CUDA)
+  heal_mem_ratio         peak memory of one heal step (forward + backward of NLL + kl_rev): heal.py's
+                         completion-only chunked loss / the full [B, L, V] log-softmax, at L = --heal-len
+                         (half prompt, half completion), block gradient checkpointing on for both; each
+                         in a fresh process (peak RSS reset via /proc on CPU, max_memory_allocated on CUDA).
+                         heal_mem_ratio_no_ckpt: the same with block activations stored.
   eval_vignettes_per_s   vignettes scored per second (both option orders)
   round_seconds          wall time of the last round of --run-dir, with its per-stage breakdown
 The last line printed is one JSON object with these keys.
@@ -50,15 +52,49 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def heal_step_peak(argv: list[str], lean: bool, length: int, batch: int) -> int:
-    """Peak extra bytes of one heal step (run in a fresh process by `main`)."""
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) so it measures from now on (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def heal_step_peak(argv: list[str], lean: bool, length: int, batch: int, ckpt: bool) -> int:
+    """Peak extra bytes of one heal step, forward + backward of NLL + kl_rev (run in a fresh process).
+
+    lean = what heal.py does (hidden states at completion positions, chunked + checkpointed LM head and
+    log-softmax, reference rebuilt from its hidden states); naive = full [B, L, V] log-softmax for the
+    student and the reference, then select. `ckpt` turns on block-level gradient checkpointing for both."""
     from steer_heal.config import HealConfig
     from steer_heal.heal import lora_config
-    from steer_heal.losses import completion_batch, kl_rev, naive_logprobs, nll, selected_logprobs
+    from steer_heal.losses import (
+        completion_batch,
+        completion_terms,
+        kl_rev,
+        naive_logprobs,
+        nll,
+        selected_hidden,
+        token_logprob,
+    )
+    from steer_heal.models import unwrap
 
     s = Session.from_argv(argv)
     st = s.student
     st.add_adapter(0, lora_config(st, HealConfig()))
+    st.model.train()
+    if ckpt:
+        unwrap(st.model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     dev = next(st.model.parameters()).device
     g = torch.Generator().manual_seed(0)
     vocab = st.model.get_output_embeddings().weight.shape[0]
@@ -66,23 +102,31 @@ def heal_step_peak(argv: list[str], lean: bool, length: int, batch: int) -> int:
     rand = lambda: torch.randint(0, vocab, (half,), generator=g).tolist()  # noqa: E731
     pairs = [(rand(), rand()) for _ in range(batch)]  # half prompt, half completion
     b = completion_batch(pairs, s.tok.pad_token_id, dev)
-    logprobs = selected_logprobs if lean else naive_logprobs
     cuda = dev.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
+        if not reset_peak_rss():
+            raise RuntimeError("cannot reset the peak-RSS mark (/proc/self/clear_refs); CPU peak memory unmeasurable")
         before = rss_bytes()
-    lp = logprobs(st.model, b)
-    with torch.no_grad(), st.base():
-        ref = logprobs(st.model, b)
-    loss = nll(lp, b["targets"]) + kl_rev(lp, ref).mean()
+    if lean:
+        with torch.no_grad(), st.base():
+            h_ref = selected_hidden(st.model, b)
+        tok, kl = completion_terms(st.model, selected_hidden(st.model, b), b["targets"], h_ref, kl_rev)
+        loss = -tok.mean() + kl.mean()
+    else:
+        lp = naive_logprobs(st.model, b)
+        with torch.no_grad(), st.base():
+            ref = naive_logprobs(st.model, b)
+        loss = nll(lp, b["targets"]) + kl_rev(lp, ref).mean()
+        assert token_logprob(lp, b["targets"]).shape == b["targets"].shape
     loss.backward()
     if cuda:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    return peak_rss_bytes() - before
 
 
 def main(argv: list[str]) -> int:
@@ -93,9 +137,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--heal-batch", type=int, default=2)
     ap.add_argument("--run-dir", help="a finished run whose last round gives round_seconds")
     ap.add_argument("--_heal-peak", choices=["lean", "naive"], help=argparse.SUPPRESS)
+    ap.add_argument("--_ckpt", action="store_true", help=argparse.SUPPRESS)
     a, rest = ap.parse_known_args(argv)
     if a._heal_peak:
-        print(heal_step_peak(rest, a._heal_peak == "lean", a.heal_len, a.heal_batch))
+        print(heal_step_peak(rest, a._heal_peak == "lean", a.heal_len, a.heal_batch, a._ckpt))
         return 0
 
     s = Session.from_argv(rest)
@@ -147,30 +192,26 @@ def main(argv: list[str]) -> int:
     res["eval_vignettes_per_s"] = len(s.vigs) / t_eval
     table.append([f"eval, {len(s.vigs)} vignettes x 2 orders", f"{res['eval_vignettes_per_s']:.2f} vignettes/s", ""])
 
-    peaks = {}
-    for mode in ("lean", "naive"):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--_heal-peak",
-            mode,
-            "--heal-len",
-            str(a.heal_len),
-            "--heal-batch",
-            str(a.heal_batch),
-            *rest,
-        ]
-        p = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        peaks[mode] = int(p.stdout.strip().splitlines()[-1])
-    res["heal_mem_ratio"] = peaks["lean"] / peaks["naive"]
-    for mode in ("lean", "naive"):
-        table.append(
-            [
-                f"heal step peak, {mode}, B={a.heal_batch} L={a.heal_len}",
-                f"{peaks[mode] / 2**20:.0f} MiB",
-                f"heal_mem_ratio {res['heal_mem_ratio']:.3f}" if mode == "naive" else "",
-            ]
-        )
+    # Heal-step peak memory, each variant in a fresh process: with the blocks' activations stored (the
+    # smol default) and with gradient checkpointing (gemma preset), where the LM head's share shows.
+    for ckpt in (False, True):
+        peaks = {}
+        for mode in ("lean", "naive"):
+            flags = ["--_heal-peak", mode, "--heal-len", str(a.heal_len), "--heal-batch", str(a.heal_batch)]
+            cmd = [sys.executable, __file__, *flags, *(["--_ckpt"] if ckpt else []), *rest]
+            p = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            peaks[mode] = int(p.stdout.strip().splitlines()[-1])
+        key = "heal_mem_ratio" if ckpt else "heal_mem_ratio_no_ckpt"
+        res[key] = peaks["lean"] / peaks["naive"]
+        res[f"heal_peak_mib{'' if ckpt else '_no_ckpt'}"] = {m: round(v / 2**20) for m, v in peaks.items()}
+        for mode in ("lean", "naive"):
+            table.append(
+                [
+                    f"heal step peak, {mode}, B={a.heal_batch} L={a.heal_len}, grad ckpt {'on' if ckpt else 'off'}",
+                    f"{peaks[mode] / 2**20:.0f} MiB",
+                    f"{key} {res[key]:.3f}" if mode == "naive" else "",
+                ]
+            )
 
     res["round_seconds"] = None
     if a.run_dir:

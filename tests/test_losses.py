@@ -95,3 +95,28 @@ def test_cosine_warmup_schedule():
     assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
     assert lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_chunked_completion_terms_equal_the_full_log_softmax(fresh_tiny, chunk):
+    """Values and gradients of the chunked, checkpointed loss equal those of the [K, V] computation."""
+    model, tok = fresh_tiny
+    pairs = [([1, 5, 9, 12], [40, 41, 42]), ([3, 4], [50, 51, 52, 53, 54])]
+    b = losses.completion_batch(pairs, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        ref = torch.randn(b["targets"].shape[0], model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    w = model.model.norm.weight.requires_grad_(True)  # a weight before the LM head: its grad flows through h
+
+    def grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return w.grad.clone()
+
+    lp = losses.selected_logprobs(model, b)
+    ref_lp = F.log_softmax(losses.lm_logits(model, ref), -1)
+    full_tok, full_kl = losses.token_logprob(lp, b["targets"]), losses.kl_rev(lp, ref_lp)
+    g_full = grads(-full_tok.mean() + full_kl.mean())
+    h = losses.selected_hidden(model, b)
+    tok_lp, kl = losses.completion_terms(model, h, b["targets"], ref, losses.kl_rev, chunk)
+    assert torch.allclose(tok_lp, full_tok.detach(), atol=1e-5) and torch.allclose(kl, full_kl.detach(), atol=1e-5)
+    assert torch.allclose(grads(-tok_lp.mean() + kl.mean()), g_full, atol=1e-5)

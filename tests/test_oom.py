@@ -56,8 +56,8 @@ def _pairs(tok):
 
 def test_heal_retries_with_half_the_batch_and_twice_the_accumulation(fresh_tiny, monkeypatch):
     model, tok = fresh_tiny
-    wrapped, calls = _oom_above(2, heal_mod.selected_logprobs)
-    monkeypatch.setattr(heal_mod, "selected_logprobs", wrapped)
+    wrapped, calls = _oom_above(2, heal_mod.selected_hidden)
+    monkeypatch.setattr(heal_mod, "selected_hidden", wrapped)
     st = Student(model)
     cfg = HealConfig(reg="nll", epochs=1, heal_batch_size=4, lora_r=4)
     res = heal_with_retry(st, _pairs(tok), cfg, 0, 0, tok.pad_token_id, emit=lambda **kw: None)
@@ -68,8 +68,8 @@ def test_heal_retries_with_half_the_batch_and_twice_the_accumulation(fresh_tiny,
 
 def test_heal_fails_clearly_when_half_still_ooms(fresh_tiny, monkeypatch):
     model, tok = fresh_tiny
-    wrapped, _ = _oom_above(1, heal_mod.selected_logprobs)
-    monkeypatch.setattr(heal_mod, "selected_logprobs", wrapped)
+    wrapped, _ = _oom_above(1, heal_mod.selected_hidden)
+    monkeypatch.setattr(heal_mod, "selected_hidden", wrapped)
     st = Student(model)
     with pytest.raises(OutOfMemory, match="--heal-batch-size 4 and again at 2.*--heal-batch-size 1 --grad-accum 4"):
         heal_with_retry(st, _pairs(tok), HealConfig(reg="nll", heal_batch_size=4, lora_r=4), 0, 0, tok.pad_token_id,

@@ -135,6 +135,10 @@ class HealConfig:
     """Fraction of steps spent warming up before the cosine decay."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
+    loss_chunk: int = 256
+    """Completion positions per LM-head chunk in the heal loss (memory ~ chunk x vocab, not tokens x vocab)."""
+    grad_checkpoint: bool = False
+    """Recompute decoder blocks in the backward instead of storing their activations (less memory, ~30% slower)."""
     barrier_max_ratio: float = 10.0
     """Safety check: drop a micro-batch's barrier when it exceeds this multiple of its NLL (counted)."""
     max_bad_steps: int = 2
@@ -253,6 +257,7 @@ def _gemma() -> RunConfig:
     c.heal.lam = 0.1
     c.heal.heal_batch_size = 4
     c.heal.grad_accum = 2
+    c.heal.grad_checkpoint = True
     c.eval.eval_batch_size = 16
     return c
 

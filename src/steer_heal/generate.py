@@ -69,7 +69,9 @@ def generate(
     dev = next(model.parameters()).device
     stops = stop_ids(model, tok)
     out: list[Completion] = []
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else {"do_sample": False}
+    sampling = {"do_sample": False}
+    if do_sample:
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     kw = dict(
         max_new_tokens=max_new_tokens,
         eos_token_id=stops,

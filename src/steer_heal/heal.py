@@ -35,13 +35,14 @@ from steer_heal.losses import (
     KL,
     aggregate,
     completion_batch,
+    completion_terms,
     cosine_warmup,
     hinge,
     lam_at_round,
-    nll,
-    selected_logprobs,
+    selected_hidden,
     spectral_norm_lowrank,
 )
+from steer_heal.models import unwrap
 from steer_heal.tokens import batches
 
 
@@ -108,6 +109,8 @@ def heal(
     ref_ctx = student.base if cfg.barrier_ref == "base" else student.prev
     model = student.model
     model.train()  # dropout is 0, so train() changes nothing numerically; it documents intent
+    if cfg.grad_checkpoint:  # keep only block inputs; recompute each block in the backward
+        unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     t0, step, micro = time.time(), 0, 0
     nlls, ds, fired, ratios = [], [], [], []
@@ -119,16 +122,20 @@ def heal(
             rng.shuffle(order)
             for idx in batches(order, cfg.heal_batch_size):
                 batch = completion_batch([pairs[i] for i in idx], pad_id, dev)
-                logp = selected_logprobs(model, batch)
-                l_nll = nll(logp, batch["targets"])
+                h_ref = None
+                if cfg.reg != "nll":
+                    with torch.no_grad(), ref_ctx():
+                        h_ref = selected_hidden(model, batch)
+                tok_lp, kl = completion_terms(
+                    model, selected_hidden(model, batch), batch["targets"], h_ref, KL.get(cfg.reg), cfg.loss_chunk
+                )
+                l_nll = -tok_lp.mean()
                 if poison_step is not None and step >= poison_step:
                     l_nll = l_nll * float("nan")
                 l_bar = torch.zeros((), device=dev)
                 d = torch.zeros(len(idx), device=dev)
-                if cfg.reg != "nll":
-                    with torch.no_grad(), ref_ctx():
-                        logp_ref = selected_logprobs(model, batch)
-                    d = aggregate(KL[cfg.reg](logp, logp_ref), batch["seg"], len(idx), cfg.kl_agg)
+                if kl is not None:
+                    d = aggregate(kl, batch["seg"], len(idx), cfg.kl_agg)
                     ramp = min(1.0, step / (cfg.lam_warmup_frac * total)) if cfg.lam_warmup_frac > 0 else 1.0
                     l_bar = hinge(d, cfg.tau, lam_r * ramp) * barrier_boost
                 l_spec = torch.zeros((), device=dev)
@@ -201,6 +208,8 @@ def heal(
     finally:
         bar.close()
         model.eval()
+        if cfg.grad_checkpoint:
+            unwrap(model).gradient_checkpointing_disable()
     if not nlls:
         raise NonFiniteLoss(f"heal r{round}: every micro-batch was skipped as non-finite")
     logger.info(

@@ -60,6 +60,48 @@ def selected_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch
     return F.log_softmax(lm_logits(model, h[batch["rows"], batch["cols"]]), dim=-1)
 
 
+def selected_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Final hidden states [K, H] at the completion-predicting positions (the LM head not yet applied)."""
+    return final_hidden(model, batch["enc"])[batch["rows"], batch["cols"]]
+
+
+def completion_terms(
+    model: nn.Module,
+    h: torch.Tensor,
+    targets: torch.Tensor,
+    h_ref: torch.Tensor | None = None,
+    kl=None,
+    chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-position log p(target) [K] and, when `h_ref` is given, kl(logp, logp_ref) [K], in chunks.
+
+    Each chunk of `chunk` positions runs LM head -> log-softmax -> its terms under activation
+    checkpointing: only the [chunk, V] tensors of one chunk exist at a time, in the forward and again in
+    the backward (which recomputes them from h). So the heal step never holds a [K, V] tensor, let alone
+    [B, T, V]; the price is one extra LM-head matmul per chunk in the backward. Row-wise maths, so the
+    values equal the unchunked ones. `h_ref` (no grad) is the reference model's hidden states at the same
+    positions: the reference log-probs are rebuilt from it per chunk instead of being kept at [K, V]."""
+    from torch.utils.checkpoint import checkpoint
+
+    def terms(hc, tc, rc):
+        logp = F.log_softmax(lm_logits(model, hc), dim=-1)
+        tok = token_logprob(logp, tc)
+        if rc is None:
+            return tok, None
+        with torch.no_grad():
+            logp_ref = F.log_softmax(lm_logits(model, rc), dim=-1)
+        return tok, kl(logp, logp_ref)
+
+    toks, kls = [], []
+    for i in range(0, h.shape[0], chunk):
+        rc = None if h_ref is None else h_ref[i : i + chunk]
+        args = (h[i : i + chunk], targets[i : i + chunk], rc)
+        tok, k = checkpoint(terms, *args, use_reentrant=False) if torch.is_grad_enabled() else terms(*args)
+        toks.append(tok)
+        kls.append(k)
+    return torch.cat(toks), None if h_ref is None else torch.cat(kls)
+
+
 def naive_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The memory-hungry reference: full [B, T, V] log-softmax, then select. Only for tests and benchmarks."""
     logits = model(**batch["enc"]).logits.float()

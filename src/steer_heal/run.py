@@ -87,6 +87,7 @@ def validate(cfg: RunConfig) -> None:
         "--epochs": cfg.heal.epochs,
         "--heal-batch-size": cfg.heal.heal_batch_size,
         "--grad-accum": cfg.heal.grad_accum,
+        "--loss-chunk": cfg.heal.loss_chunk,
         "--eval-batch-size": cfg.eval.eval_batch_size,
         "--amp-prompts": cfg.collapse.amp_prompts,
         "--amp-iters": cfg.collapse.amp_iters,
