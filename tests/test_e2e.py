@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from steer_heal import events, report
@@ -261,3 +262,76 @@ def test_barrier_sweep_reproduces_the_runs_own_heal(fast_run, tmp_path):
     same = [r for r in rows if r.get("reg") == "kl_rev"][0]
     assert same["auth_nats"] == pytest.approx(run_healed["auth_nats"], abs=1e-5)
     assert same["coherence"] == pytest.approx(run_healed["coherence"], abs=1e-6)
+
+
+def _script(name, *args):
+    cmd = [sys.executable, f"scripts/{name}", *map(str, args)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p.stdout
+
+
+def test_stages_table_reproduces_the_runs_own_evals(fast_run, tmp_path):
+    out = tmp_path / "stages.json"
+    _script("diag_stages.py", fast_run / "a", "--cs", "1", "--out", out)
+    rows = {r["arm"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["base", "steered c=1", "steered c=2 (run)", "healed r0", "healed r1"]
+    recs = events.read(fast_run / "a", "eval")
+    run_base = next(x for x in recs if x["model"] == "base")
+    assert rows["base"]["auth_nats"] == pytest.approx(run_base["auth_nats"], abs=1e-5) and rows["base"]["dTrait"] == 0
+    for r in (0, 1):  # adapters re-attached from safetensors score exactly like the run's own healed evals
+        run_healed = next(x for x in recs if x["model"] == "healed" and x["round"] == r)
+        assert rows[f"healed r{r}"]["auth_nats"] == pytest.approx(run_healed["auth_nats"], abs=1e-5)
+    run_steered = next(x for x in recs if x["model"] == "steered" and x["round"] == 0)
+    assert rows["steered c=2 (run)"]["auth_nats"] == pytest.approx(run_steered["auth_nats"], abs=1e-5)
+
+
+def test_prompt_baseline_rows_are_paired(fast_run, tmp_path):
+    out = tmp_path / "baseline.json"
+    _script("diag_prompt_baseline.py", fast_run / "a", "--n-random", "2", "--n-vignettes", "7", "--out", out)
+    d = json.loads(out.read_text())
+    rows = {r["arm"]: r for r in d["rows"]}
+    assert d["n"] == 7
+    assert list(rows) == [
+        "base",
+        "system prompt",
+        "random vector s0",
+        "random vector s1",
+        "random vector (mean of 2)",
+        "steered c=2",
+        "healed r0",
+        "healed r1",
+    ]
+    assert rows["base"]["dTrait"] == 0
+    steered = rows["steered c=2"]  # retain of steered vs itself is 1 (None when |dTrait| < 0.05 nats)
+    assert steered["retain"] == pytest.approx(1.0) if abs(steered["dTrait"]) >= 0.05 else steered["retain"] is None
+    mean = (rows["random vector s0"]["auth_nats"] + rows["random vector s1"]["auth_nats"]) / 2
+    assert rows["random vector (mean of 2)"]["auth_nats"] == pytest.approx(mean)
+    assert rows["system prompt"]["auth_nats"] != rows["base"]["auth_nats"]  # the prompt really changed
+
+
+def test_random_vector_has_the_teachers_norm_per_layer():
+    from scripts.diag_prompt_baseline import random_like
+
+    v = {3: torch.randn(16) * 5, 4: torch.randn(16)}
+    r = random_like(v, 0)
+    for L in v:
+        assert float(r[L].norm()) == pytest.approx(float(v[L].norm()), rel=1e-5)
+        assert abs(float(torch.nn.functional.cosine_similarity(r[L], v[L], dim=0))) < 0.9
+    assert not torch.equal(random_like(v, 1)[3], r[3])
+
+
+def test_collapse_signals_recorded_and_led_by_diag_collapse(fast_run, tmp_path):
+    recs = events.read(fast_run / "a", "collapse")
+    assert [(x["round"], x["model"]) for x in recs] == [(-1, "base"), (0, "healed"), (1, "healed")]
+    for x in recs:
+        assert 1 <= x["pr_band"] <= x["n_acts"] - 1 and 1 <= x["pr_final"] <= x["n_acts"] - 1
+        assert 0 < x["entropy_p5"] <= x["entropy_mean"] and x["amp"] > 0
+    for x in events.read(fast_run / "a", "round"):
+        assert x["barrier_skipped"] == 0 and x["steps_skipped"] == 0 and x["pr_band"] is not None
+    out = tmp_path / "collapse.json"
+    text = _script("diag_collapse.py", fast_run / "a", "--out", out)
+    d = json.loads(out.read_text())
+    assert [r["round"] for r in d["rows"]] == ["base", 0, 1] and "coherence drop" in text
+    assert {r["signal"] for r in d["lead_lag"]} >= {"pr_band", "entropy_mean", "amp"}
+    assert "## Collapse signals" in (fast_run / "a" / "summary.md").read_text()
