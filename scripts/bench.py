@@ -12,6 +12,7 @@ Measures, on the configured model (default: the smol preset):
                          in a fresh process (peak RSS reset via /proc on CPU, max_memory_allocated on CUDA).
                          heal_mem_ratio_no_ckpt: the same with block activations stored.
   eval_vignettes_per_s   vignettes scored per second (both option orders)
+  think_cost_ratio       eval wall time with --eval-think-tokens N / without, on --think-vignettes
   round_seconds          wall time of the last round of --run-dir, with its per-stage breakdown
 The last line printed is one JSON object with these keys.
 """
@@ -19,6 +20,7 @@ The last line printed is one JSON object with these keys.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import subprocess
@@ -136,6 +138,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--heal-len", type=int, default=1024)
     ap.add_argument("--heal-batch", type=int, default=2)
     ap.add_argument("--run-dir", help="a finished run whose last round gives round_seconds")
+    ap.add_argument("--think-tokens", type=int, default=32, help="think budget whose eval cost to measure (0 = skip)")
+    ap.add_argument("--think-vignettes", type=int, default=28, help="vignettes for the think-budget measurement")
     ap.add_argument("--_heal-peak", choices=["lean", "naive"], help=argparse.SUPPRESS)
     ap.add_argument("--_ckpt", action="store_true", help=argparse.SUPPRESS)
     a, rest = ap.parse_known_args(argv)
@@ -191,6 +195,22 @@ def main(argv: list[str]) -> int:
     _, t_eval = timed(lambda: s.evaluate(desc="bench eval"))
     res["eval_vignettes_per_s"] = len(s.vigs) / t_eval
     table.append([f"eval, {len(s.vigs)} vignettes x 2 orders", f"{res['eval_vignettes_per_s']:.2f} vignettes/s", ""])
+    if a.think_tokens:  # the cost of --eval-think-tokens: greedy thinking before the forced answer slot
+        full_cfg, full_vigs = s.cfg, s.vigs
+        s.vigs = full_vigs[: a.think_vignettes]
+        _, t0 = timed(lambda: s.evaluate(desc="bench eval, no think"))
+        s.cfg = dataclasses.replace(full_cfg, eval=dataclasses.replace(full_cfg.eval, eval_think_tokens=a.think_tokens))
+        _, t1 = timed(lambda: s.evaluate(desc=f"bench eval, think {a.think_tokens}"))
+        s.cfg, s.vigs = full_cfg, full_vigs
+        n_v = min(a.think_vignettes, len(full_vigs))
+        res["think_cost_ratio"] = t1 / t0
+        table.append(
+            [
+                f"eval with --eval-think-tokens {a.think_tokens}, {n_v} vignettes",
+                f"{n_v / t1:.2f} vignettes/s",
+                f"think_cost_ratio {res['think_cost_ratio']:.1f} (vs {n_v / t0:.2f} vignettes/s without)",
+            ]
+        )
 
     # Heal-step peak memory, each variant in a fresh process: with the blocks' activations stored (the
     # smol default) and with gradient checkpointing (gemma preset), where the LM head's share shows.

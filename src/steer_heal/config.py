@@ -63,6 +63,13 @@ class GenerateConfig:
     """Nucleus sampling mass."""
     gen_batch_size: int = 48
     """Rows per generate call (rows of different strengths share a batch)."""
+    iso_kl: float | None = None
+    """Iso-KL calibration: target p95 per-token KL(steered||base) in nats; alphas become multiples of the
+    c* that hits it, re-found each round (None = off: alphas multiply the raw vector)."""
+    iso_kl_prompts: int = 8
+    """Prompts (greedy completions of --max-new-tokens) per iso-KL evaluation."""
+    iso_kl_tol: float = 0.05
+    """Iso-KL bisection stops when log(c_hi / c_lo) <= this."""
 
 
 @dataclass

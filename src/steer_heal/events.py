@@ -3,8 +3,8 @@
 Each line is one JSON object with at least:
   schema  "MAJOR.MINOR" of this contract (readers reject an unknown MAJOR)
   ts      UTC ISO-8601 time of the record
-  stage   config | extract | generate | filter | calibrate | heal_step | heal | bake | eval | collapse |
-          round | stop | resume | summary
+  stage   config | extract | isokl | generate | filter | calibrate | heal_step | heal | bake | eval |
+          collapse | round | stop | resume | summary
   round   round index (-1 for the base model and run-level records)
 plus stage-specific fields. Non-finite floats (NaN, inf) are written as null.
 `eval` records carry `model` = base | steered | healed; `collapse` records (schema 1.1+) carry
@@ -21,10 +21,11 @@ from pathlib import Path
 
 from steer_heal.errors import UserError
 
-SCHEMA = "1.1"  # 1.1: the `collapse` stage and the heal safety-check counts
+SCHEMA = "1.1"  # 1.1: the `collapse` and `isokl` stages, the heal safety-check counts
 STAGES = (
     "config",
     "extract",
+    "isokl",
     "generate",
     "filter",
     "calibrate",

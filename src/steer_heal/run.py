@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from steer_heal import collapse, data, events, extract, models, report
+from steer_heal import collapse, data, events, extract, isokl, models, report
 from steer_heal import filter as filt
 from steer_heal.bake import adapter_name
 from steer_heal.config import RunConfig, from_dict, parse_args, to_dict
@@ -90,6 +90,7 @@ def validate(cfg: RunConfig) -> None:
         "--loss-chunk": cfg.heal.loss_chunk,
         "--eval-batch-size": cfg.eval.eval_batch_size,
         "--amp-prompts": cfg.collapse.amp_prompts,
+        "--iso-kl-prompts": cfg.generate.iso_kl_prompts,
         "--amp-iters": cfg.collapse.amp_iters,
     }
     for flag, v in positive.items():
@@ -97,6 +98,10 @@ def validate(cfg: RunConfig) -> None:
             raise UserError(f"{flag} {v} must be a positive integer")
     if cfg.eval.n_vignettes is not None and cfg.eval.n_vignettes < 1:
         raise UserError(f"--n-vignettes {cfg.eval.n_vignettes} must be a positive integer")
+    if cfg.generate.iso_kl is not None and (cfg.generate.iso_kl <= 0 or cfg.generate.iso_kl_tol <= 0):
+        raise UserError(
+            f"--iso-kl {cfg.generate.iso_kl} and --iso-kl-tol {cfg.generate.iso_kl_tol} must be > 0 (nats; log c)"
+        )
     if cfg.collapse.pr_contexts < 2:
         raise UserError(f"--pr-contexts {cfg.collapse.pr_contexts} must be >= 2 (a covariance needs two samples)")
     non_negative = {"--entropy-prompts": cfg.collapse.entropy_prompts, "--max-bad-steps": cfg.heal.max_bad_steps}
@@ -211,6 +216,22 @@ class Pipeline:
         )
         logger.info(f"filter calibration: base median tail-ppl {med:.2f} -> ppl_max {th:.2f}")
         return th
+
+    def iso_kl(self, r: int, v: dict[int, torch.Tensor]) -> float:
+        """c* with p95 KL(steered at c* || unsteered) = --iso-kl on greedy completions of the first prompts."""
+        g = self.cfg.generate
+        ids = self.prompt_ids[: g.iso_kl_prompts]
+
+        def d(c: float) -> float:
+            return isokl.steered_kl_p95(
+                self.student.model, self.tok, ids, v, c, g.max_new_tokens, g.gen_batch_size, self.cfg.seed
+            )
+
+        t0 = time.time()
+        c_star, achieved, tried = isokl.solve_log(d, g.iso_kl, tol=g.iso_kl_tol)
+        self.ev.emit("isokl", r, target=g.iso_kl, c_star=c_star, kl_p95=achieved, tried=tried, seconds=time.time() - t0)
+        logger.info(f"iso-KL r{r}: c* {c_star:.3g} gives p95 KL {achieved:.3f} (target {g.iso_kl}), {len(tried)} evals")
+        return c_star
 
     def tail_ppl(self, comps: list[Completion]) -> list[float | None]:
         return self.session.base_tail_ppl([(c.prompt_ids, c.ids) for c in comps])
@@ -487,8 +508,14 @@ def run(cfg: RunConfig, argv: list[str] | None = None, poison: tuple[int, int] |
             seconds=secs["extract"],
         )
         logger.info(f"extract r{r}: layers {pipe.layers}, |v| {extract.norm(v):.2f}, cos(v, v0) {cos_v0:.3f}")
+        c_star = 1.0
+        if cfg.generate.iso_kl is not None:  # alphas (and the eval strength) become multiples of c*
+            t0 = time.time()
+            c_star = pipe.iso_kl(r, v)
+            secs["iso_kl"] = time.time() - t0
+        v_dose = {L: c_star * x for L, x in v.items()}
         try:
-            kappa, kept, gstats = pipe.generate_and_filter(r, v, ppl_max)
+            kappa, kept, gstats = pipe.generate_and_filter(r, v_dose, ppl_max)
         except Starved as e:
             stop_reason, code = f"starved at round {r}: {str(e).splitlines()[0]}", 3
             logger.error(str(e))
@@ -498,6 +525,7 @@ def run(cfg: RunConfig, argv: list[str] | None = None, poison: tuple[int, int] |
             cfg.eval.eval_alpha if cfg.eval.eval_alpha is not None else statistics.median(cfg.generate.alphas) * kappa
         )
         t0 = time.time()
+        c_eval *= c_star  # on the raw vector, as every eval record states it
         steered = pipe.eval(r, "steered", v, c_eval)
         steered_samples = pipe.samples(v, c_eval)
         secs["eval_steered"] = time.time() - t0
@@ -563,6 +591,7 @@ def run(cfg: RunConfig, argv: list[str] | None = None, poison: tuple[int, int] |
             base_coh=base["coherence"],
             **d,
             c_eval=c_eval,
+            c_star=c_star,
             cos_v0=cos_v0,
             cos_student_teacher=extract.cosine(vs, v),
             norm_v=extract.norm(v),
