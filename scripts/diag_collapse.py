@@ -34,6 +34,8 @@ def main(argv: list[str]) -> int:
     if not rows or rows[0]["round"] != "base":
         raise UserError(f"{a.run_dir} has no collapse records (run made before events schema 1.1?)")
     base, rounds = rows[0], rows[1:]
+    if base.get("coherence") is None:
+        raise UserError(f"{a.run_dir} has no base eval record: no coherence to measure a drop against")
     print(tabulate(rows, headers="keys", tablefmt="github", floatfmt=".3f", missingval=""))
     drop, lag = collapse.lead_lag(base, rounds, "coherence", collapse.SIGNALS, a.coh_drop, a.move)
     when = f"round {drop}" if drop is not None else f"none (no round fell {a.coh_drop} below base)"

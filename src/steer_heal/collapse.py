@@ -21,11 +21,12 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from steer_heal.hooks import _hidden, _resolve
-from steer_heal.losses import completion_batch, selected_logprobs
+from steer_heal.losses import completion_batch, lm_logits, selected_hidden
 from steer_heal.models import unwrap
 from steer_heal.tokens import batches
 
@@ -92,12 +93,18 @@ def top_singular_value(
 
 
 @torch.no_grad()
-def output_entropy(model: nn.Module, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> dict:
-    """Next-token entropy of `model` at every completion position of its own (prompt, completion) pairs."""
+def output_entropy(
+    model: nn.Module, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int, chunk: int = 256
+) -> dict:
+    """Next-token entropy of `model` at every completion position of its own (prompt, completion) pairs.
+
+    The LM head and log-softmax run on `chunk` positions at a time (no [K, V] tensor for all of them)."""
     dev = next(model.parameters()).device
     hs = []
-    for chunk in batches([p for p in pairs if p[1]], batch_size):
-        hs.append(token_entropy(selected_logprobs(model, completion_batch(chunk, pad_id, dev))).cpu())
+    for rows in batches([p for p in pairs if p[1]], batch_size):
+        h = selected_hidden(model, completion_batch(rows, pad_id, dev))
+        for i in range(0, h.shape[0], chunk):
+            hs.append(token_entropy(F.log_softmax(lm_logits(model, h[i : i + chunk]), dim=-1)).cpu())
     if not hs:
         return {"entropy_mean": None, "entropy_p5": None, "entropy_tokens": 0}
     h = torch.cat(hs)
@@ -211,7 +218,15 @@ def dimensional_budget(acts: dict[int, torch.Tensor], band: list[int], final: in
 
 # Each signal and the direction in which it warns of collapse: +1 rising, -1 falling, 0 either way
 # (mean entropy: too low is loops, too high is noise).
-SIGNALS = {"pr_band": -1, "pr_final": -1, "erank_final": -1, "entropy_mean": 0, "entropy_p5": -1, "amp": +1}
+SIGNALS = {
+    "pr_band": -1,
+    "pr_final": -1,
+    "erank_band": -1,
+    "erank_final": -1,
+    "entropy_mean": 0,
+    "entropy_p5": -1,
+    "amp": +1,
+}
 
 
 def lead_lag(

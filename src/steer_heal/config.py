@@ -64,8 +64,8 @@ class GenerateConfig:
     gen_batch_size: int = 48
     """Rows per generate call (rows of different strengths share a batch)."""
     iso_kl: float | None = None
-    """Iso-KL calibration: target p95 per-token KL(steered||base) in nats; alphas become multiples of the
-    c* that hits it, re-found each round (None = off: alphas multiply the raw vector)."""
+    """Iso-KL calibration: target p95 per-token KL(steered || unsteered current student) in nats; alphas
+    and --eval-alpha become multiples of the c* that hits it, re-found each round (None = off)."""
     iso_kl_prompts: int = 8
     """Prompts (greedy completions of --max-new-tokens) per iso-KL evaluation."""
     iso_kl_tol: float = 0.05
@@ -165,7 +165,7 @@ class EvalConfig:
     eval_think_tokens: int = 0
     """Greedy 'think' tokens before the forced answer slot (0 = answer at once)."""
     eval_alpha: float | None = None
-    """Strength for the steered eval; default = median of --alphas x kappa."""
+    """Strength for the steered eval; default = median of --alphas x kappa (x c* under --iso-kl)."""
 
 
 @dataclass

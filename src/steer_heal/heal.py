@@ -95,7 +95,7 @@ def heal(
     `emit(**fields)` writes a heal_step event. Fault injection (tests): `poison_step` makes the NLL NaN
     from that step on, as diverged weights would; `barrier_boost` multiplies the barrier term. Raises
     NonFiniteLoss, naming the step and loss terms, once more than `cfg.max_bad_steps` micro-batches
-    were skipped as non-finite."""
+    (or group updates with a non-finite gradient norm) were skipped, or if the adapter ends non-finite."""
     torch.manual_seed(seed * 7919 + round)
     name = student.add_adapter(round, lora_config(student, cfg))
     params = student.trainable()
@@ -115,6 +115,19 @@ def heal(
     t0, step, micro = time.time(), 0, 0
     nlls, ds, fired, ratios = [], [], [], []
     skipped = {"barrier": 0, "step": 0}
+    n_ok = 0  # good micro-batches in the current accumulation group
+
+    def bad_micro_batch(why: str) -> None:
+        """Count a skipped micro-batch (or group update); past --max-bad-steps the weights have diverged."""
+        skipped["step"] += 1
+        if skipped["step"] > cfg.max_bad_steps:
+            raise NonFiniteLoss(
+                f"heal r{round} step {step}: {why}; {skipped['step']} micro-batches skipped, "
+                f"more than --max-bad-steps {cfg.max_bad_steps}"
+            )
+        if skipped["step"] == 1:
+            logger.warning(f"heal r{round} step {step}: {why}; skipped (counted in the round record, warned once)")
+
     bar = tqdm(total=total, desc=f"heal r{round}", leave=False)
     try:
         for _epoch in range(cfg.epochs):
@@ -146,14 +159,7 @@ def heal(
                 terms = f"nll={l_nll.item():.4g}, barrier={l_bar.item():.4g}, spectral={l_spec.item():.4g}"
                 ok = bool(torch.isfinite(l_nll) and torch.isfinite(l_spec))
                 if not ok:
-                    skipped["step"] += 1
-                    if skipped["step"] > cfg.max_bad_steps:
-                        raise NonFiniteLoss(
-                            f"heal r{round} step {step}: non-finite loss ({terms}); {skipped['step']} micro-batches "
-                            f"skipped, more than --max-bad-steps {cfg.max_bad_steps}"
-                        )
-                    if skipped["step"] == 1:
-                        logger.warning(f"heal r{round} step {step}: non-finite loss ({terms}); micro-batch skipped")
+                    bad_micro_batch(f"non-finite loss ({terms})")
                 elif not torch.isfinite(l_bar) or l_bar.item() > cfg.barrier_max_ratio * l_nll.item():
                     skipped["barrier"] += 1
                     if skipped["barrier"] == 1:
@@ -169,8 +175,9 @@ def heal(
                     gn = _grad_norm(l_nll, params)
                     ratio = _grad_norm(l_bar, params) / max(gn, 1e-12)
                 micro += 1
-                if ok:  # a skipped micro-batch adds no gradient; the schedule below runs as usual
-                    ((l_nll + l_bar + l_spec) / cfg.grad_accum).backward()
+                if ok:  # a skipped micro-batch adds no gradient
+                    (l_nll + l_bar + l_spec).backward()  # summed over the group; divided by n_ok below
+                    n_ok += 1
                     nlls.append(l_nll.item())
                     ds.append(d.mean().item())
                     fired.append(fired_now)
@@ -179,16 +186,21 @@ def heal(
                 last = micro == cfg.epochs * micro_per_epoch
                 if micro % cfg.grad_accum and not last:
                     continue
-                if micro % cfg.grad_accum:  # the last, short group: rescale its summed grads to a mean
+                # End of an accumulation group (a short last group too): the mean over its good micro-batches.
+                lr = cfg.lr * cosine_warmup(step, total, warm)
+                if n_ok:
                     for p in params:
                         if p.grad is not None:
-                            p.grad.mul_(cfg.grad_accum / (micro % cfg.grad_accum))
-                lr = cfg.lr * cosine_warmup(step, total, warm)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                opt.step()
+                            p.grad.div_(n_ok)
+                    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    if torch.isfinite(gnorm):
+                        for g in opt.param_groups:
+                            g["lr"] = lr
+                        opt.step()
+                    else:  # finite loss, non-finite gradient (e.g. an overflow in the backward): no update
+                        bad_micro_batch(f"non-finite gradient norm {gnorm.item()} ({terms})")
                 opt.zero_grad(set_to_none=True)
+                n_ok = 0
                 if step % log_every == 0 or step == total - 1:
                     emit(
                         step=step,
@@ -212,6 +224,8 @@ def heal(
             unwrap(model).gradient_checkpointing_disable()
     if not nlls:
         raise NonFiniteLoss(f"heal r{round}: every micro-batch was skipped as non-finite")
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        raise NonFiniteLoss(f"heal r{round}: the adapter has non-finite weights after {step} steps")
     logger.info(
         f"heal r{round}: {step} steps, nll {nlls[0]:.3f} -> {nlls[-1]:.3f}, D mean {sum(ds) / len(ds):.3f}, "
         f"barrier fired {sum(fired) / len(fired):.0%}, skipped: barrier {skipped['barrier']}, "
@@ -249,6 +263,9 @@ def heal_with_retry(student: Student, pairs, cfg: HealConfig, *args, **kw) -> He
         f"out of memory in heal at --heal-batch-size {cfg.heal_batch_size}; retrying the round with "
         f"{half.heal_batch_size} x grad-accum {half.grad_accum}"
     )
+    if "emit" in kw:  # the second attempt's step records say so (steps restart at 0)
+        emit = kw["emit"]
+        kw["emit"] = lambda **f: emit(**f, attempt=2)
     try:
         return heal(student, pairs, half, *args, **kw)
     except torch.OutOfMemoryError:

@@ -17,7 +17,7 @@ from torch import nn
 
 from steer_heal.generate import generate
 from steer_heal.hooks import steer
-from steer_heal.losses import KL, completion_batch, selected_logprobs
+from steer_heal.losses import KL, completion_batch, completion_terms, selected_hidden
 from steer_heal.tokens import batches
 
 
@@ -28,7 +28,8 @@ def solve_log(
 
     Stops when the bracket satisfies log(hi / lo) <= tol (c known to within ~tol relative) or after
     `max_evals` evaluations. Returns (c*, f(c*), every (c, f(c)) tried). c* is the bracket end whose
-    value is closer to the target."""
+    value is closer to the target. Raises ValueError if no c below and no c above the target was found
+    within `max_evals` (f levels off below the target, or is above it even at tiny c)."""
     if target <= 0 or c0 <= 0 or tol <= 0:
         raise ValueError(f"need target > 0, c0 > 0, tol > 0; got {target}, {c0}, {tol}")
     tried: list[tuple[float, float]] = []
@@ -55,6 +56,12 @@ def solve_log(
         else:
             hi = mid
     values = dict(tried)
+    if not (min(values.values()) < target <= max(values.values())):
+        c_lo, c_hi = min(values), max(values)
+        raise ValueError(
+            f"could not bracket the target {target}: f ranged {min(values.values()):.3g}..{max(values.values()):.3g} "
+            f"over c in [{c_lo:.3g}, {c_hi:.3g}] in {len(tried)} evaluations"
+        )
     best = min((lo, hi), key=lambda c: abs(values[c] - target) if c in values else math.inf)
     return best, values[best], tried
 
@@ -70,8 +77,12 @@ def steered_kl_p95(
     batch_size: int,
     seed: int,
     q: float = 0.95,
+    chunk: int = 256,
 ) -> float:
-    """The q-quantile of per-token KL(steered || unsteered) over greedy completions steered at c."""
+    """The q-quantile of per-token KL(steered || unsteered) over greedy completions steered at c.
+
+    "Unsteered" is the same model without the hook (the current student, in round r > 0). The
+    log-softmax runs in chunks of `chunk` positions from hidden states, so no [K, V] tensor is held."""
     if c == 0:
         return 0.0
     rows = [(i, "", ids, c, c) for i, ids in enumerate(prompt_ids)]
@@ -81,9 +92,10 @@ def steered_kl_p95(
     pairs = [(x.prompt_ids, x.ids) for x in comps if x.ids]
     dev = next(model.parameters()).device
     kls = []
-    for chunk in batches(pairs, batch_size):
-        b = completion_batch(chunk, tok.pad_token_id, dev)
+    for rows_b in batches(pairs, batch_size):
+        b = completion_batch(rows_b, tok.pad_token_id, dev)
         with steer(model, vectors, c):
-            lp_s = selected_logprobs(model, b)
-        kls.append(KL["kl_rev"](lp_s, selected_logprobs(model, b)).float().cpu())
+            h_s = selected_hidden(model, b)
+        _, kl = completion_terms(model, h_s, b["targets"], selected_hidden(model, b), KL["kl_rev"], chunk)
+        kls.append(kl.float().cpu())
     return float(torch.quantile(torch.cat(kls), q))

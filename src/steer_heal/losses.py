@@ -78,9 +78,10 @@ def completion_terms(
     Each chunk of `chunk` positions runs LM head -> log-softmax -> its terms under activation
     checkpointing: only the [chunk, V] tensors of one chunk exist at a time, in the forward and again in
     the backward (which recomputes them from h). So the heal step never holds a [K, V] tensor, let alone
-    [B, T, V]; the price is one extra LM-head matmul per chunk in the backward. Row-wise maths, so the
-    values equal the unchunked ones. `h_ref` (no grad) is the reference model's hidden states at the same
-    positions: the reference log-probs are rebuilt from it per chunk instead of being kept at [K, V]."""
+    [B, T, V]; the price is recomputing the chunk's LM head(s) in the backward (one matmul, two with KL).
+    Row-wise maths, so the values equal the unchunked ones. `h_ref` (no grad) is the reference model's
+    hidden states at the same positions: the reference log-probs are rebuilt from it per chunk instead of
+    being kept at [K, V]."""
     from torch.utils.checkpoint import checkpoint
 
     def terms(hc, tc, rc):

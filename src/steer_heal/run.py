@@ -30,7 +30,7 @@ from steer_heal import collapse, data, events, extract, isokl, models, report
 from steer_heal import filter as filt
 from steer_heal.bake import adapter_name
 from steer_heal.config import RunConfig, from_dict, parse_args, to_dict
-from steer_heal.errors import NonFiniteLoss, Starved, UserError
+from steer_heal.errors import NonFiniteLoss, OutOfMemory, Starved, UserError
 from steer_heal.generate import Completion, generate
 from steer_heal.heal import heal_with_retry
 from steer_heal.rundir import (
@@ -228,7 +228,10 @@ class Pipeline:
             )
 
         t0 = time.time()
-        c_star, achieved, tried = isokl.solve_log(d, g.iso_kl, tol=g.iso_kl_tol)
+        try:
+            c_star, achieved, tried = isokl.solve_log(d, g.iso_kl, tol=g.iso_kl_tol)
+        except ValueError as e:
+            raise UserError(f"--iso-kl {g.iso_kl}: {e}; choose a target this vector can reach") from e
         self.ev.emit("isokl", r, target=g.iso_kl, c_star=c_star, kl_p95=achieved, tried=tried, seconds=time.time() - t0)
         logger.info(f"iso-KL r{r}: c* {c_star:.3g} gives p95 KL {achieved:.3f} (target {g.iso_kl}), {len(tried)} evals")
         return c_star
@@ -236,7 +239,10 @@ class Pipeline:
     def tail_ppl(self, comps: list[Completion]) -> list[float | None]:
         return self.session.base_tail_ppl([(c.prompt_ids, c.ids) for c in comps])
 
-    def generate_and_filter(self, r: int, vectors, ppl_max: float) -> tuple[float, list[dict], dict]:
+    def generate_and_filter(
+        self, r: int, vectors, ppl_max: float, c_star: float = 1.0
+    ) -> tuple[float, list[dict], dict]:
+        """Walk-C over mixed-strength batches: row coefficient = alpha x kappa x c* on the raw vector."""
         g = self.cfg.generate
         th = self.session.thresholds(ppl_max)
         persona_texts = (self.persona.pos, self.persona.neg)
@@ -245,7 +251,7 @@ class Pipeline:
 
         def probe(kappa: float, b: int) -> list[dict]:
             idx = [(offset + (b * g.n_prompts) + j) % len(self.prompts) for j in range(g.n_prompts)]
-            rows = [(i, self.prompts[i], self.prompt_ids[i], a, a * kappa) for i in idx for a in g.alphas]
+            rows = [(i, self.prompts[i], self.prompt_ids[i], a, a * kappa * c_star) for i in idx for a in g.alphas]
             t0 = time.time()
             comps = generate(
                 self.student.model,
@@ -345,7 +351,8 @@ class Pipeline:
 
     def neutral_acts(self, which: str) -> dict[int, torch.Tensor]:
         """Last-prompt-token block outputs over the neutral prompts, at the band and the final block."""
-        ids = [self.chat(x) for x in self.contexts[: self.cfg.collapse.pr_contexts]]
+        n = max(self.cfg.collapse.pr_contexts, N_STUDENT_CONTEXTS)  # PR uses the first pr_contexts of them
+        ids = [self.chat(x) for x in self.contexts[:n]]
         layers = [*self.layers, len(models.decoder_layers(self.student.model)) - 1]
         with self.student.base() if which == "base" else nullcontext():
             return extract.last_token_acts(
@@ -357,7 +364,7 @@ class Pipeline:
         c, g = self.cfg.collapse, self.cfg.generate
         t0 = time.time()
         final = max(acts)
-        rec = collapse.dimensional_budget(acts, self.layers, final)
+        rec = collapse.dimensional_budget({L: a[: c.pr_contexts] for L, a in acts.items()}, self.layers, final)
         with self.student.base() if which == "base" else nullcontext():
             if c.entropy_prompts > 0:
                 k = min(c.entropy_prompts, len(self.contexts))
@@ -413,7 +420,7 @@ def _near_threshold(scored: list[dict], ppl_max: float, k: int = 2) -> dict:
 
 
 def run(cfg: RunConfig, argv: list[str] | None = None, poison: tuple[int, int] | None = None) -> int:
-    """Run (or resume) the loop. `poison=(round, step)` injects NaN into that heal step (tests only)."""
+    """Run (or resume) the loop. `poison=(round, step)` makes the heal NLL NaN from that step on (tests only)."""
     argv = sys.argv[1:] if argv is None else argv
     validate(cfg)
     resuming = cfg.resume is not None
@@ -468,6 +475,7 @@ def run(cfg: RunConfig, argv: list[str] | None = None, poison: tuple[int, int] |
     v0 = {int(k): v for k, v in load_tensors(rd.vector(0)).items()} if start > 0 else None
     tk = persona.trait_key
     stop_reason, code = None, 0
+    heal_cfg = cfg.heal
     for r in range(start, cfg.n_rounds):
         secs: dict[str, float] = {}
         t0 = time.time()
@@ -513,12 +521,15 @@ def run(cfg: RunConfig, argv: list[str] | None = None, poison: tuple[int, int] |
             t0 = time.time()
             c_star = pipe.iso_kl(r, v)
             secs["iso_kl"] = time.time() - t0
-        v_dose = {L: c_star * x for L, x in v.items()}
         try:
-            kappa, kept, gstats = pipe.generate_and_filter(r, v_dose, ppl_max)
+            kappa, kept, gstats = pipe.generate_and_filter(r, v, ppl_max, c_star)
         except Starved as e:
             stop_reason, code = f"starved at round {r}: {str(e).splitlines()[0]}", 3
             logger.error(str(e))
+            break
+        except OutOfMemory as e:
+            stop_reason, code = str(e), 2
+            logger.error(f"{e}; rounds before {r} are intact in {rd.root}")
             break
         secs["generate"], secs["filter"] = gstats["gen_seconds"], gstats["filter_seconds"]
         c_eval = (
@@ -534,7 +545,7 @@ def run(cfg: RunConfig, argv: list[str] | None = None, poison: tuple[int, int] |
             res = heal_with_retry(
                 pipe.student,
                 pairs,
-                cfg.heal,
+                heal_cfg,
                 r,
                 cfg.seed,
                 pipe.tok.pad_token_id,
@@ -546,6 +557,12 @@ def run(cfg: RunConfig, argv: list[str] | None = None, poison: tuple[int, int] |
             stop_reason, code = str(e), 4
             logger.error(f"{e}; rounds before {r} are intact in {rd.root}")
             break
+        except OutOfMemory as e:
+            stop_reason, code = str(e), 2
+            logger.error(f"{e}; rounds before {r} are intact in {rd.root}")
+            break
+        if res.batch_size != heal_cfg.heal_batch_size:  # an OOM retry halved it: keep that for later rounds
+            heal_cfg = dataclasses.replace(heal_cfg, heal_batch_size=res.batch_size, grad_accum=res.grad_accum)
         secs["heal"] = res.seconds
         ev.emit(
             "heal",
