@@ -1,9 +1,13 @@
 """Speed and memory benchmarks; each figure is a ratio of two measurements taken in the same run.
 
     uv run python scripts/bench.py [--batch 32] [--new-tokens 32] [--run-dir out/<smol run>] [run flags]
+    # GPU: gemma-3-4b-it's exact text architecture, random weights, bf16, batch 64
+    uv run python scripts/bench.py --batch 64 --model random:data/gemma-3-4b-it.text_config.json \
+        --dtype bfloat16 --device cuda --preset gemma --heal-len 1024 --heal-batch 2
 
 Measures, on the configured model (default: the smol preset):
   steer_overhead_ratio   steered / unsteered tokens/s, same batch, same token count (hook cost)
+  decode_frac_of_bound   decode-only tokens/s / (batch x copy bandwidth / weight bytes), the memory limit
   batch_speedup          one mixed-strength batch / the same rows generated one at a time (tokens/s)
   filter_speedup         tail-ppl scoring completions/s, batched / one at a time
   heal_mem_ratio         peak memory of one heal step (forward + backward of NLL + kl_rev): heal.py's
@@ -47,6 +51,22 @@ def timed(fn):
 
 def gen(s: Session, rows, vectors, batch: int, n: int):
     return generate(s.model, s.tok, rows, vectors, n, 1.0, 1.0, batch, 0, do_sample=False, min_new_tokens=n)
+
+
+def copy_bandwidth(dev: torch.device, nbytes: int = 1 << 28, reps: int = 5) -> float:
+    """Memory bandwidth in bytes/s from a large on-device copy (each copy reads and writes nbytes)."""
+    x = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    x.fill_(1)
+    y = torch.empty_like(x)
+    y.copy_(x)  # warm-up: first touch of the pages
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        y.copy_(x)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * nbytes * reps / (time.perf_counter() - t0)
 
 
 def rss_bytes() -> int:
@@ -176,6 +196,23 @@ def main(argv: list[str]) -> int:
     res["batch_speedup"] = tok_steer / tok_single
     table.append(
         ["generate, steered, one at a time", f"{tok_single:.1f} tok/s", f"batch_speedup {res['batch_speedup']:.2f}"]
+    )
+
+    # Decode rate against the memory-bandwidth limit: each decode step must read every weight once, so
+    # tokens/s <= batch x bandwidth / weight bytes (KV-cache reads ignored, which only lowers the limit).
+    _, t_one = timed(lambda: gen(s, rows, None, B, 1))  # prefill + the first token
+    res["decode_tok_s"] = B * (n - 1) / max(t_plain - t_one, 1e-9)
+    bw = copy_bandwidth(next(s.model.parameters()).device)
+    wbytes = sum(p.numel() * p.element_size() for p in s.model.parameters())
+    res["decode_bound_tok_s"] = B * bw / wbytes
+    res["decode_frac_of_bound"] = res["decode_tok_s"] / res["decode_bound_tok_s"]
+    table.append(
+        [
+            f"decode only, unsteered, batch {B}",
+            f"{res['decode_tok_s']:.1f} tok/s",
+            f"{res['decode_frac_of_bound']:.2f} of the bound {res['decode_bound_tok_s']:.0f} tok/s "
+            f"({wbytes / 2**30:.2f} GiB weights, copy bandwidth {bw / 1e9:.1f} GB/s)",
+        ]
     )
 
     pairs = [(c.prompt_ids, c.ids) for c in steered]

