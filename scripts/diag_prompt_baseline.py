@@ -24,7 +24,6 @@ import torch
 
 from steer_heal import events, paired
 from steer_heal.errors import UserError, cli
-from steer_heal.rundir import atomic_write_json
 
 
 def random_like(v: dict[int, torch.Tensor], seed: int) -> dict[int, torch.Tensor]:
@@ -71,17 +70,9 @@ def main(argv: list[str]) -> int:
         mean = {k: statistics.fmean(r[k] for r in rand) for k in (tk, "coherence")}
         rows.append(paired.row(f"random vector (mean of {len(rand)})", mean, base, tk, steered=steered, c=c))
     rows.append(paired.row(f"steered c={c:g}", steered, base, tk, steered=steered, c=c))
-    for r in done:
-        s.student.load_adapter(r, rd.adapter(r))
-        m, _ = s.evaluate(desc=f"eval healed r{r}")
-        rows.append(paired.row(f"healed r{r}", m, base, tk, steered=steered, round=r))
-    print(paired.table(rows, ["arm", tk, "coherence", "dTrait", "dCoh", "slope", "retain"]))
+    rows += paired.healed_rows(rd, s, base, tk, steered)
+    paired.report(rows, tk, rd, s, a.out)
     print(f"\nsystem prompt: {system!r}\nvector norm {float(torch.cat([x.flatten() for x in v0.values()]).norm()):.3f}")
-    if a.out:
-        atomic_write_json(
-            a.out, {"run": rd.root.name, "trait_key": tk, "vignettes": s.vig_source, "n": len(s.vigs), "rows": rows}
-        )
-        print(f"wrote {a.out}")
     return 0
 
 

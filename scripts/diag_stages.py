@@ -18,7 +18,6 @@ from pathlib import Path
 
 from steer_heal import events, paired
 from steer_heal.errors import UserError, cli
-from steer_heal.rundir import atomic_write_json
 
 
 def main(argv: list[str]) -> int:
@@ -47,17 +46,9 @@ def main(argv: list[str]) -> int:
         label = f"steered c={c:g}" + (" (run)" if c == c_run else "")
         rows.append(paired.row(label, m, base, tk, stage="steered", c=c))
         ref = m if c == c_run else ref
-    for r in done:
-        s.student.load_adapter(r, rd.adapter(r))
-        m, _ = s.evaluate(desc=f"eval healed r{r}")
-        rows.append(paired.row(f"healed r{r}", m, base, tk, steered=ref, stage="healed", round=r))
-    print(paired.table(rows, ["arm", tk, "coherence", "dTrait", "dCoh", "slope", "retain"]))
+    rows += paired.healed_rows(rd, s, base, tk, ref)
+    paired.report(rows, tk, rd, s, a.out)
     print(f"\nretain is against steered c={c_run:g} (the strength the run evaluated round 0 at)")
-    if a.out:
-        atomic_write_json(
-            a.out, {"run": rd.root.name, "trait_key": tk, "vignettes": s.vig_source, "n": len(s.vigs), "rows": rows}
-        )
-        print(f"wrote {a.out}")
     return 0
 
 

@@ -17,7 +17,7 @@ from tabulate import tabulate
 from steer_heal.config import from_dict
 from steer_heal.errors import UserError
 from steer_heal.report import deltas
-from steer_heal.rundir import RunDir, load_tensors
+from steer_heal.rundir import RunDir, atomic_write_json, load_tensors
 from steer_heal.session import Session
 
 
@@ -65,3 +65,23 @@ def row(arm: str, m: dict, base: dict, tk: str, steered: dict | None = None, **e
 def table(rows: list[dict], cols: list[str]) -> str:
     show = [[("" if r.get(c) is None else r.get(c)) for c in cols] for r in rows]
     return tabulate(show, headers=cols, floatfmt=".3f", tablefmt="github")
+
+
+def healed_rows(rd: RunDir, s: Session, base: dict, tk: str, steered: dict | None) -> list[dict]:
+    """The student after each completed round (adapters re-attached in order), unsteered, paired with base."""
+    rows = []
+    for r in rd.completed_rounds():
+        s.student.load_adapter(r, rd.adapter(r))
+        m, _ = s.evaluate(desc=f"eval healed r{r}")
+        rows.append(row(f"healed r{r}", m, base, tk, steered=steered, stage="healed", round=r))
+    return rows
+
+
+def report(rows: list[dict], tk: str, rd: RunDir, s: Session, out: Path | None) -> None:
+    """Print the paired table and, with `out`, write the rows as JSON."""
+    print(table(rows, ["arm", tk, "coherence", "dTrait", "dCoh", "slope", "retain"]))
+    if out:
+        atomic_write_json(
+            out, {"run": rd.root.name, "trait_key": tk, "vignettes": s.vig_source, "n": len(s.vigs), "rows": rows}
+        )
+        print(f"wrote {out}")

@@ -361,7 +361,7 @@ class Pipeline:
 
     def collapse_signals(self, r: int, which: str, acts: dict[int, torch.Tensor]) -> dict:
         """Dimensional budget, output entropy and (optionally) amplification of the unsteered model."""
-        c, g = self.cfg.collapse, self.cfg.generate
+        c = self.cfg.collapse
         t0 = time.time()
         final = max(acts)
         rec = collapse.dimensional_budget({L: a[: c.pr_contexts] for L, a in acts.items()}, self.layers, final)
@@ -369,18 +369,8 @@ class Pipeline:
             if c.entropy_prompts > 0:
                 k = min(c.entropy_prompts, len(self.contexts))
                 rows = [(i, x, self.chat(x), 0.0, 0.0) for i, x in enumerate(self.contexts[:k])]
-                comps = generate(
-                    self.student.model,
-                    self.tok,
-                    rows,
-                    None,
-                    g.max_new_tokens,
-                    g.temperature,
-                    g.top_p,
-                    g.gen_batch_size,
-                    self.cfg.seed * 1000 + 999,  # the same seed every round: only the weights differ
-                    desc=f"entropy {which}",
-                )
+                # the same seed every round: only the weights differ
+                comps = self.session.sample(rows, self.cfg.seed * 1000 + 999, f"entropy {which}")
                 rec |= collapse.output_entropy(
                     self.student.model,
                     [(x.prompt_ids, x.ids) for x in comps],

@@ -107,19 +107,16 @@ class Session:
         k = min(len(self.prompts), max(g.n_prompts, 8))
         rows = [(i, self.prompts[i], self.prompt_ids[i], 0.0, 0.0) for i in range(k)]
         with self.student.base():
-            comps = generate(
-                self.model,
-                self.tok,
-                rows,
-                None,
-                g.max_new_tokens,
-                g.temperature,
-                g.top_p,
-                g.gen_batch_size,
-                self.cfg.seed,
-                desc="calibrate",
-            )
+            comps = self.sample(rows, self.cfg.seed, "calibrate")
         return [p for p in self.base_tail_ppl([(c.prompt_ids, c.ids) for c in comps]) if p is not None]
+
+    def sample(self, rows, seed: int, desc: str, vectors=None):
+        """Sampled completions of `rows` at the run's generation settings (length, temperature, top-p, batch)."""
+        g = self.cfg.generate
+        return generate(
+            self.model, self.tok, rows, vectors, g.max_new_tokens, g.temperature, g.top_p, g.gen_batch_size, seed,
+            desc=desc,
+        )  # fmt: skip
 
     def thresholds(self, ppl_max: float) -> filt.Thresholds:
         f = self.cfg.filter
