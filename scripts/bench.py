@@ -13,7 +13,8 @@ Measures, on the configured model (default: the smol preset):
   heal_mem_ratio         peak memory of one heal step (forward + backward of NLL + kl_rev): heal.py's
                          completion-only chunked loss / the full [B, L, V] log-softmax, at L = --heal-len
                          (half prompt, half completion), block gradient checkpointing on for both; each
-                         in a fresh process (peak RSS reset via /proc on CPU, max_memory_allocated on CUDA).
+                         in a fresh process (peak live tensor bytes from the torch profiler's allocation
+                         events on CPU, max_memory_allocated on CUDA).
                          heal_mem_ratio_no_ckpt: the same with block activations stored.
   eval_vignettes_per_s   vignettes scored per second (both option orders)
   think_cost_ratio       eval wall time with --eval-think-tokens N / without, on --think-vignettes
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -69,29 +69,6 @@ def copy_bandwidth(dev: torch.device, nbytes: int = 1 << 28, reps: int = 5) -> f
     return 2 * nbytes * reps / (time.perf_counter() - t0)
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) so it measures from now on (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def heal_step_peak(argv: list[str], lean: bool, length: int, batch: int, ckpt: bool) -> int:
     """Peak extra bytes of one heal step, forward + backward of NLL + kl_rev (run in a fresh process).
 
@@ -107,7 +84,6 @@ def heal_step_peak(argv: list[str], lean: bool, length: int, batch: int, ckpt: b
         naive_logprobs,
         nll,
         selected_hidden,
-        token_logprob,
     )
     from steer_heal.models import unwrap
 
@@ -124,37 +100,52 @@ def heal_step_peak(argv: list[str], lean: bool, length: int, batch: int, ckpt: b
     rand = lambda: torch.randint(0, vocab, (half,), generator=g).tolist()  # noqa: E731
     pairs = [(rand(), rand()) for _ in range(batch)]  # half prompt, half completion
     b = completion_batch(pairs, s.tok.pad_token_id, dev)
-    cuda = dev.type == "cuda"
-    if cuda:
+
+    def step():
+        if lean:
+            with torch.no_grad(), st.base():
+                h_ref = selected_hidden(st.model, b)
+            tok, kl = completion_terms(st.model, selected_hidden(st.model, b), b["targets"], h_ref, kl_rev)
+            loss = -tok.mean() + kl.mean()
+        else:
+            lp = naive_logprobs(st.model, b)
+            with torch.no_grad(), st.base():
+                ref = naive_logprobs(st.model, b)
+            loss = nll(lp, b["targets"]) + kl_rev(lp, ref).mean()
+        loss.backward()
+
+    if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    else:
-        if not reset_peak_rss():
-            raise RuntimeError("cannot reset the peak-RSS mark (/proc/self/clear_refs); CPU peak memory unmeasurable")
-        before = rss_bytes()
-    if lean:
-        with torch.no_grad(), st.base():
-            h_ref = selected_hidden(st.model, b)
-        tok, kl = completion_terms(st.model, selected_hidden(st.model, b), b["targets"], h_ref, kl_rev)
-        loss = -tok.mean() + kl.mean()
-    else:
-        lp = naive_logprobs(st.model, b)
-        with torch.no_grad(), st.base():
-            ref = naive_logprobs(st.model, b)
-        loss = nll(lp, b["targets"]) + kl_rev(lp, ref).mean()
-        assert token_logprob(lp, b["targets"]).shape == b["targets"].shape
-    loss.backward()
-    if cuda:
+        step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    return peak_rss_bytes() - before
+    return cpu_peak_live_bytes(step)
+
+
+def cpu_peak_live_bytes(fn) -> int:
+    """Peak bytes of live CPU tensors allocated while fn runs: the running sum of the torch profiler's
+    allocation (+) and free (-) events, the CPU analogue of torch.cuda.max_memory_allocated. (Peak RSS
+    would also count memory the allocator keeps after a free, which blurs a 2x difference.)"""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    mem = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    cur = peak = 0
+    for e in mem:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, help="tokens per row (default: the preset's --max-new-tokens)")
     ap.add_argument("--heal-len", type=int, default=1024)
     ap.add_argument("--heal-batch", type=int, default=2)
     ap.add_argument("--run-dir", help="a finished run whose last round gives round_seconds")
@@ -172,7 +163,7 @@ def main(argv: list[str]) -> int:
     alphas = s.cfg.generate.alphas
     prompts = [s.prompts[i % len(s.prompts)] for i in range(a.batch)]
     rows = [(i, p, chat_ids(s.tok, p), alphas[i % len(alphas)], alphas[i % len(alphas)]) for i, p in enumerate(prompts)]
-    n, B = a.new_tokens, a.batch
+    n, B = a.new_tokens or s.cfg.generate.max_new_tokens, a.batch
     gen(s, rows[:4], v, 4, 4)  # warm-up
     res: dict[str, float | None] = {}
     table = []
