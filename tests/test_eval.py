@@ -95,3 +95,33 @@ def test_full_label_scoring_agrees_with_first_token_scoring(tiny):
                 assert float(full[0, o, j]) == pytest.approx(float(first[0, o, j]), abs=1e-4)
             else:
                 assert float(full[0, o, j]) <= float(first[0, o, j]) + 1e-5
+
+
+def test_hub_vignettes_go_through_datasets_and_the_same_validation(tmp_path, monkeypatch):
+    """hf:<repo>:<config> asks `datasets` for the config's third-person split, caches it as JSONL and
+    validates it like a file (no network here: a stand-in `datasets` module records the call)."""
+    import sys
+    import types
+
+    calls = []
+    rows = [
+        {"id": "c1", "text": "Someone kicks a dog.", "foundation_coarse": "Care", "wrong": 4.1},
+        {"id": "a1", "text": "A student mocks the teacher.", "foundation_coarse": "Authority", "wrong": 3.2},
+    ]
+
+    def load_dataset(repo, config, split):
+        calls.append((repo, config, split))
+        return rows
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setenv("STEER_HEAL_CACHE", str(tmp_path))
+    src, vigs = data.vignettes("hf:wassname/tiny-mfv:classic")
+    assert calls == [("wassname/tiny-mfv", "classic", "other_violate")]
+    assert src == "hf:wassname/tiny-mfv:classic" and [v.label for v in vigs] == ["Care", "Authority"]
+    data.vignettes("hf:wassname/tiny-mfv:classic:self_violate")
+    assert calls[-1][2] == "self_violate"
+    rows.append({"id": "x", "text": "?", "foundation_coarse": "Purity"})
+    with pytest.raises(UserError, match="unknown foundation 'Purity'"):
+        data.vignettes("hf:wassname/tiny-mfv:classic")
+    with pytest.raises(UserError, match="expected hf:<org/name>:<config>"):
+        data.vignettes("hf:wassname/tiny-mfv")

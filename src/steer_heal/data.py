@@ -6,6 +6,7 @@ Every loader checks its input and raises UserError naming the file and line of t
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,19 +141,31 @@ def vignettes(spec: str | None) -> tuple[str, list[Vignette]]:
 
 
 def _hub_vignettes(spec: str) -> Path:
-    """Download a tinymfv-schema split from the hub (needs network); `hf:wassname/tiny-mfv:classic`."""
+    """`hf:<org/name>:<config>[:<split>]` (split default `other_violate`, the third-person framing) through
+    the `datasets` library (optional: `uv sync --extra hub`), cached as a tinymfv-schema JSONL."""
     parts = spec.split(":")
-    if len(parts) != 3:
+    if len(parts) not in (3, 4):
         raise UserError(
-            f"--eval-vignettes {spec!r}: expected hf:<org/name>:<config>, e.g. hf:wassname/tiny-mfv:classic"
+            f"--eval-vignettes {spec!r}: expected hf:<org/name>:<config>[:<split>], e.g. hf:wassname/tiny-mfv:classic"
         )
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
+    repo, config = parts[1], parts[2]
+    split = parts[3] if len(parts) == 4 else "other_violate"
     try:
-        return Path(hf_hub_download(parts[1], f"data/{parts[2]}.jsonl", repo_type="dataset"))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
-        raise UserError(f"--eval-vignettes {spec!r}: could not fetch from the hub ({type(e).__name__}: {e})") from e
+        from datasets import load_dataset
+    except ImportError as e:
+        raise UserError(f"--eval-vignettes {spec!r} needs the `datasets` package: uv sync --extra hub") from e
+    try:
+        rows = [dict(r) for r in load_dataset(repo, config, split=split)]
+    except (OSError, ValueError, KeyError) as e:  # datasets raises FileNotFoundError / ValueError subclasses
+        raise UserError(f"--eval-vignettes {spec!r}: could not load from the hub ({type(e).__name__}: {e})") from e
+    from steer_heal.models import cache_dir
+    from steer_heal.rundir import atomic_write_jsonl
+
+    name = re.sub(r"[^A-Za-z0-9._+-]", "_", f"{repo}_{config}_{split}")  # one safe path component
+    path = cache_dir() / "vignettes" / f"{name}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_jsonl(path, rows)
+    return path
 
 
 def balanced(vigs: list[Vignette], n: int | None) -> list[Vignette]:
