@@ -25,8 +25,11 @@ def test_non_finite_floats_become_null_and_fields_are_present(tmp_path):
 def test_reader_rejects_an_unknown_major_version(tmp_path):
     p = tmp_path / "events.jsonl"
     p.write_text(json.dumps({"schema": "2.0", "ts": "t", "stage": "eval", "round": 0}) + "\n")
-    with pytest.raises(UserError, match=r"schema '2.0' is not readable by this version \(reads 1\.0\)"):
+    with pytest.raises(UserError, match=rf"schema '2.0' is not readable by this version \(reads {events.SCHEMA}\)"):
         events.read(p)
+    # a newer minor version of the same major reads fine (fields are only ever added within a major)
+    p.write_text(json.dumps({"schema": "1.9", "ts": "t", "stage": "eval", "round": 0}) + "\n")
+    assert events.read(p)[0]["stage"] == "eval"
 
 
 def test_reader_skips_only_a_torn_last_line(tmp_path):
