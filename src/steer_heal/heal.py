@@ -73,6 +73,11 @@ def lora_config(student: Student, cfg: HealConfig) -> LoraConfig:
     )
 
 
+def _terms(l_nll: torch.Tensor, l_bar: torch.Tensor, l_spec: torch.Tensor) -> str:
+    """The loss terms for a warning or an error (formatted only then: each .item() is a GPU sync)."""
+    return f"nll={l_nll.item():.4g}, barrier={l_bar.item():.4g}, spectral={l_spec.item():.4g}"
+
+
 def _grad_norm(loss: torch.Tensor, params: list[torch.Tensor]) -> float:
     g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
     return math.sqrt(sum(float((x.float() ** 2).sum()) for x in g if x is not None))
@@ -156,16 +161,16 @@ def heal(
                     l_spec = cfg.spectral_lam * sum(
                         spectral_norm_lowrank(A, B, s) for A, B, s in student.lora_factors(name)
                     )
-                terms = f"nll={l_nll.item():.4g}, barrier={l_bar.item():.4g}, spectral={l_spec.item():.4g}"
                 ok = bool(torch.isfinite(l_nll) and torch.isfinite(l_spec))
                 if not ok:
-                    bad_micro_batch(f"non-finite loss ({terms})")
+                    bad_micro_batch(f"non-finite loss ({_terms(l_nll, l_bar, l_spec)})")
                 elif not torch.isfinite(l_bar) or l_bar.item() > cfg.barrier_max_ratio * l_nll.item():
                     skipped["barrier"] += 1
                     if skipped["barrier"] == 1:
                         logger.warning(
-                            f"heal r{round} step {step}: barrier dropped for this micro-batch ({terms}; limit "
-                            f"{cfg.barrier_max_ratio:g} x nll); counted in the round record, warned once"
+                            f"heal r{round} step {step}: barrier dropped for this micro-batch "
+                            f"({_terms(l_nll, l_bar, l_spec)}; limit {cfg.barrier_max_ratio:g} x nll); "
+                            "counted in the round record, warned once"
                         )
                     l_bar = torch.zeros((), device=dev)
                 fired_now = bool(l_bar.detach() > 0) and ok
@@ -198,7 +203,7 @@ def heal(
                             g["lr"] = lr
                         opt.step()
                     else:  # finite loss, non-finite gradient (e.g. an overflow in the backward): no update
-                        bad_micro_batch(f"non-finite gradient norm {gnorm.item()} ({terms})")
+                        bad_micro_batch(f"non-finite gradient norm {gnorm.item()} ({_terms(l_nll, l_bar, l_spec)})")
                 opt.zero_grad(set_to_none=True)
                 n_ok = 0
                 if step % log_every == 0 or step == total - 1:

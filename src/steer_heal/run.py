@@ -182,9 +182,9 @@ class Pipeline:
             se.student,
             se.layers,
         )
-
-    def chat(self, user: str) -> list[int]:
-        return chat_ids(self.tok, user)
+        # The extraction contexts with the default (neutral) system prompt, tokenised once: every round's
+        # activations, entropy samples and amplification gauge read them.
+        self.neutral_ids = [chat_ids(self.tok, x) for x in self.contexts]
 
     # ------------------------------------------------------------------ stages
 
@@ -253,18 +253,7 @@ class Pipeline:
             idx = [(offset + (b * g.n_prompts) + j) % len(self.prompts) for j in range(g.n_prompts)]
             rows = [(i, self.prompts[i], self.prompt_ids[i], a, a * kappa * c_star) for i in idx for a in g.alphas]
             t0 = time.time()
-            comps = generate(
-                self.student.model,
-                self.tok,
-                rows,
-                vectors,
-                g.max_new_tokens,
-                g.temperature,
-                g.top_p,
-                g.gen_batch_size,
-                self.cfg.seed * 1000 + r * 50 + b,
-                desc=f"generate r{r} k={kappa:g}",
-            )
+            comps = self.session.sample(rows, self.cfg.seed * 1000 + r * 50 + b, f"generate r{r} k={kappa:g}", vectors)
             stats["gen_seconds"] += time.time() - t0
             stats["n_generated"] += len(comps)
             stats["tokens"] += sum(len(c.ids) for c in comps)
@@ -352,7 +341,7 @@ class Pipeline:
     def neutral_acts(self, which: str) -> dict[int, torch.Tensor]:
         """Last-prompt-token block outputs over the neutral prompts, at the band and the final block."""
         n = max(self.cfg.collapse.pr_contexts, N_STUDENT_CONTEXTS)  # PR uses the first pr_contexts of them
-        ids = [self.chat(x) for x in self.contexts[:n]]
+        ids = self.neutral_ids[:n]
         layers = [*self.layers, len(models.decoder_layers(self.student.model)) - 1]
         with self.student.base() if which == "base" else nullcontext():
             return extract.last_token_acts(
@@ -368,7 +357,7 @@ class Pipeline:
         with self.student.base() if which == "base" else nullcontext():
             if c.entropy_prompts > 0:
                 k = min(c.entropy_prompts, len(self.contexts))
-                rows = [(i, x, self.chat(x), 0.0, 0.0) for i, x in enumerate(self.contexts[:k])]
+                rows = [(i, self.contexts[i], self.neutral_ids[i], 0.0, 0.0) for i in range(k)]
                 # the same seed every round: only the weights differ
                 comps = self.session.sample(rows, self.cfg.seed * 1000 + 999, f"entropy {which}")
                 rec |= collapse.output_entropy(
@@ -378,9 +367,13 @@ class Pipeline:
                     self.cfg.heal.heal_batch_size,
                 )
             if c.amp_gauge:
-                ids = [self.chat(x) for x in self.contexts[: c.amp_prompts]]
                 rec |= collapse.amplification(
-                    self.student.model, ids, self.layers[0], self.layers[-1], c.amp_iters, self.cfg.seed
+                    self.student.model,
+                    self.neutral_ids[: c.amp_prompts],
+                    self.layers[0],
+                    self.layers[-1],
+                    c.amp_iters,
+                    self.cfg.seed,
                 )
         rec["seconds"] = time.time() - t0
         self.ev.emit("collapse", r, model=which, **rec)
