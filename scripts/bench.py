@@ -35,12 +35,12 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from steer_heal import events
-from steer_heal import filter as filt
-from steer_heal.errors import cli
-from steer_heal.generate import generate
+from steer_heal import filters
+from steer_heal.cli import cli
+from steer_heal.errors import UserError
+from steer_heal.generate import Row, Sampling, generate
+from steer_heal.records import RunInfo
 from steer_heal.session import Session
-from steer_heal.tokens import chat_ids
 
 
 def timed(fn):
@@ -50,7 +50,9 @@ def timed(fn):
 
 
 def gen(s: Session, rows, vectors, batch: int, n: int):
-    return generate(s.model, s.tok, rows, vectors, n, 1.0, 1.0, batch, 0, do_sample=False, min_new_tokens=n)
+    """Greedy, exactly n new tokens per row (min = max), so steered and unsteered runs do equal work."""
+    return generate(s.model, s.tok, rows, vectors, sampling=Sampling(n, do_sample=False, min_new_tokens=n),
+                    batch_size=batch)  # fmt: skip
 
 
 def copy_bandwidth(dev: torch.device, nbytes: int = 1 << 28, reps: int = 5) -> float:
@@ -142,6 +144,14 @@ def cpu_peak_live_bytes(fn) -> int:
     return peak
 
 
+def last_round_seconds(run_dir: Path) -> tuple[int, dict[str, float]]:
+    """(round, per-stage seconds) of the last finished round of a run."""
+    info = RunInfo.read(run_dir)
+    if not info.rounds:
+        raise UserError(f"--run-dir {run_dir}: no finished round to time (no round record in events.jsonl)")
+    return info.rounds[-1].round, info.rounds[-1].seconds
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=32)
@@ -158,11 +168,12 @@ def main(argv: list[str]) -> int:
         print(heal_step_peak(rest, a._heal_peak == "lean", a.heal_len, a.heal_batch, a._ckpt))
         return 0
 
+    last_round = last_round_seconds(Path(a.run_dir)) if a.run_dir else None  # a bad --run-dir fails now, not later
     s = Session.from_argv(rest)
     v = s.teacher()
     alphas = s.cfg.generate.alphas
-    prompts = [s.prompts[i % len(s.prompts)] for i in range(a.batch)]
-    rows = [(i, p, chat_ids(s.tok, p), alphas[i % len(alphas)], alphas[i % len(alphas)]) for i, p in enumerate(prompts)]
+    rows = [Row(i, s.prompts[i % len(s.prompts)], s.prompt_ids[i % len(s.prompts)], alphas[i % len(alphas)],
+                alphas[i % len(alphas)]) for i in range(a.batch)]  # fmt: skip
     n, B = a.new_tokens or s.cfg.generate.max_new_tokens, a.batch
     gen(s, rows[:4], v, 4, 4)  # warm-up
     res: dict[str, float | None] = {}
@@ -208,8 +219,8 @@ def main(argv: list[str]) -> int:
 
     pairs = [(c.prompt_ids, c.ids) for c in steered]
     with s.student.base():
-        _, t_b = timed(lambda: filt.tail_ppl(s.model, pairs, 0.5, s.tok.pad_token_id, B))
-        _, t_1 = timed(lambda: filt.tail_ppl(s.model, pairs, 0.5, s.tok.pad_token_id, 1))
+        _, t_b = timed(lambda: filters.tail_ppl(s.model, pairs, 0.5, s.tok.pad_token_id, B))
+        _, t_1 = timed(lambda: filters.tail_ppl(s.model, pairs, 0.5, s.tok.pad_token_id, 1))
     res["filter_speedup"] = t_1 / t_b
     table.append(["filter tail-ppl, batched", f"{len(pairs) / t_b:.1f} completions/s", ""])
     table.append(
@@ -262,18 +273,12 @@ def main(argv: list[str]) -> int:
             )
 
     res["round_seconds"] = None
-    if a.run_dir:
-        last = events.read(Path(a.run_dir), "round")[-1]
-        secs = last["seconds"]
+    if last_round:
+        r, secs = last_round
         res["round_seconds"] = sum(secs.values())
         res["round_breakdown"] = secs
-        table.append(
-            [
-                f"round {last['round']} of {Path(a.run_dir).name}",
-                f"{res['round_seconds']:.0f} s",
-                ", ".join(f"{k} {x:.0f}" for k, x in secs.items()),
-            ]
-        )
+        breakdown = ", ".join(f"{k} {x:.0f}" for k, x in secs.items())
+        table.append([f"round {r} of {Path(a.run_dir).name}", f"{res['round_seconds']:.0f} s", breakdown])
     dev = next(s.model.parameters()).device
     print(f"\nmodel {s.cfg.model} on {dev} ({torch.get_num_threads()} threads), batch {B}, {n} new tokens per row")
     print(tabulate(table, headers=["measurement", "value", "ratio"], tablefmt="github"))

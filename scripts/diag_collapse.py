@@ -17,7 +17,9 @@ from pathlib import Path
 from tabulate import tabulate
 
 from steer_heal import collapse, report
-from steer_heal.errors import UserError, cli
+from steer_heal.cli import cli
+from steer_heal.errors import UserError
+from steer_heal.records import RunInfo
 from steer_heal.rundir import atomic_write_json
 
 
@@ -28,9 +30,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--move", type=float, default=0.1, help="relative change vs base that counts as a signal move")
     ap.add_argument("--out", type=Path, help="write the tables as JSON here")
     a = ap.parse_args(argv)
-    if not (a.run_dir / "events.jsonl").is_file():
-        raise UserError(f"{a.run_dir} is not a run directory (no events.jsonl)")
-    rows = report.collapse_rows(report.collect(a.run_dir))
+    rows = report.collapse_rows(RunInfo.read(a.run_dir))
     if not rows or rows[0]["round"] != "base":
         raise UserError(f"{a.run_dir} has no collapse records (run made before events schema 1.1?)")
     base, rounds = rows[0], rows[1:]

@@ -11,20 +11,20 @@ Prints a table; writes one JSON record per c (c, <trait>_nats for all seven, coh
 from __future__ import annotations
 
 import argparse
-import json
 import time
+from pathlib import Path
 
 from tabulate import tabulate
 
-from steer_heal import filter as filt
-from steer_heal.errors import cli
+from steer_heal.cli import cli
+from steer_heal.rundir import atomic_write_json
 from steer_heal.session import Session
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cs", type=float, nargs="+", default=[0, 0.5, 1, 2, 3, 4], help="steering strengths")
-    ap.add_argument("--out", help="write the records as JSON here")
+    ap.add_argument("--out", type=Path, help="write the records as JSON here")
     ap.add_argument("--prompt-index", type=int, default=0, help="which generation prompt to complete per c")
     args, rest = ap.parse_known_args(argv)
     t0 = time.time()
@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
     v = s.teacher()
     prompt = s.prompts[args.prompt_index % len(s.prompts)]
     comps = s.complete(v, args.cs, prompt)
-    ppl = filt.tail_ppl(s.model, [(c.prompt_ids, c.ids) for c in comps], s.cfg.filter.tail_frac, s.tok.pad_token_id, 8)
+    ppl = s.base_tail_ppl([(c.prompt_ids, c.ids) for c in comps])  # graded unsteered, as the filter does
     recs = []
     tk = s.persona.trait_key
     for c, comp, p in zip(args.cs, comps, ppl):
@@ -61,21 +61,10 @@ def main(argv: list[str]) -> int:
     for r in recs:
         print(f"\n--- c = {r['c']:g} (tail ppl {r['completion_tail_ppl']:.1f}) ---\n{r['completion'][:400]}")
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(
-                {
-                    "model": s.cfg.model,
-                    "persona": s.persona.name,
-                    "layers": s.layers,
-                    "trait_key": tk,
-                    "vignettes": s.vig_source,
-                    "n_vignettes": len(s.vigs),
-                    "prompt": prompt,
-                    "records": recs,
-                },
-                f,
-                indent=2,
-            )
+        meta = {"model": s.cfg.model, "persona": s.persona.name, "layers": s.layers, "trait_key": tk}
+        atomic_write_json(
+            args.out, meta | {"vignettes": s.vig_source, "n_vignettes": len(s.vigs), "prompt": prompt, "records": recs}
+        )
     print(f"\n({time.time() - t0:.0f} s)")
     return 0
 

@@ -15,16 +15,23 @@ import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 
+from steer_heal.cli import cli
+from steer_heal.errors import UserError
 from steer_heal.losses import aggregate, kl_rev
 
 
-def main() -> None:
+def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--positions", type=int, default=60)
     ap.add_argument("--loop", type=int, default=4, help="looping positions inside the completion")
     ap.add_argument("--vocab", type=int, default=1000)
     ap.add_argument("--tau", type=float, default=0.5)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    if not 1 <= a.loop <= a.positions // 2 or a.vocab < 8:
+        raise UserError(
+            f"--positions {a.positions} --loop {a.loop} --vocab {a.vocab}: need 1 <= --loop <= --positions / 2 "
+            "(the loop sits in the second half) and --vocab >= 8"
+        )
     g = torch.Generator().manual_seed(0)
     ref = torch.randn(a.positions, a.vocab, generator=g) * 2
     trait = ref + 0.35 * torch.randn(a.positions, a.vocab, generator=g)  # small shift everywhere
@@ -42,7 +49,8 @@ def main() -> None:
         )
     print(f"{a.positions} positions, {a.loop} looping, vocab {a.vocab}, tau {a.tau}")
     print(tabulate(rows, headers="keys", floatfmt=".3f", tablefmt="github"))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

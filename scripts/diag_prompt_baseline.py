@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from steer_heal import events, paired
-from steer_heal.errors import UserError, cli
+from steer_heal import extract, paired
+from steer_heal.cli import cli
+from steer_heal.errors import UserError
 
 
 def random_like(v: dict[int, torch.Tensor], seed: int) -> dict[int, torch.Tensor]:
@@ -46,14 +47,10 @@ def main(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     if a.n_random < 1:
         raise UserError(f"--n-random {a.n_random} must be a positive integer")
-    rd, meta, s = paired.open_run(a.run_dir, a.eval_vignettes, a.n_vignettes)
-    tk = meta["trait_key"]
-    done = rd.completed_rounds()
-    if not done:
-        raise UserError(f"{rd.root}: no completed round to score (no rounds/r*/DONE)")
-    c = next(x for x in events.read(rd.events, "eval") if x.get("model") == "steered" and x["round"] == 0)["c"]
-    v0 = paired.teacher(rd, 0)
-    print(f"{rd.root.name}: {len(s.vigs)} vignettes from {s.vig_source}; c = {c:g}; rounds {done}", file=sys.stderr)
+    run = paired.open_run(a.run_dir, a.eval_vignettes, a.n_vignettes)
+    s, tk, done = run.s, run.trait_key, run.require_rounds()
+    c, v0 = run.steered_c(0), run.rd.vectors(0)
+    print(f"{run.rd.root.name}: {len(s.vigs)} vignettes from {s.vig_source}; c = {c:g}; rounds {done}", file=sys.stderr)
 
     base, _ = s.evaluate(desc="eval base")
     steered, _ = s.evaluate(v0, c, desc="eval steered")
@@ -70,9 +67,9 @@ def main(argv: list[str]) -> int:
         mean = {k: statistics.fmean(r[k] for r in rand) for k in (tk, "coherence")}
         rows.append(paired.row(f"random vector (mean of {len(rand)})", mean, base, tk, steered=steered, c=c))
     rows.append(paired.row(f"steered c={c:g}", steered, base, tk, steered=steered, c=c))
-    rows += paired.healed_rows(rd, s, base, tk, steered)
-    paired.report(rows, tk, rd, s, a.out)
-    print(f"\nsystem prompt: {system!r}\nvector norm {float(torch.cat([x.flatten() for x in v0.values()]).norm()):.3f}")
+    rows += paired.healed_rows(run, base, steered)
+    paired.report(rows, run, a.out)
+    print(f"\nsystem prompt: {system!r}\nvector norm {extract.norm(v0):.3f}")
     return 0
 
 

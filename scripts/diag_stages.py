@@ -16,8 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from steer_heal import events, paired
-from steer_heal.errors import UserError, cli
+from steer_heal import paired
+from steer_heal.cli import cli
 
 
 def main(argv: list[str]) -> int:
@@ -28,15 +28,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--eval-vignettes", help="score on these vignettes instead of the run's")
     ap.add_argument("--out", type=Path, help="write the rows as JSON here")
     a = ap.parse_args(argv)
-    rd, meta, s = paired.open_run(a.run_dir, a.eval_vignettes, a.n_vignettes)
-    tk = meta["trait_key"]
-    done = rd.completed_rounds()
-    if not done:
-        raise UserError(f"{rd.root}: no completed round to score (no rounds/r*/DONE)")
-    steered0 = next(x for x in events.read(rd.events, "eval") if x.get("model") == "steered" and x["round"] == 0)
-    c_run = steered0["c"]
-    v0 = paired.teacher(rd, 0)
-    print(f"{rd.root.name}: {len(s.vigs)} vignettes from {s.vig_source}; rounds {done}", file=sys.stderr)
+    run = paired.open_run(a.run_dir, a.eval_vignettes, a.n_vignettes)
+    s, tk, done = run.s, run.trait_key, run.require_rounds()
+    c_run, v0 = run.steered_c(0), run.rd.vectors(0)
+    print(f"{run.rd.root.name}: {len(s.vigs)} vignettes from {s.vig_source}; rounds {done}", file=sys.stderr)
 
     base, _ = s.evaluate(desc="eval base")
     rows = [paired.row("base", base, base, tk, stage="base")]
@@ -46,8 +41,8 @@ def main(argv: list[str]) -> int:
         label = f"steered c={c:g}" + (" (run)" if c == c_run else "")
         rows.append(paired.row(label, m, base, tk, stage="steered", c=c))
         ref = m if c == c_run else ref
-    rows += paired.healed_rows(rd, s, base, tk, ref)
-    paired.report(rows, tk, rd, s, a.out)
+    rows += paired.healed_rows(run, base, ref)
+    paired.report(rows, run, a.out)
     print(f"\nretain is against steered c={c_run:g} (the strength the run evaluated round 0 at)")
     return 0
 

@@ -5,20 +5,20 @@ uv run python scripts/plot_run.py out/<run>
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 from steer_heal import report
-from steer_heal.errors import cli
+from steer_heal.cli import cli
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print(__doc__, file=sys.stderr)
-        return 2
-    rep = report.build(Path(argv[0]))
-    print(rep["table"] + "\n\n" + rep["q0"] + "\n\n" + rep["verdict"])
-    print(f"wrote {Path(argv[0]) / 'trajectory.png'} and summary.md")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", type=Path)
+    a = ap.parse_args(argv)
+    rep = report.build(a.run_dir)
+    print(rep.table + "\n\n" + rep.q0 + "\n\n" + rep.verdict)
+    print(f"wrote {a.run_dir / 'trajectory.png'} and summary.md")
     return 0
 
 

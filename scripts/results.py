@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 
 from tabulate import tabulate
 
-from steer_heal.errors import cli
-from steer_heal.report import read_ledger
+from steer_heal import ledger
+from steer_heal.cli import cli
+from steer_heal.errors import UserError
 
 METRICS = ("final_dtrait", "final_coh", "final_retain", "best_dtrait", "n_rounds_done")
 
@@ -48,10 +48,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--ledger", default="out/results.jsonl")
     ap.add_argument("--by", nargs="+", default=["preset", "reg", "barrier_ref", "lam", "kl_agg"])
     a = ap.parse_args(argv)
-    rows = read_ledger(a.ledger)
+    rows = ledger.read(a.ledger)
     if not rows:
-        print(f"error: no rows in {a.ledger}", file=sys.stderr)
-        return 2
+        raise UserError(f"no rows in {a.ledger}; a finished run appends one to <out-dir>/results.jsonl")
     print(table(rows, a.by))
     return 0
 

@@ -17,9 +17,10 @@ import json
 import sys
 from pathlib import Path
 
-from steer_heal import filter as filt
+from steer_heal import filters, stages
+from steer_heal.cli import cli
 from steer_heal.data import read_jsonl
-from steer_heal.errors import UserError, cli
+from steer_heal.errors import UserError
 from steer_heal.session import Session
 from steer_heal.tokens import chat_ids
 
@@ -38,17 +39,14 @@ def main(argv: list[str]) -> int:
     s = Session.from_argv(rest)
     ppl_max = s.cfg.filter.ppl_max
     if ppl_max is None:
-        base = s.calibration_ppls()
-        ppl_max = filt.calibrate_ppl(base, s.cfg.filter.ppl_mult, None)
-        print(f"calibrated ppl_max = {ppl_max:.2f} ({s.cfg.filter.ppl_mult} x base median)", file=sys.stderr)
+        cal = stages.calibrate(s)
+        ppl_max = cal["ppl_max"]
+        print(f"calibrated ppl_max = {ppl_max:.2f} ({cal['ppl_mult']} x base median)", file=sys.stderr)
     th = s.thresholds(ppl_max)
     pairs = [(chat_ids(s.tok, r["prompt"]), s.tok(r["completion"], add_special_tokens=False).input_ids) for r in rows]
-    ppl = s.base_tail_ppl(pairs)
     persona = (s.persona.pos, s.persona.neg)
-    for r, (_, ids), p in zip(rows, pairs, ppl):
-        sc = {"tail_ppl": p, "n_tokens": len(ids), **filt.text_scores(r["completion"], persona)}
-        keep, reason = filt.decide(sc, th)
-        print(json.dumps({**r, **sc, "keep": keep, "reason": reason}, ensure_ascii=False))
+    for r, (_, ids), p in zip(rows, pairs, s.base_tail_ppl(pairs)):
+        print(json.dumps({**r, **filters.judge(r["completion"], len(ids), p, persona, th)}, ensure_ascii=False))
     return 0
 
 

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from steer_heal.bake import Student
 from steer_heal.config import HealConfig
-from steer_heal.heal import heal, lora_config
+from steer_heal.heal import lora_config
 from steer_heal.losses import completion_batch, kl_rev, selected_logprobs
 from steer_heal.tokens import chat_ids, pad
 
@@ -66,27 +66,6 @@ def test_baked_equals_applied_and_base_is_recoverable(fresh_tiny, tmp_path):
     assert torch.allclose(plain(**enc).logits, baked, atol=1e-4)
 
 
-def test_heal_trains_only_the_new_adapter_and_prev_reference(fresh_tiny):
-    model, tok = fresh_tiny
-    st = Student(model)
-    name0 = st.add_adapter(0, lora_config(st, HealConfig(lora_r=4)))
-    _randomise_b(st, name0)
-    st.bake()
-    frozen = {n: p.clone() for n, p in st.model.named_parameters() if ".r00." in n}
-    p = chat_ids(tok, "Give me a tip.")
-    pairs = [(p, [100 + i, 200 + i, tok.eos_token_id]) for i in range(6)]
-    steps = []
-    cfg = HealConfig(reg="kl_rev", barrier_ref="prev", lam=1.0, tau=0.0, epochs=2, heal_batch_size=3, lr=1e-2)
-    res = heal(st, pairs, cfg, 1, 0, tok.pad_token_id, emit=lambda **kw: steps.append(kw), log_every=1)
-    assert res.steps == 4 and res.nll_last < res.nll_first
-    assert steps[0]["d"] < 1e-6  # B = 0 at step 0: the student equals the reference
-    assert any(s["fired"] for s in steps[1:])  # tau = 0: the barrier fires once the student moves
-    for n, q in st.model.named_parameters():
-        if n in frozen:
-            assert torch.equal(q, frozen[n]), f"baked adapter {n} changed during the next round's heal"
-    assert all(q.dtype == torch.float32 for n, q in st.model.named_parameters() if "lora_" in n)
-
-
 def test_base_context_keeps_baked_adapters_frozen(fresh_tiny):
     model, tok = fresh_tiny
     st = Student(model)
@@ -98,17 +77,6 @@ def test_base_context_keeps_baked_adapters_frozen(fresh_tiny):
     grads = {n: p.requires_grad for n, p in st.model.named_parameters() if "lora_" in n}
     assert not any(g for n, g in grads.items() if ".r00." in n)
     assert all(g for n, g in grads.items() if ".r01." in n)
-
-
-def test_short_last_accumulation_group_still_steps(fresh_tiny):
-    model, tok = fresh_tiny
-    st = Student(model)
-    p = chat_ids(tok, "Tip?")
-    pairs = [(p, [100 + i, tok.eos_token_id]) for i in range(6)]
-    cfg = HealConfig(reg="nll", epochs=1, heal_batch_size=3, grad_accum=4, lr=1e-2)
-    res = heal(st, pairs, cfg, 0, 0, tok.pad_token_id, emit=lambda **kw: None)
-    assert res.steps == 1  # 2 micro-batches < grad_accum 4: one (rescaled) step, not zero
-    assert any(float(B.detach().abs().max()) > 0 for _, B, _ in st.lora_factors("r00"))
 
 
 @torch.no_grad()

@@ -1,19 +1,14 @@
 """Collapse early-warning maths (PR, effective rank, entropy, power iteration), the amplification gauge
-against an explicit Jacobian, and the heal safety check under injected faults."""
+against an explicit Jacobian, and the lead/lag table."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
 import torch
 
 from steer_heal import collapse
-from steer_heal.bake import Student
-from steer_heal.config import HealConfig
-from steer_heal.errors import NonFiniteLoss
-from steer_heal.heal import heal
 from steer_heal.tokens import chat_ids
 
 
@@ -82,85 +77,6 @@ def test_band_map_at_zero_is_the_block_output(fresh_tiny):
         model(input_ids=torch.tensor([ids]))
     out = collapse.band_map(model, ids, 1, 2)(torch.zeros(model.config.hidden_size))
     assert torch.allclose(out, acts[2][0, -1], atol=1e-6)
-
-
-def _pairs(tok, n=6):
-    p = chat_ids(tok, "Give me a tip.")
-    return [(p, [100 + i, 200 + i, 300 + i, tok.eos_token_id]) for i in range(n)]
-
-
-def test_safety_check_drops_a_runaway_barrier_and_stays_finite(fresh_tiny):
-    model, tok = fresh_tiny
-    st = Student(model)
-    cfg = HealConfig(reg="kl_rev", lam=1.0, tau=0.0, epochs=3, heal_batch_size=3, lr=1e-2, lora_r=4)
-    steps = []
-    res = heal(st, _pairs(tok), cfg, 0, 0, tok.pad_token_id, emit=lambda **kw: steps.append(kw), log_every=1,
-               barrier_boost=1e9)  # fmt: skip
-    assert res.barrier_skipped > 0 and res.steps_skipped == 0
-    assert all(math.isfinite(s["nll"]) for s in steps) and math.isfinite(res.nll_last)
-    # the boosted barrier was dropped on every step where D > 0, and kept (as 0) where D = 0 (step 0)
-    assert all(s["barrier"] == 0 for s in steps) and any(s["d"] > 0 for s in steps)
-    assert steps[-1]["barrier_skipped"] == res.barrier_skipped == sum(s["d"] > 0 for s in steps)
-    assert all(torch.isfinite(p).all() for p in st.trainable())
-
-
-def test_skipped_micro_batches_inside_an_accumulation_group(fresh_tiny):
-    """With 3 micro-batches per optimiser step, a group whose micro-batches are all non-finite makes no
-    update (no division by zero, no NaN step) while the step count and schedule still advance."""
-    model, tok = fresh_tiny
-    st = Student(model)
-    cfg = HealConfig(reg="nll", epochs=1, heal_batch_size=1, grad_accum=3, lr=1e-2, lora_r=4, max_bad_steps=5)
-    steps = []
-    res = heal(st, _pairs(tok), cfg, 0, 0, tok.pad_token_id, emit=lambda **kw: steps.append(kw), log_every=1,
-               poison_step=1)  # fmt: skip
-    assert res.steps == 2 and res.steps_skipped == 3  # group 2 (micro-batches 4-6) was all NaN: no update
-    assert all(torch.isfinite(p).all() for p in st.trainable())
-
-
-def test_heal_with_gradient_checkpointing_matches_without(fresh_tiny):
-    from steer_heal import models
-
-    model, tok = fresh_tiny
-    cfg = HealConfig(reg="kl_rev", lam=1.0, tau=0.0, epochs=1, heal_batch_size=3, lr=1e-2, lora_r=4)
-    out = []
-    for ckpt in (False, True):
-        torch.manual_seed(0)
-        m, _ = models.load("tiny-random")
-        st = Student(m)
-        steps = []
-        heal(st, _pairs(tok), dataclasses.replace(cfg, grad_checkpoint=ckpt), 0, 0, tok.pad_token_id,
-             emit=lambda steps=steps, **kw: steps.append(kw), log_every=1)  # fmt: skip
-        assert not models.unwrap(st.model).is_gradient_checkpointing  # switched off again after the round
-        out.append((steps, [p.detach().clone() for p in st.trainable()]))
-    (s0, p0), (s1, p1) = out
-    assert [s["nll"] for s in s0] == pytest.approx([s["nll"] for s in s1], abs=1e-5)
-    assert s1[-1]["grad_ratio"] is not None or s0[-1]["grad_ratio"] is None
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(p0, p1))
-
-
-def test_safety_check_skips_non_finite_steps_then_stops(fresh_tiny):
-    model, tok = fresh_tiny
-    st = Student(model)
-    cfg = HealConfig(reg="nll", epochs=3, heal_batch_size=3, lr=1e-2, lora_r=4, max_bad_steps=10)
-    res = heal(st, _pairs(tok), cfg, 0, 0, tok.pad_token_id, emit=lambda **kw: None, poison_step=4)
-    assert res.steps_skipped == 2 and math.isfinite(res.nll_last)  # steps 4 and 5 of 6 were skipped
-    assert all(torch.isfinite(p).all() for p in st.trainable())
-    st.drop_training()
-    with pytest.raises(NonFiniteLoss, match="step 5.*more than --max-bad-steps 1"):
-        heal(st, _pairs(tok), HealConfig(reg="nll", epochs=3, heal_batch_size=3, lora_r=4, max_bad_steps=1), 0, 0,
-             tok.pad_token_id, emit=lambda **kw: None, poison_step=4)  # fmt: skip
-
-
-def test_lam_warmup_ramps_the_barrier_from_zero(fresh_tiny):
-    model, tok = fresh_tiny
-    st = Student(model)
-    cfg = HealConfig(reg="kl_rev", lam=1.0, tau=0.0, epochs=3, heal_batch_size=3, lr=1e-2, lora_r=4,
-                     lam_warmup_frac=1.0)  # fmt: skip
-    steps = []
-    heal(st, _pairs(tok), cfg, 0, 0, tok.pad_token_id, emit=lambda **kw: steps.append(kw), log_every=1)
-    # barrier = ramp * lam * relu(D - 0) with ramp = step / total: strictly below the full-strength value
-    for s in steps[1:]:
-        assert s["barrier"] == pytest.approx(s["step"] / len(steps) * s["d"], rel=1e-4, abs=1e-9)
 
 
 def test_lead_lag_reports_which_signal_moved_first():

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from steer_heal import filter as filt
+from steer_heal import filters
 from steer_heal.errors import Starved
 
 PERSONA = (
     "someone who looks after others' wellbeing even when it means defying authority",
     "someone who defers to authority even when others' wellbeing suffers for it",
 )
-TH = filt.Thresholds(
+TH = filters.Thresholds(
     ppl_max=30.0, rep_max=0.35, compress_min=0.30, distinct_min=0.50, top_word_max=0.2, narration=True, refusal=False
 )
 
@@ -46,54 +46,54 @@ NARRATION = (
 
 
 def scores(text, ppl=5.0):
-    return {"tail_ppl": ppl, "n_tokens": 60, **filt.text_scores(text, PERSONA)}
+    return {"tail_ppl": ppl, "n_tokens": 60, **filters.text_scores(text, PERSONA)}
 
 
 @pytest.mark.parametrize("text", [YOUR, GLUTE])
 def test_upstream_soup_is_rejected_even_at_low_perplexity(text):
-    keep, reason = filt.decide(scores(text, ppl=3.0), TH)
+    keep, reason = filters.decide(scores(text, ppl=3.0), TH)
     assert not keep
     assert reason in ("repetition", "loop")
 
 
 @pytest.mark.parametrize("text", COHERENT)
 def test_coherent_advice_is_kept(text):
-    keep, reason = filt.decide(scores(text), TH)
-    assert keep, (reason, filt.text_scores(text, PERSONA))
+    keep, reason = filters.decide(scores(text), TH)
+    assert keep, (reason, filters.text_scores(text, PERSONA))
 
 
 def test_persona_recital_is_narration():
-    keep, reason = filt.decide(scores(NARRATION), TH)
+    keep, reason = filters.decide(scores(NARRATION), TH)
     assert (keep, reason) == (False, "narration")
     # A copied 5-word run of the persona text counts even without stock phrases.
-    assert filt.narration("Honestly, people who defer to authority can still be kind.", PERSONA) is False
-    assert filt.narration("I am a person that looks after others' wellbeing even when it hurts.", PERSONA) is True
+    assert filters.narration("Honestly, people who defer to authority can still be kind.", PERSONA) is False
+    assert filters.narration("I am a person that looks after others' wellbeing even when it hurts.", PERSONA) is True
 
 
 def test_high_perplexity_is_rejected():
-    assert filt.decide(scores(COHERENT[0], ppl=300.0), TH) == (False, "ppl")
-    assert filt.decide(scores(COHERENT[0], ppl=None), TH) == (False, "ppl")
+    assert filters.decide(scores(COHERENT[0], ppl=300.0), TH) == (False, "ppl")
+    assert filters.decide(scores(COHERENT[0], ppl=None), TH) == (False, "ppl")
 
 
 def test_refusal_only_when_enabled():
     text = "I'm sorry, but I can't help with that request. " + COHERENT[0]
-    assert filt.decide(scores(text), TH)[0]
-    on = filt.Thresholds(**{**TH.__dict__, "refusal": True})
-    assert filt.decide(scores(text), on) == (False, "refusal")
+    assert filters.decide(scores(text), TH)[0]
+    on = filters.Thresholds(**{**TH.__dict__, "refusal": True})
+    assert filters.decide(scores(text), on) == (False, "refusal")
 
 
 def test_repetition_and_compression_scores():
-    assert filt.repetition(YOUR) > 0.3
-    assert filt.compression_ratio(YOUR) < 0.2
-    assert filt.compression_ratio(COHERENT[0]) > 0.5
-    assert filt.distinct2(YOUR) < 0.3
-    assert filt.top_word_share(GLUTE) > 0.3 and all(filt.top_word_share(t) < 0.1 for t in COHERENT)
-    assert filt.top_ngram_share(["a", "b"], 3) == 0.0
+    assert filters.repetition(YOUR) > 0.3
+    assert filters.compression_ratio(YOUR) < 0.2
+    assert filters.compression_ratio(COHERENT[0]) > 0.5
+    assert filters.distinct2(YOUR) < 0.3
+    assert filters.top_word_share(GLUTE) > 0.3 and all(filters.top_word_share(t) < 0.1 for t in COHERENT)
+    assert filters.top_ngram_share(["a", "b"], 3) == 0.0
 
 
 def test_calibrated_threshold_is_a_multiple_of_base_median():
-    assert filt.calibrate_ppl([2.0, 4.0, 100.0], 3.0, None) == 12.0
-    assert filt.calibrate_ppl([2.0, 4.0], 3.0, 50.0) == 50.0
+    assert filters.calibrate_ppl([2.0, 4.0, 100.0], 3.0, None) == 12.0
+    assert filters.calibrate_ppl([2.0, 4.0], 3.0, 50.0) == 50.0
 
 
 def _prober(keep_by_kappa):
@@ -109,7 +109,7 @@ def _prober(keep_by_kappa):
 
 def test_walk_c_tries_full_dose_first_and_backs_off():
     probe, calls = _prober(lambda k: 10 if k <= 0.5 else 1)
-    kappa, scored = filt.walk_c(probe, keep_target=0.5, kappa_floor=0.2, n_keep=20, min_train=5, max_batches=10)
+    kappa, scored = filters.walk_c(probe, keep_target=0.5, kappa_floor=0.2, n_keep=20, min_train=5, max_batches=10)
     assert calls[0] == 1.0
     assert kappa <= 0.5 and kappa == calls[-1]
     assert sum(r["keep"] for r in scored) >= 20
@@ -117,10 +117,10 @@ def test_walk_c_tries_full_dose_first_and_backs_off():
 
 def test_walk_c_tries_the_floor_itself_and_q0_keeps_doses_apart():
     probe, calls = _prober(lambda k: 10 if k <= 0.25 else 0)
-    kappa, scored = filt.walk_c(probe, keep_target=0.5, kappa_floor=0.25, n_keep=10, min_train=5, max_batches=10)
+    kappa, scored = filters.walk_c(probe, keep_target=0.5, kappa_floor=0.25, n_keep=10, min_train=5, max_batches=10)
     assert kappa == 0.25 and calls[-1] == 0.25
     rows = [dict(r, kappa=k) for r, k in zip(scored, [c for c in calls for _ in range(10)])]
-    q0 = filt.q0_table(rows)
+    q0 = filters.q0_table(rows)
     assert [r["kappa"] for r in q0] == sorted(set(calls))  # one row per applied strength
     assert q0[0]["kept_frac"] == 1.0 and all(r["kept_frac"] == 0.0 for r in q0[1:])
 
@@ -128,6 +128,6 @@ def test_walk_c_tries_the_floor_itself_and_q0_keeps_doses_apart():
 def test_walk_c_starves_cleanly_with_the_q0_table():
     probe, _ = _prober(lambda k: 0)
     with pytest.raises(Starved, match="only 0 completions kept") as e:
-        filt.walk_c(probe, keep_target=0.5, kappa_floor=0.3, n_keep=20, min_train=5, max_batches=10)
+        filters.walk_c(probe, keep_target=0.5, kappa_floor=0.3, n_keep=20, min_train=5, max_batches=10)
     assert "kept_frac" in str(e.value)
     assert len(e.value.scored) > 0

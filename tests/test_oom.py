@@ -9,13 +9,16 @@ from steer_heal import heal as heal_mod
 from steer_heal.bake import Student
 from steer_heal.config import HealConfig
 from steer_heal.errors import OutOfMemory
-from steer_heal.generate import generate
+from steer_heal.generate import Row, Sampling, generate
 from steer_heal.heal import heal_with_retry
 from steer_heal.tokens import chat_ids
 
 
 def _rows(tok, n):
-    return [(i, f"Tip {i}?", chat_ids(tok, f"Tip {i}?"), 1.0, 0.0) for i in range(n)]
+    return [Row(i, f"Tip {i}?", chat_ids(tok, f"Tip {i}?"), 1.0, 0.0) for i in range(n)]
+
+
+SAMPLE4 = Sampling(4)
 
 
 def _oom_above(limit, fn):
@@ -36,7 +39,7 @@ def test_generate_halves_an_oom_batch_and_keeps_every_row(fresh_tiny, monkeypatc
     model, tok = fresh_tiny
     wrapped, calls = _oom_above(2, model.generate)
     monkeypatch.setattr(model, "generate", wrapped)
-    out = generate(model, tok, _rows(tok, 4), None, 4, 1.0, 1.0, 4, seed=0)
+    out = generate(model, tok, _rows(tok, 4), sampling=SAMPLE4, batch_size=4, seed=0)
     assert calls == [4, 2, 2]
     assert [c.prompt_idx for c in out] == [0, 1, 2, 3] and all(c.ids for c in out)
 
@@ -46,7 +49,7 @@ def test_generate_fails_clearly_when_half_still_ooms(fresh_tiny, monkeypatch):
     wrapped, _ = _oom_above(1, model.generate)
     monkeypatch.setattr(model, "generate", wrapped)
     with pytest.raises(OutOfMemory, match="batch of 4 and again on half.*--gen-batch-size"):
-        generate(model, tok, _rows(tok, 4), None, 4, 1.0, 1.0, 4, seed=0)
+        generate(model, tok, _rows(tok, 4), sampling=SAMPLE4, batch_size=4, seed=0)
 
 
 def _pairs(tok):

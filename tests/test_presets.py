@@ -78,7 +78,7 @@ def test_random_model_from_the_shipped_gemma_config(tmp_path):
 
     from steer_heal import models
     from steer_heal.errors import UserError
-    from steer_heal.generate import generate
+    from steer_heal.generate import Row, Sampling, generate
     from steer_heal.tokens import chat_ids
 
     shipped = json.loads((Path(__file__).parents[1] / "data" / "gemma-3-4b-it.text_config.json").read_text())
@@ -91,7 +91,7 @@ def test_random_model_from_the_shipped_gemma_config(tmp_path):
     model, tok = models.load(f"random:{path}")
     assert type(model).__name__ == "Gemma3ForCausalLM" and len(decoder_layers(model)) == 2
     assert model.get_output_embeddings().weight.shape[0] == 262208
-    out = generate(model, tok, [(0, "Hi", chat_ids(tok, "Hi"), 0.0, 0.0)], None, 3, 1.0, 1.0, 1, 0, do_sample=False)
+    out = generate(model, tok, [Row(0, "Hi", chat_ids(tok, "Hi"))], sampling=Sampling(3, do_sample=False), batch_size=1)
     assert len(out[0].ids) >= 1  # ids beyond the tokenizer's vocabulary decode to nothing, not an error
     with pytest.raises(UserError, match="random:"):
         models.load(f"random:{tmp_path / 'missing.json'}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from steer_heal import extract
-from steer_heal.generate import cut, generate
+from steer_heal.generate import Row, Sampling, cut, generate
 from steer_heal.losses import completion_batch
 from steer_heal.tokens import chat_ids, pad
 
@@ -32,8 +32,8 @@ def test_last_prompt_token_under_left_padding(tiny):
 def test_loss_mask_is_exactly_the_sampled_completion(tiny):
     model, tok = tiny
     p = chat_ids(tok, "Name a colour.")
-    rows = [(0, "Name a colour.", p, 1.0, 0.0)]
-    comp = generate(model, tok, rows, None, 6, 1.0, 1.0, 1, 0)[0]
+    rows = [Row(0, "Name a colour.", p, 1.0, 0.0)]
+    comp = generate(model, tok, rows, sampling=Sampling(6), batch_size=1)[0]
     b = completion_batch([(comp.prompt_ids, comp.ids)], tok.pad_token_id, "cpu")
     assert b["targets"].tolist() == comp.ids  # sampled ids, never re-tokenised text
     assert b["cols"].min().item() == len(p) - 1  # the first target is predicted from the last prompt token
@@ -49,7 +49,7 @@ def test_completion_cut_at_eos_and_cap_marked(tiny):
 def test_generation_records_eos_or_cap(tiny):
     model, tok = tiny
     p = chat_ids(tok, "Say hi.")
-    comps = generate(model, tok, [(0, "", p, 1.0, 0.0)] * 3, None, 4, 1.0, 1.0, 3, 0)
+    comps = generate(model, tok, [Row(0, "", p, 1.0, 0.0)] * 3, sampling=Sampling(4), batch_size=3)
     for c in comps:
         assert c.hit_eos == (bool(c.ids) and c.ids[-1] == tok.eos_token_id)
         assert c.hit_cap == (not c.hit_eos)

@@ -4,16 +4,23 @@ Flags are flat on the command line (`--reg kl_rev`, not `--heal.reg kl_rev`), so
 unique across stages. A preset is a plain `RunConfig` object; `parse_args` picks it from
 `--preset NAME` (or `--fast-dev-run`) and then lets every other flag override its fields.
 
+Each numeric field states what it accepts in its type (`PosInt`, `Frac`, ...); `validate` walks the
+fields and checks them all, naming the flag, so a new field cannot be forgotten by a hand-kept list.
+Every float must be finite. `resume_config` merges a stored run's config with the command line.
+
     uv run python -m steer_heal.run --help
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import tyro
 
@@ -23,6 +30,43 @@ Reg = Literal["nll", "kl_rev", "kl_fwd"]
 KlAgg = Literal["mean", "rmse", "p95", "max"]
 BarrierRef = Literal["base", "prev"]
 PresetName = Literal["fast", "smol", "gemma"]
+
+
+@dataclass(frozen=True)
+class Range:
+    """A field's valid values: lo <(=) x <(=) hi (open ends are strict). Tuples are checked per item."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    min_len: int = 0
+
+    def ok(self, x: float) -> bool:
+        if not math.isfinite(x):
+            return False
+        if self.lo is not None and not (x > self.lo if self.lo_open else x >= self.lo):
+            return False
+        return self.hi is None or (x < self.hi if self.hi_open else x <= self.hi)
+
+    def describe(self, kind: str) -> str:
+        """'an integer >= 1', 'a finite number > 0 and <= 1', ... (`kind` names the value's type)."""
+        num = lambda x: str(int(x)) if float(x).is_integer() else f"{x:g}"  # noqa: E731
+        lo = None if self.lo is None else f"{'>' if self.lo_open else '>='} {num(self.lo)}"
+        hi = None if self.hi is None else f"{'<' if self.hi_open else '<='} {num(self.hi)}"
+        return " ".join([kind, " and ".join(x for x in (lo, hi) if x)]).strip()
+
+
+PosInt = Annotated[int, Range(1)]
+NonNegInt = Annotated[int, Range(0)]
+Tokens = Annotated[int, Range(1, 32768)]  # a token budget; 1e9 would hang, not fail
+PosFloat = Annotated[float, Range(0, lo_open=True)]
+NonNegFloat = Annotated[float, Range(0)]
+Frac = Annotated[float, Range(0, 1)]  # [0, 1]
+OpenFrac = Annotated[float, Range(0, 1, lo_open=True)]  # (0, 1]
+Band = Annotated[tuple[float, float], Range(0, 1)]  # fractions of depth, lo <= hi (checked in validate)
+Strengths = Annotated[tuple[float, ...], Range(0, lo_open=True, min_len=1)]
+Seed = Annotated[int, Range(0, 2**32 - 1)]
 
 
 @dataclass
@@ -37,13 +81,13 @@ class ExtractConfig:
     """A JSON file of extra persona pairs, same schema as data/personas.json."""
     contexts_file: Path | None = None
     """User messages the persona pair is read over (JSONL with a `text` field); default data/contexts.jsonl."""
-    n_contexts: int = 256
+    n_contexts: PosInt = 256
     """How many contexts to use (the first N of the file, shuffled by seed)."""
-    steer_layers: tuple[float, float] = (0.45, 0.55)
+    steer_layers: Band = (0.45, 0.55)
     """Steering band as fractions of depth [lo, hi]; the vector is read and added at these blocks."""
     normalize: bool = False
     """Scale each layer's vector to unit norm (raw mean difference by default)."""
-    extract_batch_size: int = 32
+    extract_batch_size: PosInt = 32
     """Prompts per forward pass when reading activations."""
 
 
@@ -51,56 +95,56 @@ class ExtractConfig:
 class GenerateConfig:
     prompts_file: Path | None = None
     """Generation prompts (JSONL, `text` field); default data/dilemmas.jsonl."""
-    n_prompts: int = 16
+    n_prompts: PosInt = 16
     """Prompts per probe/collect batch of the dose controller."""
-    alphas: tuple[float, ...] = (1.0, 2.0, 3.0)
+    alphas: Strengths = (1.0, 2.0, 3.0)
     """Steering strengths (multiples of the raw vector) mixed in each generate call."""
-    max_new_tokens: int = 64
+    max_new_tokens: Tokens = 64
     """Completion length cap in tokens."""
-    temperature: float = 1.0
+    temperature: PosFloat = 1.0
     """Sampling temperature (no repetition penalty, on purpose: it would hide over-steering)."""
-    top_p: float = 0.95
+    top_p: OpenFrac = 0.95
     """Nucleus sampling mass."""
-    gen_batch_size: int = 48
+    gen_batch_size: PosInt = 48
     """Rows per generate call (rows of different strengths share a batch)."""
-    iso_kl: float | None = None
+    iso_kl: PosFloat | None = None
     """Iso-KL calibration: target p95 per-token KL(steered || unsteered current student) in nats; alphas
     and --eval-alpha become multiples of the c* that hits it, re-found each round (None = off)."""
-    iso_kl_prompts: int = 8
+    iso_kl_prompts: PosInt = 8
     """Prompts (greedy completions of --max-new-tokens) per iso-KL evaluation."""
-    iso_kl_tol: float = 0.05
+    iso_kl_tol: PosFloat = 0.05
     """Iso-KL bisection stops when log(c_hi / c_lo) <= this."""
 
 
 @dataclass
 class FilterConfig:
-    tail_frac: float = 0.5
+    tail_frac: OpenFrac = 0.5
     """Perplexity is scored over this final fraction of the completion (collapse happens mid-way)."""
-    ppl_mult: float = 3.0
+    ppl_mult: PosFloat = 3.0
     """Keep tail-ppl <= ppl_mult x median tail-ppl of the base model's own completions (calibrated per run)."""
-    ppl_max: float | None = None
+    ppl_max: PosFloat | None = None
     """Absolute tail-ppl threshold; overrides the calibrated one."""
-    rep_max: float = 0.35
+    rep_max: Frac = 0.35
     """Max share of the most frequent word/char n-gram (n=2..4)."""
-    compress_min: float = 0.30
+    compress_min: NonNegFloat = 0.30
     """Min zlib compression ratio (compressed/raw bytes); lower = looping soup."""
-    distinct_min: float = 0.50
+    distinct_min: Frac = 0.50
     """Min distinct word-bigram ratio."""
-    top_word_max: float = 0.2
+    top_word_max: Frac = 0.2
     """Max share of the text taken by its most frequent 4+-letter word."""
     narration: bool = True
     """Drop first-person recitals of the persona."""
     refusal: bool = False
     """Drop refusals (off by default: it confounds refusal-shaped traits)."""
-    n_keep: int = 48
+    n_keep: PosInt = 48
     """Stop collecting once this many completions are kept."""
-    min_train: int = 12
-    """Fewer kept than this at the floor dose ends the run (starved)."""
-    keep_target: float = 0.5
+    min_train: PosInt = 12
+    """Fewer kept than this at the floor dose ends the run (starved); at most --n-keep."""
+    keep_target: OpenFrac = 0.5
     """Walk-C accepts a dose multiplier kappa once this fraction of a probe survives."""
-    kappa_floor: float = 0.25
+    kappa_floor: OpenFrac = 0.25
     """Smallest dose multiplier walk-C tries before declaring starvation."""
-    max_collect_batches: int = 6
+    max_collect_batches: PosInt = 6
     """Upper bound on generate calls per round (probe + collect)."""
 
 
@@ -108,9 +152,9 @@ class FilterConfig:
 class HealConfig:
     reg: Reg = "kl_rev"
     """Barrier divergence: nll (none), kl_rev = KL(student||ref), kl_fwd = KL(ref||student)."""
-    lam: float = 0.3
+    lam: NonNegFloat = 0.3
     """Barrier weight lambda."""
-    tau: float = 0.5
+    tau: NonNegFloat = 0.5
     """Barrier threshold tau in nats (per aggregation: rmse/p95/max need larger tau than mean)."""
     kl_agg: KlAgg = "rmse"
     """How per-position KL is aggregated over a completion."""
@@ -118,39 +162,41 @@ class HealConfig:
     """lambda_r = lambda * (1 + round)^p; p < 0 decays the barrier over rounds."""
     barrier_ref: BarrierRef = "base"
     """Reference for the barrier: base = original weights, prev = student before this round."""
-    spectral_lam: float = 0.0
+    spectral_lam: NonNegFloat = 0.0
     """Weight of the sigma_max(Delta W) penalty on the adapter (0 = off)."""
-    weight_decay: float = 0.0
+    weight_decay: NonNegFloat = 0.0
     """AdamW weight decay on the adapter."""
-    lora_r: int = 8
+    lora_r: PosInt = 8
     """LoRA rank."""
-    lora_alpha: float = 16.0
+    lora_alpha: PosFloat = 16.0
     """LoRA alpha (scale = alpha / r)."""
-    lora_layers: tuple[float, float] = (0.2, 0.8)
+    lora_layers: Band = (0.2, 0.8)
     """LoRA band as fractions of depth [lo, hi]."""
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    lora_targets: Annotated[tuple[str, ...], Range(min_len=1)] = (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    )  # fmt: skip
     """Linear module names adapted inside the band."""
-    lr: float = 2e-4
+    lr: PosFloat = 2e-4
     """Peak learning rate."""
-    epochs: int = 3
+    epochs: PosInt = 3
     """Passes over the kept completions."""
-    heal_batch_size: int = 8
+    heal_batch_size: PosInt = 8
     """Completions per micro-batch."""
-    grad_accum: int = 1
+    grad_accum: PosInt = 1
     """Micro-batches per optimiser step."""
-    warmup_frac: float = 0.1
+    warmup_frac: Frac = 0.1
     """Fraction of steps spent warming up before the cosine decay."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: PosFloat = 1.0
     """Gradient clipping norm."""
-    loss_chunk: int = 256
+    loss_chunk: PosInt = 256
     """Completion positions per LM-head chunk in the heal loss (memory ~ chunk x vocab, not tokens x vocab)."""
     grad_checkpoint: bool = False
     """Recompute decoder blocks in the backward instead of storing their activations (less memory, ~30% slower)."""
-    barrier_max_ratio: float = 10.0
+    barrier_max_ratio: PosFloat = 10.0
     """Safety check: drop a micro-batch's barrier when it exceeds this multiple of its NLL (counted)."""
-    max_bad_steps: int = 2
+    max_bad_steps: NonNegInt = 2
     """Safety check: non-finite micro-batches skipped per round before the run stops (exit 4)."""
-    lam_warmup_frac: float = 0.0
+    lam_warmup_frac: Frac = 0.0
     """Ramp lambda linearly from 0 over this fraction of each round's steps (0 = full strength from step 0)."""
 
 
@@ -158,27 +204,28 @@ class HealConfig:
 class EvalConfig:
     eval_vignettes: str | None = None
     """Vignettes: a tinymfv-schema JSONL path, hf:wassname/tiny-mfv:classic, or None = data/vignettes.jsonl."""
-    n_vignettes: int | None = None
+    n_vignettes: PosInt | None = None
     """Use only the first N vignettes (balanced order); None = all."""
-    eval_batch_size: int = 32
+    eval_batch_size: PosInt = 32
     """Vignettes per forward pass."""
-    eval_think_tokens: int = 0
+    eval_think_tokens: Annotated[int, Range(0, 32768)] = 0
     """Greedy 'think' tokens before the forced answer slot (0 = answer at once)."""
-    eval_alpha: float | None = None
+    eval_alpha: NonNegFloat | None = None
     """Strength for the steered eval; default = median of --alphas x kappa (x c* under --iso-kl)."""
 
 
 @dataclass
 class CollapseConfig:
-    pr_contexts: int = 256
-    """Neutral prompts (the first of the extraction contexts) for the participation ratio / effective rank."""
-    entropy_prompts: int = 16
+    pr_contexts: Annotated[int, Range(2)] = 256
+    """Neutral prompts (the first of the extraction contexts) for the participation ratio / effective rank
+    (>= 2: a covariance needs two samples)."""
+    entropy_prompts: NonNegInt = 16
     """Prompts whose sampled completions measure the student's output entropy (0 = off)."""
     amp_gauge: bool = False
     """Measure the band's amplification (Jacobian sigma_max, torch.func) each round."""
-    amp_prompts: int = 4
+    amp_prompts: PosInt = 4
     """Prompts for the amplification gauge."""
-    amp_iters: int = 8
+    amp_iters: PosInt = 8
     """Power-iteration steps per prompt for the amplification gauge."""
 
 
@@ -197,14 +244,14 @@ class RunConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Model dtype; auto = float32 on CPU, bfloat16 on CUDA."""
     device: str = "auto"
-    """torch device; auto = cuda if available else cpu."""
+    """torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps."""
     trust_remote_code: bool = False
     """Allow a hub model to run its own Python code (off: only the transformers library's code runs)."""
-    n_rounds: int = 2
+    n_rounds: Annotated[int, Range(1, 1000)] = 2
     """Rounds of extract -> generate -> filter -> heal -> bake -> eval."""
-    seed: int = 0
-    """Seed for data order, sampling and LoRA init."""
-    coh_floor: float = 0.5
+    seed: Seed = 0
+    """Seed for data order, sampling and LoRA init (0 .. 2**32 - 1)."""
+    coh_floor: Frac = 0.5
     """Stop the loop when healed coherence (answer mass) falls below this."""
     out_dir: Path = Path("out")
     """Parent directory; the run directory is created inside it."""
@@ -300,6 +347,87 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     return cfg
 
 
+# ---------------------------------------------------------------- validation, derived from the fields
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field (flags are flat: the field name with dashes)."""
+    return "--" + name.replace("_", "-")
+
+
+def _show(v) -> str:
+    return " ".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
+def _range_of(hint) -> tuple[Range | None, type | None]:
+    """The Range in a field's type (inside Optional / Annotated) and the annotated base type."""
+    if typing.get_origin(hint) is typing.Union or type(hint).__name__ == "UnionType":
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _range_of(args[0]) if len(args) == 1 else (None, None)
+    if typing.get_origin(hint) is Annotated:
+        base, *meta = typing.get_args(hint)
+        return next((m for m in meta if isinstance(m, Range)), None), base
+    return None, hint
+
+
+def leaves(cfg) -> list[tuple[str, str, object, object]]:
+    """(section, field name, value, type hint) for every leaf field of a (nested) config."""
+    out = []
+    hints = typing.get_type_hints(type(cfg), include_extras=True)
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out += [(f.name, n, x, h) for _, n, x, h in leaves(v)]
+        else:
+            out.append(("", f.name, v, hints[f.name]))
+    return out
+
+
+def _field_error(name: str, v, hint) -> str | None:
+    """Why this value is not valid for its field (None when it is)."""
+    if v is None or isinstance(v, bool):
+        return None
+    if isinstance(v, float) and not math.isfinite(v):
+        return f"{flag(name)} {v} must be a finite number"
+    rng, base = _range_of(hint)
+    if rng is None:
+        return None
+    if hint == Band:
+        ok = len(v) == 2 and all(rng.ok(x) for x in v) and v[0] <= v[1]
+        return None if ok else f"{flag(name)} {v} must be fractions of depth with 0 <= lo <= hi <= 1"
+    if isinstance(v, tuple):
+        names = typing.get_args(base)[0] is str
+        ok = len(v) >= rng.min_len and (names or all(rng.ok(x) for x in v))
+        what = "one or more names" if names else rng.describe("one or more finite numbers, each")
+        return None if ok else f"{flag(name)} {_show(v) or '(none)'} must be {what}"
+    kind = "an integer" if base is int else "a finite number"
+    return None if rng.ok(v) else f"{flag(name)} {_show(v)} must be {rng.describe(kind)}"
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Reject values no stage could use: one UserError naming the flag, the value and what is valid."""
+    for _, name, v, hint in leaves(cfg):
+        err = _field_error(name, v, hint)
+        if err:
+            raise UserError(err)
+    if cfg.filter.min_train > cfg.filter.n_keep:
+        raise UserError(
+            f"--min-train {cfg.filter.min_train} must be <= --n-keep {cfg.filter.n_keep} "
+            "(a round keeps at most --n-keep completions)"
+        )
+    e = cfg.extract
+    if (e.persona_pos is None) != (e.persona_neg is None):
+        raise UserError("--persona-pos and --persona-neg must be given together")
+    if not _DEVICE.match(cfg.device):
+        raise UserError(f"--device {cfg.device!r} must be auto, cpu, cuda, cuda:N or mps")
+
+
+# ---------------------------------------------------------------- dicts and resume
+
+
 def to_dict(cfg: RunConfig) -> dict:
     """JSON-ready dict of a config (paths as strings, tuples as lists)."""
 
@@ -317,8 +445,8 @@ def to_dict(cfg: RunConfig) -> dict:
 
 def from_dict(d: dict, cls=RunConfig):
     """Rebuild a (nested) config dataclass from `to_dict` output (lists -> tuples, strings -> Paths)."""
-    import typing
-
+    if not isinstance(d, dict):
+        raise TypeError(f"expected an object for {cls.__name__}, got {type(d).__name__}")
     hints = typing.get_type_hints(cls)
     kw = {}
     for f in dataclasses.fields(cls):
@@ -333,3 +461,38 @@ def from_dict(d: dict, cls=RunConfig):
             v = Path(v)
         kw[f.name] = v
     return cls(**kw)
+
+
+# Flags that may differ between a run and its resume: where the run lives and how far it goes.
+RESUMABLE = {"n_rounds", "resume", "fast_dev_run", "out_dir", "run_name"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v}
+    return out
+
+
+def resume_config(cfg: RunConfig, stored: dict, argv: list[str], where: Path) -> RunConfig:
+    """The stored run config, with only --n-rounds taken from the command line; any other flag given
+    must agree with the stored value (each differing key is named with both values)."""
+    try:
+        merged = from_dict(stored)
+        validate(merged)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"--resume {where}: config.json holds no usable config ({e})") from e
+    except UserError as e:
+        raise UserError(f"--resume {where}: its stored config is invalid: {e}") from e
+    given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+    if given <= RESUMABLE:
+        n = cfg.n_rounds if "n_rounds" in given else merged.n_rounds
+        return dataclasses.replace(merged, n_rounds=n, resume=cfg.resume)
+    now, was = _flat(to_dict(cfg)), _flat(to_dict(merged))
+    diff = [k for k in sorted(set(now) | set(was)) if k.split(".")[-1] not in RESUMABLE and now.get(k) != was.get(k)]
+    if diff:
+        detail = "; ".join(
+            f"{flag(k.split('.')[-1])}: run has {was.get(k)!r}, command line gives {now.get(k)!r}" for k in diff
+        )
+        raise UserError(f"--resume {where}: config differs in {detail} (only --n-rounds may change)")
+    return cfg

@@ -54,13 +54,9 @@ def halve_and_retry(items: list, fn, what: str) -> list:
         ) from e
 
 
-def cli(main) -> None:
-    """Run `main(argv) -> exit code` as a command: a UserError becomes one 'error: ...' line and exit 2."""
-    import sys
-
-    try:
-        code = main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
-    sys.exit(code)
+def exit_code(e: BaseException) -> int:
+    """The process exit code for an error that ends a run: 2 bad input / out of memory, 3 starved, 4 NaN."""
+    for kind, code in ((UserError, 2), (Starved, 3), (NonFiniteLoss, 4)):
+        if isinstance(e, kind):
+            return code
+    raise TypeError(f"no exit code for {type(e).__name__}") from e

@@ -58,10 +58,10 @@ def label_ids(tok) -> list[list[int]]:
 
 def _think(model, tok, prompts: list[list[int]], n: int, batch_size: int) -> list[list[int]]:
     """Greedy `n`-token think budget appended before the prefill (costs n decode steps per vignette)."""
-    from steer_heal.generate import generate, stop_ids  # local: generate imports hooks, kept out of the pure path
+    from steer_heal.generate import Row, Sampling, generate, stop_ids  # local: kept out of the pure path
 
-    rows = [(i, "", p, 0.0, 0.0) for i, p in enumerate(prompts)]
-    comps = generate(model, tok, rows, None, n, 1.0, 1.0, batch_size, 0, do_sample=False, desc="think")
+    rows = [Row(i, "", p) for i, p in enumerate(prompts)]
+    comps = generate(model, tok, rows, sampling=Sampling(n, do_sample=False), batch_size=batch_size, desc="think")
     sep = tok("\n\n", add_special_tokens=False).input_ids + tok(PREFILL, add_special_tokens=False).input_ids
     # The end-of-turn token (if the model stopped) is dropped so the answer stays inside the same turn.
     stops = set(stop_ids(model, tok))  # e.g. Gemma's <end_of_turn> as well as <eos>

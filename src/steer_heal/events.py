@@ -9,6 +9,11 @@ Each line is one JSON object with at least:
 plus stage-specific fields. Non-finite floats (NaN, inf) are written as null.
 `eval` records carry `model` = base | steered | healed; `collapse` records (schema 1.1+) carry
 `model` = base (round -1) | healed.
+
+The file is append-only. A resumed run does not rewrite it: it appends a `resume` record whose
+`round` is the round it restarts at, which supersedes every earlier record of that round or later
+(the unfinished round's partial records) and every earlier `stop` and `summary`. `read` returns this
+live view; `read(..., raw=True)` returns every line as written. Look records up with `find` / `first`.
 """
 
 from __future__ import annotations
@@ -78,8 +83,36 @@ class Events:
         return rec
 
 
-def read(path: Path, stage: str | None = None) -> list[dict]:
-    """All records (or one stage's) in order. A torn last line from a crash is skipped."""
+def find(recs: list[dict], stage: str, **match) -> list[dict]:
+    """The records of `stage` whose fields equal every `match` value, in order."""
+    return [r for r in recs if r.get("stage") == stage and all(r.get(k) == v for k, v in match.items())]
+
+
+def first(recs: list[dict], stage: str, **match) -> dict | None:
+    """The first record of `stage` matching every `match` value, or None."""
+    return next(iter(find(recs, stage, **match)), None)
+
+
+def last(recs: list[dict], stage: str, **match) -> dict | None:
+    """The last record of `stage` matching every `match` value, or None."""
+    found = find(recs, stage, **match)
+    return found[-1] if found else None
+
+
+def live(recs: list[dict]) -> list[dict]:
+    """Apply `resume` markers: each drops the earlier records of its round and later, and earlier stops
+    and summaries (they belonged to an attempt that is being continued)."""
+    out: list[dict] = []
+    for r in recs:
+        if r.get("stage") == "resume":
+            out = [x for x in out if x["round"] < r["round"] and x.get("stage") not in ("stop", "summary")]
+        out.append(r)
+    return out
+
+
+def read(path: Path, stage: str | None = None, raw: bool = False) -> list[dict]:
+    """All live records (or one stage's) in order; `raw` = every line as written, superseded ones too.
+    A torn last line from a crash is skipped."""
     path = Path(path)
     if path.is_dir():
         path = path / "events.jsonl"
@@ -101,6 +134,6 @@ def read(path: Path, stage: str | None = None) -> list[dict]:
             raise UserError(
                 f"{path}:{i}: events schema {rec.get('schema')!r} is not readable by this version (reads {SCHEMA})"
             )
-        if stage is None or rec.get("stage") == stage:
-            out.append(rec)
-    return out
+        out.append(rec)
+    out = out if raw else live(out)
+    return [r for r in out if stage is None or r.get("stage") == stage]

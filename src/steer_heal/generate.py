@@ -1,13 +1,17 @@
 """Batched steered sampling; one `generate` call may mix strengths (a per-row coefficient tensor).
 
-Rows are (prompt, coefficient) pairs. We keep the sampled token ids (re-tokenising decoded text would
-shift BPE boundaries), whether each row stopped at an end-of-turn token, and whether it hit the cap.
-Sampling follows the model card (temperature, top-p) with no repetition penalty or n-gram blocking:
-those would hide over-steering from the filter.
+    rows = [Row(i, text, ids, alpha=2.0, coeff=2.0 * kappa) for ...]
+    comps = generate(model, tok, rows, vectors, sampling=Sampling(64, top_p=0.95), batch_size=48, seed=0)
+
+We keep the sampled token ids (re-tokenising decoded text would shift BPE boundaries), whether each row
+stopped at an end-of-turn token, and whether it hit the cap. Sampling follows the model card
+(temperature, top-p) with no repetition penalty or n-gram blocking: those would hide over-steering
+from the filter.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -19,12 +23,43 @@ from steer_heal.hooks import steer
 from steer_heal.tokens import batches, pad
 
 
+@dataclass(frozen=True)
+class Row:
+    """One prompt to complete, at one steering strength."""
+
+    prompt_idx: int
+    prompt: str  # the user message
+    prompt_ids: list[int]  # its chat-template ids, tokenised once
+    alpha: float = 0.0  # nominal strength from the sweep
+    coeff: float = 0.0  # strength actually applied to the raw vector (alpha x kappa x c*)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to decode: sampled at (temperature, top_p) or greedy, up to max_new_tokens."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    do_sample: bool = True
+    min_new_tokens: int = 0  # > 0 only in benchmarks, to compare equal token counts
+
+    def greedy(self) -> Sampling:
+        return dataclasses.replace(self, do_sample=False)
+
+    def hf_kwargs(self) -> dict:
+        kw = dict(max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens, repetition_penalty=1.0)
+        if self.do_sample:
+            return kw | dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0)
+        return kw | dict(do_sample=False)
+
+
 @dataclass
 class Completion:
     prompt_idx: int
     prompt: str  # the user message
     alpha: float  # nominal strength from the sweep
-    coeff: float  # strength actually applied (alpha * kappa)
+    coeff: float  # strength actually applied
     prompt_ids: list[int]
     ids: list[int]  # sampled completion ids; ends with the end-of-turn id iff hit_eos
     text: str
@@ -54,42 +89,29 @@ def cut(row: list[int], stops: list[int]) -> tuple[list[int], bool]:
 def generate(
     model,
     tok,
-    rows: list[tuple[int, str, list[int], float, float]],
-    vectors: dict[int, torch.Tensor] | None,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
+    rows: list[Row],
+    vectors: dict[int, torch.Tensor] | None = None,
+    *,
+    sampling: Sampling,
     batch_size: int,
-    seed: int,
-    do_sample: bool = True,
+    seed: int = 0,
     desc: str = "generate",
-    min_new_tokens: int = 0,
 ) -> list[Completion]:
-    """rows = (prompt_idx, user text, prompt ids, alpha, coeff). Returns one Completion per row, in order."""
+    """One Completion per row, in order. Batch b is seeded with seed * 100003 + b."""
     dev = next(model.parameters()).device
     stops = stop_ids(model, tok)
-    out: list[Completion] = []
-    sampling = {"do_sample": False}
-    if do_sample:
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-    kw = dict(
-        max_new_tokens=max_new_tokens,
-        eos_token_id=stops,
-        pad_token_id=tok.pad_token_id,
-        repetition_penalty=1.0,
-        min_new_tokens=min_new_tokens,  # > 0 only in benchmarks, to compare equal token counts
-        **sampling,
-    )
+    kw = dict(eos_token_id=stops, pad_token_id=tok.pad_token_id, **sampling.hf_kwargs())
 
-    def run(chunk, seed_b: int) -> list[list[int]]:
-        enc = pad([r[2] for r in chunk], tok.pad_token_id, "left", dev)
+    def run(chunk: list[Row], seed_b: int) -> list[list[int]]:
+        enc = pad([r.prompt_ids for r in chunk], tok.pad_token_id, "left", dev)
         enc.pop("position_ids")  # generate derives positions from the attention mask
-        coeff = torch.tensor([r[4] for r in chunk], dtype=torch.float32, device=dev)
+        coeff = torch.tensor([r.coeff for r in chunk], dtype=torch.float32, device=dev)
         torch.manual_seed(seed_b)
         with steer(model, vectors, coeff) if vectors else nullcontext():
             seq = model.generate(**enc, **kw)
         return seq[:, enc["input_ids"].shape[1] :].tolist()
 
+    out: list[Completion] = []
     for b, chunk in enumerate(tqdm(list(batches(rows, batch_size)), desc=desc, leave=False)):
         try:
             new = run(chunk, seed * 100_003 + b)
@@ -102,5 +124,5 @@ def generate(
         for r, row in zip(chunk, new):
             ids, eos = cut(row, stops)
             text = tok.decode(ids, skip_special_tokens=True)
-            out.append(Completion(r[0], r[1], r[3], r[4], list(r[2]), ids, text, eos))
+            out.append(Completion(r.prompt_idx, r.prompt, r.alpha, r.coeff, list(r.prompt_ids), ids, text, eos))
     return out

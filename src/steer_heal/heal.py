@@ -4,15 +4,16 @@
     D_i  = aggregation (mean | rmse | p95 | max) over completion i of per-position KL(student || ref)
            (kl_rev) or KL(ref || student) (kl_fwd); `nll` = no barrier.
 
-Safety check (per micro-batch): a non-finite NLL or spectral term skips the whole micro-batch; a
-non-finite barrier, or one larger than `barrier_max_ratio` x NLL, is dropped for that micro-batch and
-the SFT step goes on. Both are counted and warned about once; more than `max_bad_steps` skipped
-micro-batches in a round raise NonFiniteLoss (the weights have most likely diverged). `lam_warmup_frac`
-ramps lambda linearly from 0 over the first part of the round.
+The loop is three parts: `loss_terms` (one micro-batch's terms), `Safety` (what may train) and
+`optimizer_step`. Safety check, per micro-batch: a non-finite NLL or spectral term skips the whole
+micro-batch; a non-finite barrier, or one larger than `barrier_max_ratio` x NLL, is dropped for that
+micro-batch and the SFT step goes on. Both are counted and warned about once; more than
+`max_bad_steps` skipped micro-batches in a round raise NonFiniteLoss (the weights have most likely
+diverged). `lam_warmup_frac` ramps lambda linearly from 0 over the first part of the round.
 
 The reference logits come from the same model with adapters switched off (`base`) or with only the
 already-baked adapters on (`prev`), never from a second copy of the model. The adapter starts at B = 0,
-so D = 0 at step 0.
+so D = 0 at step 0. A heal that fails for any reason discards its adapter: the student is as before.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import dataclasses
 import math
 import random
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from loguru import logger
@@ -73,193 +75,238 @@ def lora_config(student: Student, cfg: HealConfig) -> LoraConfig:
     )
 
 
-def _terms(l_nll: torch.Tensor, l_bar: torch.Tensor, l_spec: torch.Tensor) -> str:
-    """The loss terms for a warning or an error (formatted only then: each .item() is a GPU sync)."""
-    return f"nll={l_nll.item():.4g}, barrier={l_bar.item():.4g}, spectral={l_spec.item():.4g}"
+# ---------------------------------------------------------------- the parts
 
 
-def _grad_norm(loss: torch.Tensor, params: list[torch.Tensor]) -> float:
-    g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    return math.sqrt(sum(float((x.float() ** 2).sum()) for x in g if x is not None))
+@dataclass
+class Terms:
+    """One micro-batch's loss terms (scalars) and its per-completion divergence d [B]."""
+
+    nll: torch.Tensor
+    barrier: torch.Tensor
+    spectral: torch.Tensor
+    d: torch.Tensor
+
+    def total(self) -> torch.Tensor:
+        return self.nll + self.barrier + self.spectral
+
+    def __str__(self) -> str:  # formatted only for a warning or an error: each .item() is a GPU sync
+        return f"nll={self.nll.item():.4g}, barrier={self.barrier.item():.4g}, spectral={self.spectral.item():.4g}"
+
+
+def loss_terms(student: Student, name: str, batch: dict, cfg: HealConfig, lam: float) -> Terms:
+    """NLL over the completion tokens, the barrier lam * mean relu(D - tau) against the reference, and the
+    spectral penalty of adapter `name`. The reference hidden states are taken without gradient."""
+    model, n = student.model, batch["enc"]["input_ids"].shape[0]
+    zero = torch.zeros((), device=batch["targets"].device)
+    h_ref = None
+    if cfg.reg != "nll":
+        ref = student.base if cfg.barrier_ref == "base" else student.prev
+        with torch.no_grad(), ref():
+            h_ref = selected_hidden(model, batch)
+    h = selected_hidden(model, batch)
+    tok_lp, kl = completion_terms(model, h, batch["targets"], h_ref, KL.get(cfg.reg), cfg.loss_chunk)
+    d, barrier = torch.zeros(n, device=zero.device), zero
+    if kl is not None:
+        d = aggregate(kl, batch["seg"], n, cfg.kl_agg)
+        barrier = hinge(d, cfg.tau, lam)
+    spectral = zero
+    if cfg.spectral_lam > 0:
+        spectral = cfg.spectral_lam * sum(spectral_norm_lowrank(A, B, s) for A, B, s in student.lora_factors(name))
+    return Terms(-tok_lp.mean(), barrier, spectral, d)
+
+
+class Safety:
+    """The heal safety check's accounting for one round: what may train, what was skipped."""
+
+    def __init__(self, round: int, cfg: HealConfig):
+        self.round, self.max_bad, self.max_ratio = round, cfg.max_bad_steps, cfg.barrier_max_ratio
+        self.skipped = 0  # micro-batches (or group updates) skipped as non-finite
+        self.barrier_dropped = 0  # micro-batches whose barrier was dropped
+
+    def admit(self, t: Terms, step: int) -> tuple[bool, Terms]:
+        """(may this micro-batch train, its terms with a runaway barrier dropped)."""
+        if not bool(torch.isfinite(t.nll) and torch.isfinite(t.spectral)):
+            self.skip(f"non-finite loss ({t})", step)
+            return False, t
+        if not torch.isfinite(t.barrier) or t.barrier.item() > self.max_ratio * t.nll.item():
+            self.barrier_dropped += 1
+            if self.barrier_dropped == 1:
+                logger.warning(
+                    f"heal r{self.round} step {step}: barrier dropped for this micro-batch ({t}; limit "
+                    f"{self.max_ratio:g} x nll); counted in the round record, warned once"
+                )
+            t = dataclasses.replace(t, barrier=torch.zeros_like(t.nll))
+        return True, t
+
+    def skip(self, why: str, step: int) -> None:
+        """Count a skipped micro-batch (or group update); past --max-bad-steps the weights have diverged."""
+        self.skipped += 1
+        if self.skipped > self.max_bad:
+            raise NonFiniteLoss(
+                f"heal r{self.round} step {step}: {why}; {self.skipped} micro-batches skipped, "
+                f"more than --max-bad-steps {self.max_bad}"
+            )
+        if self.skipped == 1:
+            logger.warning(f"heal r{self.round} step {step}: {why}; skipped (counted in the round record, warned once)")
+
+
+def optimizer_step(opt, params: list[torch.Tensor], n_ok: int, lr: float, max_grad_norm: float) -> torch.Tensor:
+    """Average the gradients summed over the group's n_ok good micro-batches, clip, and step at `lr`.
+    Returns the gradient norm; when it is non-finite no update is made."""
+    for p in params:
+        if p.grad is not None:
+            p.grad.div_(n_ok)
+    gnorm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if torch.isfinite(gnorm):
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.step()
+    return gnorm
+
+
+def plan(n: int, cfg: HealConfig, rng: random.Random) -> list[list[list[int]]]:
+    """Optimiser steps as groups of micro-batches (example indices): each epoch's shuffled order cut into
+    micro-batches, grouped `grad_accum` at a time across epoch boundaries; a short last group still steps."""
+    micro = []
+    for _ in range(cfg.epochs):
+        order = list(range(n))
+        rng.shuffle(order)
+        micro += list(batches(order, cfg.heal_batch_size))
+    return [micro[i : i + cfg.grad_accum] for i in range(0, len(micro), cfg.grad_accum)]
+
+
+def lam_ramp(step: int, total: int, warmup_frac: float) -> float:
+    """Barrier warm-up multiplier: step / (warmup_frac * total), capped at 1 (1 throughout when off)."""
+    return min(1.0, step / (warmup_frac * total)) if warmup_frac > 0 else 1.0
+
+
+def grad_ratio(t: Terms, params: list[torch.Tensor]) -> float:
+    """|grad barrier| / |grad nll| over the adapter: two extra backward passes through the kept graph."""
+
+    def norm(loss):
+        g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        return math.sqrt(sum(float((x.float() ** 2).sum()) for x in g if x is not None))
+
+    gn = norm(t.nll)
+    return norm(t.barrier) / max(gn, 1e-12)
+
+
+@contextmanager
+def training(model, grad_checkpoint: bool):
+    """train() for the heal (dropout is 0, so it documents intent), optionally with block checkpointing
+    (keep only block inputs; recompute each block in the backward); eval() again afterwards."""
+    model.train()
+    if grad_checkpoint:
+        unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        model.eval()
+        if grad_checkpoint:
+            unwrap(model).gradient_checkpointing_disable()
+
+
+@dataclass
+class Trace:
+    """Per good micro-batch: NLL, mean divergence, whether the barrier fired; grad ratios when measured."""
+
+    nll: list[float] = field(default_factory=list)
+    d: list[float] = field(default_factory=list)
+    fired: list[bool] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- the loop
 
 
 def heal(
-    student: Student,
-    pairs: list[tuple[list[int], list[int]]],
-    cfg: HealConfig,
-    round: int,
-    seed: int,
-    pad_id: int,
-    emit,
-    log_every: int = 5,
-    poison_step: int | None = None,
-    barrier_boost: float = 1.0,
-) -> HealResult:
-    """Train adapter r<round> on (prompt ids, completion ids) pairs; returns a summary.
-
-    `emit(**fields)` writes a heal_step event. Fault injection (tests): `poison_step` makes the NLL NaN
-    from that step on, as diverged weights would; `barrier_boost` multiplies the barrier term. Raises
-    NonFiniteLoss, naming the step and loss terms, once more than `cfg.max_bad_steps` micro-batches
-    (or group updates with a non-finite gradient norm) were skipped, or if the adapter ends non-finite."""
+    student: Student, pairs: list[tuple[list[int], list[int]]], cfg: HealConfig, round: int, seed: int, pad_id: int,
+    emit=None, log_every: int = 5,
+) -> HealResult:  # fmt: skip
+    """Train adapter r<round> on (prompt ids, completion ids) pairs; `emit(**fields)` writes a heal_step
+    event every `log_every` steps. On any failure the adapter is discarded and the error re-raised."""
     torch.manual_seed(seed * 7919 + round)
     name = student.add_adapter(round, lora_config(student, cfg))
+    try:
+        return _train(student, name, pairs, cfg, round, seed, pad_id, emit, log_every)
+    except BaseException:
+        student.drop_training()
+        raise
+
+
+def _train(student, name, pairs, cfg: HealConfig, round, seed, pad_id, emit, log_every) -> HealResult:
     params = student.trainable()
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    rng = random.Random(seed * 31 + round)
-    micro_per_epoch = math.ceil(len(pairs) / cfg.heal_batch_size)
-    total = math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum)  # a short last group still steps
-    warm = max(1, int(cfg.warmup_frac * total))
-    lam_r = lam_at_round(cfg.lam, round, cfg.lam_round_pow)
-    dev = next(student.model.parameters()).device
-    ref_ctx = student.base if cfg.barrier_ref == "base" else student.prev
-    model = student.model
-    model.train()  # dropout is 0, so train() changes nothing numerically; it documents intent
-    if cfg.grad_checkpoint:  # keep only block inputs; recompute each block in the backward
-        unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    t0, step, micro = time.time(), 0, 0
-    nlls, ds, fired, ratios = [], [], [], []
-    skipped = {"barrier": 0, "step": 0}
-    n_ok = 0  # good micro-batches in the current accumulation group
-
-    def bad_micro_batch(why: str) -> None:
-        """Count a skipped micro-batch (or group update); past --max-bad-steps the weights have diverged."""
-        skipped["step"] += 1
-        if skipped["step"] > cfg.max_bad_steps:
-            raise NonFiniteLoss(
-                f"heal r{round} step {step}: {why}; {skipped['step']} micro-batches skipped, "
-                f"more than --max-bad-steps {cfg.max_bad_steps}"
-            )
-        if skipped["step"] == 1:
-            logger.warning(f"heal r{round} step {step}: {why}; skipped (counted in the round record, warned once)")
-
-    bar = tqdm(total=total, desc=f"heal r{round}", leave=False)
-    try:
-        for _epoch in range(cfg.epochs):
-            order = list(range(len(pairs)))
-            rng.shuffle(order)
-            for idx in batches(order, cfg.heal_batch_size):
+    groups = plan(len(pairs), cfg, random.Random(seed * 31 + round))
+    total, warm = len(groups), max(1, int(cfg.warmup_frac * len(groups)))
+    lam_r, dev = lam_at_round(cfg.lam, round, cfg.lam_round_pow), next(student.model.parameters()).device
+    safety, trace, t0 = Safety(round, cfg), Trace(), time.time()
+    with training(student.model, cfg.grad_checkpoint), tqdm(total=total, desc=f"heal r{round}", leave=False) as bar:
+        for step, group in enumerate(groups):
+            lam, n_ok, ratio = lam_r * lam_ramp(step, total, cfg.lam_warmup_frac), 0, None
+            for idx in group:
                 batch = completion_batch([pairs[i] for i in idx], pad_id, dev)
-                h_ref = None
-                if cfg.reg != "nll":
-                    with torch.no_grad(), ref_ctx():
-                        h_ref = selected_hidden(model, batch)
-                tok_lp, kl = completion_terms(
-                    model, selected_hidden(model, batch), batch["targets"], h_ref, KL.get(cfg.reg), cfg.loss_chunk
-                )
-                l_nll = -tok_lp.mean()
-                if poison_step is not None and step >= poison_step:
-                    l_nll = l_nll * float("nan")
-                l_bar = torch.zeros((), device=dev)
-                d = torch.zeros(len(idx), device=dev)
-                if kl is not None:
-                    d = aggregate(kl, batch["seg"], len(idx), cfg.kl_agg)
-                    ramp = min(1.0, step / (cfg.lam_warmup_frac * total)) if cfg.lam_warmup_frac > 0 else 1.0
-                    l_bar = hinge(d, cfg.tau, lam_r * ramp) * barrier_boost
-                l_spec = torch.zeros((), device=dev)
-                if cfg.spectral_lam > 0:
-                    l_spec = cfg.spectral_lam * sum(
-                        spectral_norm_lowrank(A, B, s) for A, B, s in student.lora_factors(name)
-                    )
-                ok = bool(torch.isfinite(l_nll) and torch.isfinite(l_spec))
-                if not ok:
-                    bad_micro_batch(f"non-finite loss ({_terms(l_nll, l_bar, l_spec)})")
-                elif not torch.isfinite(l_bar) or l_bar.item() > cfg.barrier_max_ratio * l_nll.item():
-                    skipped["barrier"] += 1
-                    if skipped["barrier"] == 1:
-                        logger.warning(
-                            f"heal r{round} step {step}: barrier dropped for this micro-batch "
-                            f"({_terms(l_nll, l_bar, l_spec)}; limit {cfg.barrier_max_ratio:g} x nll); "
-                            "counted in the round record, warned once"
-                        )
-                    l_bar = torch.zeros((), device=dev)
-                fired_now = bool(l_bar.detach() > 0) and ok
-                ratio = None
-                if fired_now and step % log_every == 0:
-                    # Measured only on logged steps: two extra backward passes through the graph.
-                    gn = _grad_norm(l_nll, params)
-                    ratio = _grad_norm(l_bar, params) / max(gn, 1e-12)
-                micro += 1
+                ok, t = safety.admit(loss_terms(student, name, batch, cfg, lam), step)
+                fired = ok and bool(t.barrier.detach() > 0)
+                ratio = grad_ratio(t, params) if fired and step % log_every == 0 else None
                 if ok:  # a skipped micro-batch adds no gradient
-                    (l_nll + l_bar + l_spec).backward()  # summed over the group; divided by n_ok below
+                    t.total().backward()  # summed over the group; averaged in optimizer_step
                     n_ok += 1
-                    nlls.append(l_nll.item())
-                    ds.append(d.mean().item())
-                    fired.append(fired_now)
+                    trace.nll.append(t.nll.item())
+                    trace.d.append(t.d.mean().item())
+                    trace.fired.append(fired)
                 if ratio is not None:
-                    ratios.append(ratio)
-                last = micro == cfg.epochs * micro_per_epoch
-                if micro % cfg.grad_accum and not last:
-                    continue
-                # End of an accumulation group (a short last group too): the mean over its good micro-batches.
-                lr = cfg.lr * cosine_warmup(step, total, warm)
-                if n_ok:
-                    for p in params:
-                        if p.grad is not None:
-                            p.grad.div_(n_ok)
-                    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                    if torch.isfinite(gnorm):
-                        for g in opt.param_groups:
-                            g["lr"] = lr
-                        opt.step()
-                    else:  # finite loss, non-finite gradient (e.g. an overflow in the backward): no update
-                        bad_micro_batch(f"non-finite gradient norm {gnorm.item()} ({_terms(l_nll, l_bar, l_spec)})")
-                opt.zero_grad(set_to_none=True)
-                n_ok = 0
-                if step % log_every == 0 or step == total - 1:
-                    emit(
-                        step=step,
-                        nll=l_nll.item(),
-                        d=d.mean().item(),
-                        barrier=l_bar.item(),
-                        spectral=l_spec.item(),
-                        fired=fired_now,
-                        grad_ratio=ratio,
-                        lr=lr,
-                        barrier_skipped=skipped["barrier"],
-                        steps_skipped=skipped["step"],
-                    )
-                bar.update(1)
-                bar.set_postfix(nll=f"{l_nll.item():.3f}", D=f"{d.mean().item():.3f}")
-                step += 1
-    finally:
-        bar.close()
-        model.eval()
-        if cfg.grad_checkpoint:
-            unwrap(model).gradient_checkpointing_disable()
-    if not nlls:
+                    trace.ratios.append(ratio)
+            lr = cfg.lr * cosine_warmup(step, total, warm)
+            if n_ok:
+                gnorm = optimizer_step(opt, params, n_ok, lr, cfg.max_grad_norm)
+                if not torch.isfinite(gnorm):  # finite loss, non-finite gradient (e.g. a backward overflow)
+                    safety.skip(f"non-finite gradient norm {gnorm.item()} ({t})", step)
+            opt.zero_grad(set_to_none=True)
+            if emit is not None and (step % log_every == 0 or step == total - 1):
+                emit(step=step, nll=t.nll.item(), d=t.d.mean().item(), barrier=t.barrier.item(),
+                     spectral=t.spectral.item(), fired=fired, grad_ratio=ratio, lr=lr,
+                     barrier_skipped=safety.barrier_dropped, steps_skipped=safety.skipped)  # fmt: skip
+            bar.update(1)
+            bar.set_postfix(nll=f"{t.nll.item():.3f}", D=f"{t.d.mean().item():.3f}")
+    return _result(name, params, cfg, round, total, trace, safety, time.time() - t0)
+
+
+def _result(name, params, cfg: HealConfig, round, steps, trace: Trace, safety: Safety, seconds) -> HealResult:
+    """Check the adapter is usable, log the round's line, and summarise it."""
+    if not trace.nll:
         raise NonFiniteLoss(f"heal r{round}: every micro-batch was skipped as non-finite")
     if not all(bool(torch.isfinite(p).all()) for p in params):
-        raise NonFiniteLoss(f"heal r{round}: the adapter has non-finite weights after {step} steps")
+        raise NonFiniteLoss(f"heal r{round}: the adapter has non-finite weights after {steps} steps")
+    d_mean, fired = sum(trace.d) / len(trace.d), sum(trace.fired) / len(trace.fired)
     logger.info(
-        f"heal r{round}: {step} steps, nll {nlls[0]:.3f} -> {nlls[-1]:.3f}, D mean {sum(ds) / len(ds):.3f}, "
-        f"barrier fired {sum(fired) / len(fired):.0%}, skipped: barrier {skipped['barrier']}, "
-        f"micro-batches {skipped['step']}"
+        f"heal r{round}: {steps} steps, nll {trace.nll[0]:.3f} -> {trace.nll[-1]:.3f}, D mean {d_mean:.3f}, "
+        f"barrier fired {fired:.0%}, skipped: barrier {safety.barrier_dropped}, micro-batches {safety.skipped}"
     )
     return HealResult(
-        name,
-        step,
-        nlls[0],
-        nlls[-1],
-        sum(ds) / len(ds),
-        sum(fired) / len(fired),
-        sum(ratios) / len(ratios) if ratios else None,
-        time.time() - t0,
-        skipped["barrier"],
-        skipped["step"],
-        cfg.heal_batch_size,
-        cfg.grad_accum,
+        adapter=name,
+        steps=steps,
+        nll_first=trace.nll[0],
+        nll_last=trace.nll[-1],
+        d_mean=d_mean,
+        fired_frac=fired,
+        grad_ratio_mean=sum(trace.ratios) / len(trace.ratios) if trace.ratios else None,
+        seconds=seconds,
+        barrier_skipped=safety.barrier_dropped,
+        steps_skipped=safety.skipped,
+        batch_size=cfg.heal_batch_size,
+        grad_accum=cfg.grad_accum,
     )
 
 
-def heal_with_retry(student: Student, pairs, cfg: HealConfig, *args, **kw) -> HealResult:
+def heal_with_retry(student: Student, pairs, cfg: HealConfig, round: int, seed: int, pad_id: int, emit=None):
     """`heal`, and on out-of-memory once more from a fresh adapter with half the micro-batch and twice the
     accumulation (the same examples per optimiser step). A second out-of-memory raises OutOfMemory."""
     try:
-        return heal(student, pairs, cfg, *args, **kw)
+        return heal(student, pairs, cfg, round, seed, pad_id, emit)
     except torch.OutOfMemoryError:
         pass  # leave the except block first, so the failed step's tensors can be freed
-    student.drop_training()
     free_memory()
     if cfg.heal_batch_size < 2:
         raise OutOfMemory("out of memory in heal at --heal-batch-size 1; use shorter completions or a smaller model")
@@ -268,14 +315,11 @@ def heal_with_retry(student: Student, pairs, cfg: HealConfig, *args, **kw) -> He
         f"out of memory in heal at --heal-batch-size {cfg.heal_batch_size}; retrying the round with "
         f"{half.heal_batch_size} x grad-accum {half.grad_accum}"
     )
-    if "emit" in kw:  # the second attempt's step records say so (steps restart at 0)
-        emit = kw["emit"]
-        kw["emit"] = lambda **f: emit(**f, attempt=2)
+    retry_emit = None if emit is None else (lambda **f: emit(**f, attempt=2))  # steps restart at 0
     try:
-        return heal(student, pairs, half, *args, **kw)
+        return heal(student, pairs, half, round, seed, pad_id, retry_emit)
     except torch.OutOfMemoryError:
         pass
-    student.drop_training()
     free_memory()
     raise OutOfMemory(
         f"out of memory in heal at --heal-batch-size {cfg.heal_batch_size} and again at {half.heal_batch_size}; "

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from steer_heal.generate import generate
+from steer_heal.generate import Row, Sampling, generate
 from steer_heal.hooks import steer
 from steer_heal.losses import KL, completion_batch, completion_terms, selected_hidden
 from steer_heal.tokens import batches
@@ -85,9 +85,10 @@ def steered_kl_p95(
     log-softmax runs in chunks of `chunk` positions from hidden states, so no [K, V] tensor is held."""
     if c == 0:
         return 0.0
-    rows = [(i, "", ids, c, c) for i, ids in enumerate(prompt_ids)]
+    rows = [Row(i, "", ids, c, c) for i, ids in enumerate(prompt_ids)]
+    greedy = Sampling(max_new_tokens, do_sample=False)
     comps = generate(
-        model, tok, rows, vectors, max_new_tokens, 1.0, 1.0, batch_size, seed, do_sample=False, desc=f"iso-KL c={c:.3g}"
+        model, tok, rows, vectors, sampling=greedy, batch_size=batch_size, seed=seed, desc=f"iso-KL c={c:.3g}"
     )
     pairs = [(x.prompt_ids, x.ids) for x in comps if x.ids]
     dev = next(model.parameters()).device

@@ -8,7 +8,8 @@
     <out>/<run>/summary.md, trajectory.png
 
 Every file is written to a temporary name and renamed into place, so a file that exists is complete.
-A round is complete when its DONE marker exists (written last).
+A round is complete when its DONE marker exists (written last). `read_state` is the one reader of
+what a resume needs (finished rounds, base eval, filter calibration), and checks it is consistent.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from steer_heal import events
 from steer_heal.errors import UserError
 from steer_heal.events import finite
 
@@ -119,8 +122,64 @@ class RunDir:
         return self.config.is_file() and self.events.is_file()
 
     def read_config(self) -> dict:
+        """The run's config.json (resolved config, argv, versions); a UserError if it is not a run."""
         if not self.is_run():
+            raise UserError(f"{self.root}: not a steer_heal run directory (needs config.json and events.jsonl)")
+        try:
+            meta = json.loads(self.config.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{self.config}: corrupt config file ({e})") from e
+        if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+            raise UserError(f"{self.config}: no 'config' object in it; is this a steer_heal run directory?")
+        return meta
+
+    def vectors(self, r: int) -> dict[int, torch.Tensor]:
+        """The teacher vector saved in round r, {layer: [H]}."""
+        path = self.vector(r)
+        if not path.is_file():
             raise UserError(
-                f"--resume {self.root}: not a steer_heal run directory (needs config.json and events.jsonl)"
+                f"{self.root}: no teacher vector for round {r} ({path}); rounds done: {self.completed_rounds()}"
             )
-        return json.loads(self.config.read_text(encoding="utf-8"))
+        return {int(k): v for k, v in load_tensors(path).items()}
+
+
+@dataclass
+class RunState:
+    """What a resumed run continues from."""
+
+    done: list[int]  # completed rounds, always 0..n-1
+    base_eval: dict | None
+    calibration: dict | None
+    base_collapse: dict | None
+    last_round: dict | None  # the round record of the last completed round
+
+    @property
+    def start(self) -> int:
+        return self.done[-1] + 1 if self.done else 0
+
+
+def read_state(rd: RunDir) -> RunState:
+    """Finished rounds and the run-level records, from the DONE markers and events.jsonl. Refuses (with
+    the reason) a directory whose rounds cannot be continued: a gap in the finished rounds, a DONE marker
+    with no round record, or a finished round without its adapter."""
+    recs = events.read(rd.events)
+    done = rd.completed_rounds()
+    if done != list(range(len(done))):
+        gap = next(r for r in range(len(done) + 1) if r not in done)
+        raise UserError(
+            f"{rd.root}: rounds {done} have DONE markers but round {gap} does not; finished rounds must be "
+            f"0..n-1 (restore rounds/r{gap:02d}/DONE, or start a new run)"
+        )
+    recorded = {x["round"]: x for x in events.find(recs, "round")}
+    for r in done:
+        if r not in recorded:
+            raise UserError(f"{rd.done(r)}: round {r} is marked done but events.jsonl has no record of it")
+        if not any(rd.adapter(r).rglob("adapter_model.safetensors")):
+            raise UserError(f"{rd.adapter(r)}: round {r} is marked done but its adapter is missing")
+    return RunState(
+        done=done,
+        base_eval=events.first(recs, "eval", model="base"),
+        calibration=events.first(recs, "calibrate"),
+        base_collapse=events.first(recs, "collapse", model="base"),
+        last_round=recorded[done[-1]] if done else None,
+    )

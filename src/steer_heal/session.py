@@ -1,25 +1,33 @@
-"""What the diagnostic scripts share with the run: a loaded model + data, built from the same config.
+"""The one context object: a loaded model (as a `Student`) and the run's data, built from a config.
+The run and every diagnostic script use it.
 
-s = Session.from_argv(rest)          # rest = run flags (--preset, --model, --n-vignettes, ...)
-v = s.teacher()                      # teacher vector on the configured band
-m, rows = s.evaluate(vectors=v, c=2.0)
+    s = Session.from_argv(rest)          # rest = run flags (--preset, --model, --n-vignettes, ...)
+    v = s.teacher()                      # teacher vector on the configured band
+    m, rows = s.evaluate(vectors=v, c=2.0)
+    comps = s.generate([Row(...), ...], seed=0, desc="probe", vectors=v)
+
+Building one checks every input (persona, data files, model, layer band) before anything is written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
-from steer_heal import data, extract, models
-from steer_heal import filter as filt
+from steer_heal import data, extract, filters, models
 from steer_heal.bake import Student
 from steer_heal.config import RunConfig, parse_args
 from steer_heal.evaluate import evaluate
-from steer_heal.generate import generate
+from steer_heal.generate import Completion, Row, Sampling, generate
 from steer_heal.hooks import steer
 from steer_heal.tokens import chat_ids
+
+N_SAMPLE_PROMPTS = 3  # greedy samples saved per round for a person to read
 
 
 @dataclass
@@ -53,21 +61,39 @@ class Session:
         model, tok = models.load(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)
         layers = models.band(len(models.decoder_layers(model)), e.steer_layers, "--steer-layers")
         return cls(
-            cfg,
-            Student(model),
-            tok,
-            persona,
-            ctx[: e.n_contexts],
-            prompts,
-            [chat_ids(tok, p) for p in prompts],
-            src,
-            data.balanced(vigs, cfg.eval.n_vignettes),
-            layers,
+            cfg=cfg,
+            student=Student(model),
+            tok=tok,
+            persona=persona,
+            contexts=ctx[: e.n_contexts],
+            prompts=prompts,
+            prompt_ids=[chat_ids(tok, p) for p in prompts],
+            vig_source=src,
+            vigs=data.balanced(vigs, cfg.eval.n_vignettes),
+            layers=layers,
         )
 
     @property
     def model(self):
         return self.student.model
+
+    @property
+    def sampling(self) -> Sampling:
+        """The run's generation settings (length, temperature, top-p)."""
+        g = self.cfg.generate
+        return Sampling(g.max_new_tokens, g.temperature, g.top_p)
+
+    @cached_property
+    def neutral_ids(self) -> list[list[int]]:
+        """The extraction contexts under the default (neutral) system prompt, tokenised once per session:
+        the student vector, the collapse signals and the amplification gauge all read them."""
+        return [chat_ids(self.tok, x) for x in self.contexts]
+
+    def as_model(self, which: str):
+        """Context: the original weights for `base`, the current student for anything else."""
+        return self.student.base() if which == "base" else nullcontext()
+
+    # ---------------------------------------------------------------- what stages ask of the model
 
     def teacher(self, persona: data.Persona | None = None) -> dict[int, torch.Tensor]:
         e = self.cfg.extract
@@ -76,69 +102,71 @@ class Session:
         )
 
     def evaluate(self, vectors=None, c: float = 0.0, system: str | None = None, desc: str = "eval"):
+        """Vignette metrics and per-vignette rows, steered by c * vectors when both are given."""
         e = self.cfg.eval
-        if vectors is None or c == 0:
-            return evaluate(
-                self.model, self.tok, self.vigs, e.eval_batch_size, e.eval_think_tokens, desc, system=system
-            )
-        with steer(self.model, vectors, c):
+        with steer(self.model, vectors, c) if vectors is not None and c != 0 else nullcontext():
             return evaluate(
                 self.model, self.tok, self.vigs, e.eval_batch_size, e.eval_think_tokens, desc, system=system
             )
 
+    def generate(
+        self, rows: list[Row], seed: int, desc: str, vectors=None, sampling: Sampling | None = None,
+        batch_size: int | None = None,
+    ) -> list[Completion]:  # fmt: skip
+        """Completions of `rows`, by default at the run's sampling settings and --gen-batch-size."""
+        return generate(
+            self.model, self.tok, rows, vectors, sampling=sampling or self.sampling,
+            batch_size=batch_size or self.cfg.generate.gen_batch_size, seed=seed, desc=desc,
+        )  # fmt: skip
+
+    def prompt_rows(self, indices, alphas=(0.0,), kappa: float = 1.0, c_star: float = 1.0) -> list[Row]:
+        """Generation prompt i at each strength alpha, prompt-major; applied coefficient alpha x kappa x c*."""
+        return [Row(i, self.prompts[i], self.prompt_ids[i], a, a * kappa * c_star) for i in indices for a in alphas]
+
+    def samples(self, vectors, c: float) -> list[dict]:
+        """Greedy completions of the first few generation prompts (steered at c when vectors are given)."""
+        rows = self.prompt_rows(range(min(N_SAMPLE_PROMPTS, len(self.prompts))), (c,))
+        comps = self.generate(rows, 0, "samples", vectors, self.sampling.greedy())
+        return [{"prompt": x.prompt, "text": x.text} for x in comps]
+
+    def complete(self, vectors, cs: list[float], prompt: str, greedy: bool = True, max_new_tokens: int | None = None):
+        """One completion of `prompt` per strength in `cs`, all in one mixed-strength batch."""
+        ids = chat_ids(self.tok, prompt)
+        rows = [Row(0, prompt, ids, c, c) for c in cs]
+        n = max_new_tokens or self.sampling.max_new_tokens
+        sampling = dataclasses.replace(self.sampling, max_new_tokens=n, do_sample=not greedy)
+        return self.generate(rows, self.cfg.seed, "complete", vectors, sampling, batch_size=len(rows))
+
     def base_tail_ppl(self, pairs: list[tuple[list[int], list[int]]]) -> list[float | None]:
         """Tail perplexity of (prompt ids, completion ids) under the ORIGINAL model; None for empty completions."""
         nonempty = [p for p in pairs if p[1]]
+        f = self.cfg.filter
         with self.student.base():
             vals = iter(
-                filt.tail_ppl(
-                    self.model,
-                    nonempty,
-                    self.cfg.filter.tail_frac,
-                    self.tok.pad_token_id,
-                    self.cfg.generate.gen_batch_size,
+                filters.tail_ppl(
+                    self.model, nonempty, f.tail_frac, self.tok.pad_token_id, self.cfg.generate.gen_batch_size
                 )
             )
         return [next(vals) if p[1] else None for p in pairs]
 
     def calibration_ppls(self) -> list[float]:
         """Tail-ppl of the base model's own unsteered samples on the first generation prompts (>= 8)."""
-        g = self.cfg.generate
-        k = min(len(self.prompts), max(g.n_prompts, 8))
-        rows = [(i, self.prompts[i], self.prompt_ids[i], 0.0, 0.0) for i in range(k)]
+        k = min(len(self.prompts), max(self.cfg.generate.n_prompts, 8))
         with self.student.base():
-            comps = self.sample(rows, self.cfg.seed, "calibrate")
+            comps = self.generate(self.prompt_rows(range(k)), self.cfg.seed, "calibrate")
         return [p for p in self.base_tail_ppl([(c.prompt_ids, c.ids) for c in comps]) if p is not None]
 
-    def sample(self, rows, seed: int, desc: str, vectors=None):
-        """Sampled completions of `rows` at the run's generation settings (length, temperature, top-p, batch)."""
-        g = self.cfg.generate
-        return generate(
-            self.model, self.tok, rows, vectors, g.max_new_tokens, g.temperature, g.top_p, g.gen_batch_size, seed,
-            desc=desc,
-        )  # fmt: skip
-
-    def thresholds(self, ppl_max: float) -> filt.Thresholds:
+    def thresholds(self, ppl_max: float) -> filters.Thresholds:
         f = self.cfg.filter
-        return filt.Thresholds(
+        return filters.Thresholds(
             ppl_max, f.rep_max, f.compress_min, f.distinct_min, f.top_word_max, f.narration, f.refusal
         )
 
-    def complete(self, vectors, cs: list[float], prompt: str, greedy: bool = True, max_new_tokens: int | None = None):
-        """One completion of `prompt` per strength in `cs`, all in one mixed-strength batch."""
-        g = self.cfg.generate
-        ids = chat_ids(self.tok, prompt)
-        rows = [(0, prompt, ids, c, c) for c in cs]
-        return generate(
-            self.model,
-            self.tok,
-            rows,
-            vectors,
-            max_new_tokens or g.max_new_tokens,
-            g.temperature,
-            g.top_p,
-            len(rows),
-            self.cfg.seed,
-            do_sample=not greedy,
-            desc="complete",
-        )
+    def neutral_acts(self, which: str, n: int) -> dict[int, torch.Tensor]:
+        """Last-prompt-token block outputs over the first n neutral prompts, at the band and the final block."""
+        layers = [*self.layers, len(models.decoder_layers(self.model)) - 1]
+        with self.as_model(which):
+            return extract.last_token_acts(
+                self.model, self.neutral_ids[:n], layers, self.tok.pad_token_id, self.cfg.extract.extract_batch_size,
+                "acts",
+            )  # fmt: skip

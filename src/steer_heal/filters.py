@@ -166,6 +166,13 @@ def decide(s: dict, th: Thresholds) -> tuple[bool, str]:
     return True, ""
 
 
+def judge(text: str, n_tokens: int, tail_ppl: float | None, persona_texts: tuple[str, ...], th: Thresholds) -> dict:
+    """Every score of one completion, then `keep` and `reason` ('' when kept)."""
+    s = {"tail_ppl": tail_ppl, "n_tokens": n_tokens, **text_scores(text, persona_texts)}
+    keep, reason = decide(s, th)
+    return s | {"keep": keep, "reason": reason}
+
+
 def calibrate_ppl(base_ppls: list[float], mult: float, override: float | None) -> float:
     """ppl threshold = override, else mult x median tail-ppl of the base model's own completions."""
     return float(override) if override is not None else mult * statistics.median(base_ppls)

@@ -1,0 +1,167 @@
+"""The computations of a round's stages that need more than one call to the Session. Each takes what it
+needs and returns values; writing artifacts and events is the Recorder's job (recorder.py).
+
+    calibrate(s)                       filter ppl threshold from the base model's own samples
+    iso_kl(s, v)                       c* at which the vector costs --iso-kl nats (p95 KL)
+    collect(s, r, v, ppl_max, ...)     walk-C: steered batches, scored and filtered, until enough are kept
+    eval_strength(cfg, kappa, c_star)  the strength of the steered eval
+    heal(s, pairs, r, emit)            the LoRA heal (with its out-of-memory retry)
+    collapse_signals(s, which, acts)   dimensional budget, output entropy, amplification
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from dataclasses import dataclass
+
+import torch
+from loguru import logger
+
+from steer_heal import collapse, extract, filters, isokl
+from steer_heal.clock import Clock
+from steer_heal.config import RunConfig
+from steer_heal.errors import UserError
+from steer_heal.generate import Completion, Row
+from steer_heal.heal import HealResult, heal_with_retry
+from steer_heal.session import Session
+
+N_STUDENT_CONTEXTS = 64  # a mean over 64 neutral prompts is enough for a cosine; the teacher uses all
+PROMPT_STRIDE = 7919  # each round starts its probes at a different prompt (prime stride)
+
+
+def calibrate(s: Session) -> dict:
+    """Filter threshold from the base model's own unsteered completions on the generation prompts."""
+    f = s.cfg.filter
+    ppl = s.calibration_ppls()
+    return {
+        "n": len(ppl),
+        "base_median_ppl": statistics.median(ppl),
+        "ppl_mult": f.ppl_mult,
+        "ppl_max_override": f.ppl_max,
+        "ppl_max": filters.calibrate_ppl(ppl, f.ppl_mult, f.ppl_max),
+        "base_ppls": ppl,
+    }
+
+
+def vector_meta(s: Session, r: int) -> dict[str, str]:
+    """What a saved teacher vector was read from (safetensors metadata: strings only)."""
+    p = s.persona
+    return {
+        "model": s.cfg.model, "layers": json.dumps(s.layers), "persona": p.name, "pos": p.pos, "neg": p.neg,
+        "n_contexts": str(len(s.contexts)), "round": str(r), "normalized": str(s.cfg.extract.normalize),
+    }  # fmt: skip
+
+
+def iso_kl(s: Session, v: dict[int, torch.Tensor]) -> dict:
+    """c* with p95 KL(steered at c* || unsteered) = --iso-kl on greedy completions of the first prompts."""
+    g = s.cfg.generate
+    ids = s.prompt_ids[: g.iso_kl_prompts]
+
+    def d(c: float) -> float:
+        return isokl.steered_kl_p95(s.model, s.tok, ids, v, c, g.max_new_tokens, g.gen_batch_size, s.cfg.seed)
+
+    try:
+        c_star, achieved, tried = isokl.solve_log(d, g.iso_kl, tol=g.iso_kl_tol)
+    except ValueError as e:
+        raise UserError(f"--iso-kl {g.iso_kl}: {e}; choose a target this vector can reach") from e
+    return {"target": g.iso_kl, "c_star": c_star, "kl_p95": achieved, "tried": tried}
+
+
+@dataclass
+class Collected:
+    """What walk-C banked in a round: every scored completion, and the dose it settled on."""
+
+    kappa: float
+    scored: list[dict]
+    n_generated: int
+    tokens: int
+
+    @property
+    def kept(self) -> list[dict]:
+        return [x for x in self.scored if x["keep"]]
+
+    @property
+    def pairs(self) -> list[tuple[list[int], list[int]]]:
+        """(prompt ids, sampled completion ids) of the kept completions: the heal's training data."""
+        return [(x["prompt_ids"], x["ids"]) for x in self.kept]
+
+
+def score(s: Session, comps: list[Completion], th: filters.Thresholds) -> list[dict]:
+    """Each completion with its filter scores (tail-ppl under the original model), keep and reason."""
+    persona = (s.persona.pos, s.persona.neg)
+    ppl = s.base_tail_ppl([(c.prompt_ids, c.ids) for c in comps])
+    return [
+        {**dataclasses.asdict(c), "n_tokens": len(c.ids), "hit_cap": c.hit_cap,
+         **filters.judge(c.text, len(c.ids), p, persona, th)}
+        for c, p in zip(comps, ppl)
+    ]  # fmt: skip
+
+
+def collect(s: Session, r: int, vectors, ppl_max: float, c_star: float, clock: Clock) -> Collected:
+    """Walk-C over mixed-strength batches: row coefficient = alpha x kappa x c* on the raw vector.
+    Raises Starved (with the scored rows) when too few survive at the floor dose."""
+    g, f, cfg = s.cfg.generate, s.cfg.filter, s.cfg
+    th = s.thresholds(ppl_max)
+    offset = (r * PROMPT_STRIDE) % len(s.prompts)
+    totals = {"n": 0, "tokens": 0}
+
+    def probe(kappa: float, b: int) -> list[dict]:
+        idx = [(offset + b * g.n_prompts + j) % len(s.prompts) for j in range(g.n_prompts)]
+        rows = s.prompt_rows(idx, g.alphas, kappa, c_star)
+        with clock("generate"):
+            comps = s.generate(rows, cfg.seed * 1000 + r * 50 + b, f"generate r{r} k={kappa:g}", vectors)
+        totals["n"] += len(comps)
+        totals["tokens"] += sum(len(c.ids) for c in comps)
+        with clock("filter"):
+            return [x | {"kappa": kappa, "batch": b} for x in score(s, comps, th)]
+
+    kappa, scored = filters.walk_c(probe, f.keep_target, f.kappa_floor, f.n_keep, f.min_train, f.max_collect_batches)
+    return Collected(kappa=kappa, scored=scored, n_generated=totals["n"], tokens=totals["tokens"])
+
+
+def eval_strength(cfg: RunConfig, kappa: float, c_star: float) -> float:
+    """--eval-alpha, or the median alpha at the dose walk-C settled on; in units of c* on the raw vector."""
+    c = cfg.eval.eval_alpha if cfg.eval.eval_alpha is not None else statistics.median(cfg.generate.alphas) * kappa
+    return c * c_star
+
+
+def heal(s: Session, pairs, r: int, emit) -> HealResult:
+    """The round's heal. An out-of-memory retry's smaller batch is kept for the rest of the session."""
+    h = s.cfg.heal
+    res = heal_with_retry(s.student, pairs, h, r, s.cfg.seed, s.tok.pad_token_id, emit)
+    if res.batch_size != h.heal_batch_size:
+        logger.warning(f"heal batch {res.batch_size} x grad-accum {res.grad_accum} from now on (after out of memory)")
+        s.cfg = dataclasses.replace(
+            s.cfg, heal=dataclasses.replace(h, heal_batch_size=res.batch_size, grad_accum=res.grad_accum)
+        )
+    return res
+
+
+def neutral_acts(s: Session, which: str) -> dict[int, torch.Tensor]:
+    """Activations for the collapse signals (the first --pr-contexts) and the student vector (first 64)."""
+    return s.neutral_acts(which, max(s.cfg.collapse.pr_contexts, N_STUDENT_CONTEXTS))
+
+
+def student_vector(acts: dict, base_acts: dict, layers: list[int]) -> dict[int, torch.Tensor]:
+    """v_student = mean h_student(neutral) - mean h_base(neutral) at the band, last prompt token."""
+    n = N_STUDENT_CONTEXTS
+    return extract.mean_diff({L: acts[L][:n] for L in layers}, {L: base_acts[L][:n] for L in layers})
+
+
+def collapse_signals(s: Session, which: str, acts: dict[int, torch.Tensor]) -> dict:
+    """Dimensional budget, output entropy and (optionally) amplification of the unsteered model."""
+    c = s.cfg.collapse
+    rec = collapse.dimensional_budget({L: a[: c.pr_contexts] for L, a in acts.items()}, s.layers, max(acts))
+    with s.as_model(which):
+        if c.entropy_prompts > 0:
+            k = min(c.entropy_prompts, len(s.contexts))
+            rows = [Row(i, s.contexts[i], s.neutral_ids[i]) for i in range(k)]
+            comps = s.generate(rows, s.cfg.seed * 1000 + 999, f"entropy {which}")  # same seed every round
+            pairs = [(x.prompt_ids, x.ids) for x in comps]
+            rec |= collapse.output_entropy(s.model, pairs, s.tok.pad_token_id, s.cfg.heal.heal_batch_size)
+        if c.amp_gauge:
+            ids = s.neutral_ids[: c.amp_prompts]
+            rec |= collapse.amplification(s.model, ids, s.layers[0], s.layers[-1], c.amp_iters, s.cfg.seed)
+    return rec

@@ -1,0 +1,160 @@
+"""The heal loop: what trains, what the barrier does, accumulation, checkpointing, and the safety check
+under injected faults (a NaN loss, a runaway barrier) through a patched `heal.loss_terms`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from steer_heal import heal as heal_mod
+from steer_heal.bake import Student
+from steer_heal.config import HealConfig
+from steer_heal.errors import NonFiniteLoss
+from steer_heal.heal import heal, lora_config, plan
+from steer_heal.tokens import chat_ids
+from tests.conftest import inject
+
+
+def _pairs(tok, n=6):
+    p = chat_ids(tok, "Give me a tip.")
+    return [(p, [100 + i, 200 + i, 300 + i, tok.eos_token_id]) for i in range(n)]
+
+
+def _randomise_b(student, name, scale=0.05):
+    g = torch.Generator().manual_seed(7)
+    for _A, B, _ in student.lora_factors(name):
+        B.data.copy_(torch.randn(B.shape, generator=g) * scale)
+
+
+def test_plan_groups_micro_batches_across_epochs():
+    cfg = HealConfig(epochs=3, heal_batch_size=2, grad_accum=4)
+    groups = plan(5, cfg, __import__("random").Random(0))
+    micro = [m for g in groups for m in g]
+    assert len(micro) == 9 and [len(g) for g in groups] == [4, 4, 1]  # a short last group still steps
+    for e in range(3):  # each epoch sees every example once
+        assert sorted(i for m in micro[3 * e : 3 * e + 3] for i in m) == list(range(5))
+
+
+def test_heal_trains_only_the_new_adapter_and_prev_reference(fresh_tiny):
+    model, tok = fresh_tiny
+    st = Student(model)
+    name0 = st.add_adapter(0, lora_config(st, HealConfig(lora_r=4)))
+    _randomise_b(st, name0)
+    st.bake()
+    frozen = {n: p.clone() for n, p in st.model.named_parameters() if ".r00." in n}
+    p = chat_ids(tok, "Give me a tip.")
+    pairs = [(p, [100 + i, 200 + i, tok.eos_token_id]) for i in range(6)]
+    steps = []
+    cfg = HealConfig(reg="kl_rev", barrier_ref="prev", lam=1.0, tau=0.0, epochs=2, heal_batch_size=3, lr=1e-2)
+    res = heal(st, pairs, cfg, 1, 0, tok.pad_token_id, emit=lambda **kw: steps.append(kw), log_every=1)
+    assert res.steps == 4 and res.nll_last < res.nll_first
+    assert steps[0]["d"] < 1e-6  # B = 0 at step 0: the student equals the reference
+    assert any(s["fired"] for s in steps[1:])  # tau = 0: the barrier fires once the student moves
+    for n, q in st.model.named_parameters():
+        if n in frozen:
+            assert torch.equal(q, frozen[n]), f"baked adapter {n} changed during the next round's heal"
+    assert all(q.dtype == torch.float32 for n, q in st.model.named_parameters() if "lora_" in n)
+
+
+def test_short_last_accumulation_group_still_steps(fresh_tiny):
+    model, tok = fresh_tiny
+    st = Student(model)
+    p = chat_ids(tok, "Tip?")
+    pairs = [(p, [100 + i, tok.eos_token_id]) for i in range(6)]
+    cfg = HealConfig(reg="nll", epochs=1, heal_batch_size=3, grad_accum=4, lr=1e-2)
+    res = heal(st, pairs, cfg, 0, 0, tok.pad_token_id, emit=lambda **kw: None)
+    assert res.steps == 1  # 2 micro-batches < grad_accum 4: one (rescaled) step, not zero
+    assert any(float(B.detach().abs().max()) > 0 for _, B, _ in st.lora_factors("r00"))
+
+
+def test_safety_check_drops_a_runaway_barrier_and_stays_finite(fresh_tiny, monkeypatch):
+    model, tok = fresh_tiny
+    st = Student(model)
+    cfg = HealConfig(reg="kl_rev", lam=1.0, tau=0.0, epochs=3, heal_batch_size=3, lr=1e-2, lora_r=4)
+    inject(monkeypatch, barrier=1e9)
+    steps = []
+    res = heal(st, _pairs(tok), cfg, 0, 0, tok.pad_token_id, emit=lambda **kw: steps.append(kw), log_every=1)
+    assert res.barrier_skipped > 0 and res.steps_skipped == 0
+    assert all(math.isfinite(s["nll"]) for s in steps) and math.isfinite(res.nll_last)
+    # the boosted barrier was dropped on every step where D > 0, and kept (as 0) where D = 0 (step 0)
+    assert all(s["barrier"] == 0 for s in steps) and any(s["d"] > 0 for s in steps)
+    assert steps[-1]["barrier_skipped"] == res.barrier_skipped == sum(s["d"] > 0 for s in steps)
+    assert all(torch.isfinite(p).all() for p in st.trainable())
+
+
+def test_skipped_micro_batches_inside_an_accumulation_group(fresh_tiny, monkeypatch):
+    """With 3 micro-batches per optimiser step, a group whose micro-batches are all non-finite makes no
+    update (no division by zero, no NaN step) while the step count and schedule still advance."""
+    model, tok = fresh_tiny
+    st = Student(model)
+    cfg = HealConfig(reg="nll", epochs=1, heal_batch_size=1, grad_accum=3, lr=1e-2, lora_r=4, max_bad_steps=5)
+    inject(monkeypatch, from_call=3, nll=math.nan)  # every micro-batch of step 1 (the second group)
+    steps = []
+    res = heal(st, _pairs(tok), cfg, 0, 0, tok.pad_token_id, emit=lambda **kw: steps.append(kw), log_every=1)
+    assert res.steps == 2 and res.steps_skipped == 3  # group 2 (micro-batches 4-6) was all NaN: no update
+    assert all(torch.isfinite(p).all() for p in st.trainable())
+
+
+def test_heal_with_gradient_checkpointing_matches_without(fresh_tiny):
+    from steer_heal import models
+
+    model, tok = fresh_tiny
+    cfg = HealConfig(reg="kl_rev", lam=1.0, tau=0.0, epochs=1, heal_batch_size=3, lr=1e-2, lora_r=4)
+    out = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        m, _ = models.load("tiny-random")
+        st = Student(m)
+        steps = []
+        heal(st, _pairs(tok), dataclasses.replace(cfg, grad_checkpoint=ckpt), 0, 0, tok.pad_token_id,
+             emit=lambda steps=steps, **kw: steps.append(kw), log_every=1)  # fmt: skip
+        assert not models.unwrap(st.model).is_gradient_checkpointing  # switched off again after the round
+        out.append((steps, [p.detach().clone() for p in st.trainable()]))
+    (s0, p0), (s1, p1) = out
+    assert [s["nll"] for s in s0] == pytest.approx([s["nll"] for s in s1], abs=1e-5)
+    assert s1[-1]["grad_ratio"] is not None or s0[-1]["grad_ratio"] is None
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(p0, p1))
+
+
+def test_safety_check_skips_non_finite_steps_then_stops(fresh_tiny, monkeypatch):
+    model, tok = fresh_tiny
+    st = Student(model)
+    cfg = HealConfig(reg="nll", epochs=3, heal_batch_size=3, lr=1e-2, lora_r=4, max_bad_steps=10)
+    inject(monkeypatch, from_call=4, nll=math.nan)  # steps 4 and 5 of 6
+    res = heal(st, _pairs(tok), cfg, 0, 0, tok.pad_token_id, emit=lambda **kw: None)
+    assert res.steps_skipped == 2 and math.isfinite(res.nll_last)  # steps 4 and 5 of 6 were skipped
+    assert all(torch.isfinite(p).all() for p in st.trainable())
+    st.drop_training()
+    inject(monkeypatch, from_call=4, nll=math.nan)
+    with pytest.raises(NonFiniteLoss, match="step 5.*more than --max-bad-steps 1"):
+        heal(st, _pairs(tok), HealConfig(reg="nll", epochs=3, heal_batch_size=3, lora_r=4, max_bad_steps=1), 0, 0,
+             tok.pad_token_id, emit=lambda **kw: None)  # fmt: skip
+    assert st.training is None  # the failed round's adapter is discarded: the student is as before
+
+
+def test_lam_warmup_ramps_the_barrier_from_zero(fresh_tiny):
+    model, tok = fresh_tiny
+    st = Student(model)
+    cfg = HealConfig(reg="kl_rev", lam=1.0, tau=0.0, epochs=3, heal_batch_size=3, lr=1e-2, lora_r=4,
+                     lam_warmup_frac=1.0)  # fmt: skip
+    steps = []
+    heal(st, _pairs(tok), cfg, 0, 0, tok.pad_token_id, emit=lambda **kw: steps.append(kw), log_every=1)
+    # barrier = ramp * lam * relu(D - 0) with ramp = step / total: strictly below the full-strength value
+    for s in steps[1:]:
+        assert s["barrier"] == pytest.approx(s["step"] / len(steps) * s["d"], rel=1e-4, abs=1e-9)
+
+
+def test_loss_terms_at_init_are_sft_only(fresh_tiny):
+    """A fresh adapter (B = 0) is the reference: D = 0, barrier 0, and the NLL equals plain SFT's."""
+    from steer_heal.losses import completion_batch, nll, selected_logprobs
+
+    model, tok = fresh_tiny
+    st = Student(model)
+    name = st.add_adapter(0, lora_config(st, HealConfig(lora_r=4)))
+    b = completion_batch(_pairs(tok, 3), tok.pad_token_id, "cpu")
+    t = heal_mod.loss_terms(st, name, b, HealConfig(reg="kl_fwd", tau=0.0, spectral_lam=1.0), lam=1.0)
+    assert float(t.d.abs().max()) < 1e-6 and float(t.barrier) < 1e-6 and float(t.spectral) == 0.0
+    assert float(t.nll) == pytest.approx(float(nll(selected_logprobs(st.model, b), b["targets"])), abs=1e-6)

@@ -1,0 +1,94 @@
+"""Reports, verdicts and the ledger on synthetic events files (no model)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from steer_heal import events, ledger, report
+from steer_heal.records import RoundRecord, RunInfo, deltas, run_verdict, slope
+
+
+def _run(tmp_path, rounds, base=(-5.0, 0.7), stop=None, floor=0.5):
+    """A run directory whose events hold a config, a base eval and one round record per (trait, coherence)."""
+    root = tmp_path / "run"
+    root.mkdir()
+    ev = events.Events(root / "events.jsonl")
+    ev.emit("config", -1, config={"preset": "smol", "heal": {"reg": "kl_rev"}, "seed": 0}, trait_key="auth_nats",
+            trait_sign=-1, coh_floor=floor)  # fmt: skip
+    b = {"auth_nats": base[0], "coherence": base[1]}
+    ev.emit("eval", -1, model="base", **b)
+    for r, (trait, coh) in enumerate(rounds):
+        steered = {"auth_nats": trait - 1.0, "coherence": coh - 0.2}
+        rec = RoundRecord.build(r, b, steered, {"auth_nats": trait, "coherence": coh}, "auth_nats", kappa=1.0)
+        ev.emit("round", r, **rec.fields())
+    if stop:
+        ev.emit("stop", len(rounds), reason=stop, code=3)
+    return root
+
+
+def test_deltas_retain_and_slope():
+    base, steered, healed = {"t": -5.0, "coherence": 0.7}, {"t": -7.0, "coherence": 0.4}, {"t": -5.5, "coherence": 0.65}
+    d = deltas(base, steered, healed, "t")
+    assert d["dtrait_steered"] == -2.0 and d["dtrait_healed"] == -0.5
+    assert d["retain"] == pytest.approx(0.25) and d["slope_healed"] == pytest.approx(10.0)
+    assert slope(0.01, -0.3) is None  # |dTrait| < 0.05 nats: no slope
+    assert deltas(base, {"t": -5.01, "coherence": 0.7}, healed, "t")["retain"] is None
+
+
+@pytest.mark.parametrize(
+    "rounds, stop, starts",
+    [
+        ([(-5.5, 0.65)], None, "PASS: auth_nats -0.500"),
+        ([(-5.02, 0.69)], None, "NULL"),  # moved less than 0.05 nats
+        ([(-4.5, 0.69)], None, "NULL"),  # moved the wrong way
+        ([(-6.5, 0.3)], None, "FAIL: coherence 0.300 below the floor"),
+        ([(-math.inf, 0.6)], None, "FAIL: non-finite metrics"),  # a collapsed trait is not a success
+        ([], "starved at round 0", "FAIL: no healed round finished (starved at round 0)"),
+    ],
+)
+def test_verdict_from_events(tmp_path, rounds, stop, starts):
+    info = RunInfo.read(_run(tmp_path, rounds, stop=stop))
+    assert run_verdict(info).startswith(starts)
+
+
+def test_report_builds_tables_and_figure(tmp_path):
+    root = _run(tmp_path, [(-5.5, 0.65), (-6.0, 0.6)])
+    rep = report.build(root)
+    assert rep.verdict.startswith("PASS: auth_nats -1.000")
+    rows = report.summary_rows(rep.info)
+    assert [(r["round"], r["model"]) for r in rows] == [("base", "base"), (0, "steered"), (0, "healed"),
+                                                         (1, "steered"), (1, "healed")]  # fmt: skip
+    assert rows[2]["dTrait"] == "-0.500" and rows[2]["retain"] == "0.33"
+    assert (root / "trajectory.png").stat().st_size > 10_000 and "| healed" in (root / "summary.md").read_text()
+
+
+def test_round_record_round_trips_through_an_event(tmp_path):
+    info = RunInfo.read(_run(tmp_path, [(-5.5, 0.65)]))
+    (r,) = info.rounds
+    assert r.round == 0 and r.healed_trait == -5.5 and r.dtrait_healed == -0.5 and r.kappa == 1.0
+    assert r.amp is None and r.seconds == {}  # not recorded: stays None / empty
+
+
+def test_ledger_reads_back_after_a_column_is_added(tmp_path):
+    from scripts.results import table
+
+    path = tmp_path / "results.jsonl"
+    ledger.append(path, {"run": "old", "reg": "nll", "seed": 0, "final_dtrait": -0.5})
+    ledger.append(path, {"run": "new", "reg": "nll", "seed": 1, "final_dtrait": -0.7, "new_col": 3})
+    rows = ledger.read(path)
+    assert [r["run"] for r in rows] == ["old", "new"] and "new_col" not in rows[0]
+    md = table(rows, ["reg"])
+    assert "-0.600 ± 0.141" in md and "| nll" in md
+
+
+def test_ledger_survives_a_torn_row_and_counts_a_resumed_run_once(tmp_path):
+    path = tmp_path / "results.jsonl"
+    ledger.append(path, {"run": "a", "final_dtrait": -0.5})
+    with path.open("a") as f:
+        f.write('{"run": "b", "final_dt')  # a crash mid-append
+    ledger.append(path, {"run": "c", "final_dtrait": -0.2})
+    ledger.append(path, {"run": "a", "final_dtrait": -0.9})  # run a resumed and finished again
+    rows = ledger.read(path)
+    assert [(r["run"], r["final_dtrait"]) for r in rows] == [("a", -0.9), ("c", -0.2)]
