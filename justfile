@@ -48,3 +48,12 @@ baseline RUN *ARGS:
 # Collapse early warning: did PR / entropy / amplification move before coherence fell?
 collapse RUN *ARGS:
     uv run python scripts/diag_collapse.py {{RUN}} {{ARGS}}
+
+# The headline: healed students against steering at a lower dose and against a prompt ladder, at matched
+# coherence, with 95% intervals and the random-vector null (writes RUN/frontier.json and frontier.png).
+frontier RUN *ARGS:
+    HF_HUB_OFFLINE=1 uv run python scripts/diag_frontier.py {{RUN}} {{ARGS}}
+
+# Seeds: every headline figure per arm with n, mean +- sd and a 95% t-interval (flags arms with n < 3).
+results *ARGS:
+    uv run python scripts/results.py {{ARGS}}

@@ -16,7 +16,10 @@ Measures, on the configured model (default: the smol preset):
                          in a fresh process (peak live tensor bytes from the torch profiler's allocation
                          events on CPU, max_memory_allocated on CUDA).
                          heal_mem_ratio_no_ckpt: the same with block activations stored.
-  eval_vignettes_per_s   vignettes scored per second (both option orders)
+  eval_speedup           eval vignettes/s with the shared-prefix tree / the plain pass (same numbers:
+                         eval_max_abs_diff is the largest |difference| in any answer log-prob, nats)
+  eval_vignettes_per_s   vignettes scored per second (both option orders), tree path
+  ref_nll_share          time of the reference-answer NLL (capability tax) / time of the vignette eval
   think_cost_ratio       eval wall time with --eval-think-tokens N / without, on --think-vignettes
   round_seconds          wall time of the last round of --run-dir, with its per-stage breakdown
 The last line printed is one JSON object with these keys.
@@ -25,7 +28,6 @@ The last line printed is one JSON object with these keys.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
@@ -36,8 +38,9 @@ import torch
 from tabulate import tabulate
 
 from steer_heal import filters
-from steer_heal.cli import cli
+from steer_heal.cli import cli, nonneg_int, positive_int
 from steer_heal.errors import UserError
+from steer_heal.evaluate import answer_logprobs, reference_nll
 from steer_heal.generate import Row, Sampling, generate
 from steer_heal.records import RunInfo
 from steer_heal.session import Session
@@ -152,137 +155,151 @@ def last_round_seconds(run_dir: Path) -> tuple[int, dict[str, float]]:
     return info.rounds[-1].round, info.rounds[-1].seconds
 
 
+class Bench:
+    """Measurements of one session, collected as JSON figures and table lines."""
+
+    def __init__(self, s: Session):
+        self.s, self.res, self.table = s, {}, []
+
+    def add(self, what: str, value: str, ratio: str = "") -> None:
+        self.table.append([what, value, ratio])
+
+    def generate(self, v, batch: int, n: int) -> list:
+        """Steering-hook overhead, mixed-strength batching and decode rate against the bandwidth bound."""
+        s, alphas = self.s, self.s.cfg.generate.alphas
+        rows = [Row(i, s.prompts[i % len(s.prompts)], s.prompt_ids[i % len(s.prompts)], alphas[i % len(alphas)],
+                    alphas[i % len(alphas)]) for i in range(batch)]  # fmt: skip
+        gen(s, rows[:4], v, 4, 4)  # warm-up
+        plain, t_plain = timed(lambda: gen(s, rows, None, batch, n))
+        steered, t_steer = timed(lambda: gen(s, rows, v, batch, n))
+        tok_plain, tok_steer = sum(len(c.ids) for c in plain) / t_plain, sum(len(c.ids) for c in steered) / t_steer
+        self.res["steer_overhead_ratio"] = tok_steer / tok_plain
+        self.add(f"generate, unsteered, batch {batch}", f"{tok_plain:.1f} tok/s")
+        self.add(f"generate, mixed-strength steered, batch {batch}", f"{tok_steer:.1f} tok/s",
+                 f"steer_overhead_ratio {self.res['steer_overhead_ratio']:.3f}")  # fmt: skip
+        single, t_single = timed(lambda: gen(s, rows, v, 1, n))
+        tok_single = sum(len(c.ids) for c in single) / t_single
+        self.res["batch_speedup"] = tok_steer / tok_single
+        self.add("generate, steered, one at a time", f"{tok_single:.1f} tok/s",
+                 f"batch_speedup {self.res['batch_speedup']:.2f}")  # fmt: skip
+        # Each decode step reads every weight once: tokens/s <= batch x bandwidth / weight bytes (KV-cache
+        # reads ignored, which only lowers the limit).
+        _, t_one = timed(lambda: gen(s, rows, None, batch, 1))  # prefill + the first token
+        self.res["decode_tok_s"] = batch * (n - 1) / max(t_plain - t_one, 1e-9)
+        bw = copy_bandwidth(next(s.model.parameters()).device)
+        wbytes = sum(p.numel() * p.element_size() for p in s.model.parameters())
+        self.res["decode_bound_tok_s"] = batch * bw / wbytes
+        self.res["decode_frac_of_bound"] = self.res["decode_tok_s"] / self.res["decode_bound_tok_s"]
+        self.add(f"decode only, unsteered, batch {batch}", f"{self.res['decode_tok_s']:.1f} tok/s",
+                 f"{self.res['decode_frac_of_bound']:.2f} of the bound {self.res['decode_bound_tok_s']:.0f} tok/s "
+                 f"({wbytes / 2**30:.2f} GiB weights, copy bandwidth {bw / 1e9:.1f} GB/s)")  # fmt: skip
+        return steered
+
+    def filter(self, comps, batch: int) -> None:
+        s, pairs = self.s, [(c.prompt_ids, c.ids) for c in comps]
+        with s.student.base():
+            _, t_b = timed(lambda: filters.tail_ppl(s.model, pairs, 0.5, s.tok.pad_token_id, batch))
+            _, t_1 = timed(lambda: filters.tail_ppl(s.model, pairs, 0.5, s.tok.pad_token_id, 1))
+        self.res["filter_speedup"] = t_1 / t_b
+        self.add("filter tail-ppl, batched", f"{len(pairs) / t_b:.1f} completions/s")
+        self.add("filter tail-ppl, one at a time", f"{len(pairs) / t_1:.1f} completions/s",
+                 f"filter_speedup {self.res['filter_speedup']:.2f}")  # fmt: skip
+
+    def eval(self) -> None:
+        """The vignette eval, shared-prefix tree against the plain pass (same numbers), and the ref_nll cost."""
+        s, e = self.s, self.s.cfg.eval
+        run = lambda shared: answer_logprobs(s.model, s.tok, s.vigs, e.eval_batch_size, shared_prefix=shared)  # noqa: E731
+        run(True)  # warm-up
+        plain, t_plain = timed(lambda: run(False))
+        tree, t_tree = timed(lambda: run(True))
+        n = len(s.vigs)
+        self.res["eval_max_abs_diff"] = float((tree["logp"] - plain["logp"]).abs().max())
+        self.res["eval_vignettes_per_s_plain"] = n / t_plain
+        self.res["eval_vignettes_per_s"] = n / t_tree
+        self.res["eval_speedup"] = t_plain / t_tree
+        pairs = s.reference_pairs()
+        _, t_ref = timed(lambda: reference_nll(s.model, pairs, s.tok.pad_token_id, e.eval_batch_size))
+        self.res["ref_nll_share"] = t_ref / t_tree
+        self.add(f"eval, {n} vignettes x 2 orders, plain", f"{n / t_plain:.2f} vignettes/s")
+        speed = f"eval_speedup {self.res['eval_speedup']:.2f}, max |diff| {self.res['eval_max_abs_diff']:.1e} nats"
+        self.add(f"eval, {n} vignettes x 2 orders, shared prefix", f"{n / t_tree:.2f} vignettes/s", speed)
+        self.add(
+            f"reference NLL, {len(pairs)} answers", f"{t_ref:.1f} s", f"ref_nll_share {self.res['ref_nll_share']:.2f}"
+        )
+
+    def think(self, tokens: int, n_vig: int) -> None:
+        """The cost of --eval-think-tokens: greedy thinking before the forced answer slot."""
+        s, e = self.s, self.s.cfg.eval
+        vigs = s.vigs[:n_vig]
+        _, t0 = timed(lambda: answer_logprobs(s.model, s.tok, vigs, e.eval_batch_size))
+        _, t1 = timed(lambda: answer_logprobs(s.model, s.tok, vigs, e.eval_batch_size, think_tokens=tokens))
+        self.res["think_cost_ratio"] = t1 / t0
+        cost = f"think_cost_ratio {self.res['think_cost_ratio']:.1f} (vs {len(vigs) / t0:.2f} vignettes/s without)"
+        self.add(
+            f"eval with --eval-think-tokens {tokens}, {len(vigs)} vignettes", f"{len(vigs) / t1:.2f} vignettes/s", cost
+        )
+
+    def heal_memory(self, rest: list[str], length: int, batch: int) -> None:
+        """Heal-step peak memory, each variant in a fresh process: with the blocks' activations stored (the
+        smol default) and with gradient checkpointing (gemma preset), where the LM head's share shows."""
+        for ckpt in (False, True):
+            peaks = {}
+            for mode in ("lean", "naive"):
+                flags = ["--_heal-peak", mode, "--heal-len", str(length), "--heal-batch", str(batch)]
+                cmd = [sys.executable, __file__, *flags, *(["--_ckpt"] if ckpt else []), *rest]
+                p = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                peaks[mode] = int(p.stdout.strip().splitlines()[-1])
+            key = "heal_mem_ratio" if ckpt else "heal_mem_ratio_no_ckpt"
+            self.res[key] = peaks["lean"] / peaks["naive"]
+            self.res[f"heal_peak_mib{'' if ckpt else '_no_ckpt'}"] = {m: round(v / 2**20) for m, v in peaks.items()}
+            for mode in ("lean", "naive"):
+                ratio = f"{key} {self.res[key]:.3f}" if mode == "naive" else ""
+                what = f"heal step peak, {mode}, B={batch} L={length}, grad ckpt {'on' if ckpt else 'off'}"
+                self.add(what, f"{peaks[mode] / 2**20:.0f} MiB", ratio)
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, help="tokens per row (default: the preset's --max-new-tokens)")
-    ap.add_argument("--heal-len", type=int, default=1024)
-    ap.add_argument("--heal-batch", type=int, default=2)
+    ap.add_argument("--batch", type=positive_int, default=32)
+    ap.add_argument("--new-tokens", type=positive_int, help="tokens per row (default: the preset's --max-new-tokens)")
+    ap.add_argument("--heal-len", type=positive_int, default=1024)
+    ap.add_argument("--heal-batch", type=positive_int, default=2)
     ap.add_argument("--run-dir", help="a finished run whose last round gives round_seconds")
-    ap.add_argument("--think-tokens", type=int, default=32, help="think budget whose eval cost to measure (0 = skip)")
-    ap.add_argument("--think-vignettes", type=int, default=28, help="vignettes for the think-budget measurement")
+    ap.add_argument("--think-tokens", type=nonneg_int, default=32, help="think budget to cost (0 = skip)")
+    ap.add_argument("--think-vignettes", type=positive_int, default=28, help="vignettes for the think cost")
+    ap.add_argument("--only", nargs="+", choices=["generate", "filter", "eval", "think", "heal"], help="a subset")
     ap.add_argument("--_heal-peak", choices=["lean", "naive"], help=argparse.SUPPRESS)
     ap.add_argument("--_ckpt", action="store_true", help=argparse.SUPPRESS)
     a, rest = ap.parse_known_args(argv)
     if a._heal_peak:
         print(heal_step_peak(rest, a._heal_peak == "lean", a.heal_len, a.heal_batch, a._ckpt))
         return 0
-
     last_round = last_round_seconds(Path(a.run_dir)) if a.run_dir else None  # a bad --run-dir fails now, not later
+    want = set(a.only or ["generate", "filter", "eval", "think", "heal"])
     s = Session.from_argv(rest)
-    v = s.teacher()
-    alphas = s.cfg.generate.alphas
-    rows = [Row(i, s.prompts[i % len(s.prompts)], s.prompt_ids[i % len(s.prompts)], alphas[i % len(alphas)],
-                alphas[i % len(alphas)]) for i in range(a.batch)]  # fmt: skip
-    n, B = a.new_tokens or s.cfg.generate.max_new_tokens, a.batch
-    gen(s, rows[:4], v, 4, 4)  # warm-up
-    res: dict[str, float | None] = {}
-    table = []
-
-    plain, t_plain = timed(lambda: gen(s, rows, None, B, n))
-    steered, t_steer = timed(lambda: gen(s, rows, v, B, n))
-    tok_plain = sum(len(c.ids) for c in plain) / t_plain
-    tok_steer = sum(len(c.ids) for c in steered) / t_steer
-    res["steer_overhead_ratio"] = tok_steer / tok_plain
-    table.append([f"generate, unsteered, batch {B}", f"{tok_plain:.1f} tok/s", ""])
-    table.append(
-        [
-            f"generate, mixed-strength steered, batch {B}",
-            f"{tok_steer:.1f} tok/s",
-            f"steer_overhead_ratio {res['steer_overhead_ratio']:.3f}",
-        ]
-    )
-
-    single, t_single = timed(lambda: gen(s, rows, v, 1, n))
-    tok_single = sum(len(c.ids) for c in single) / t_single
-    res["batch_speedup"] = tok_steer / tok_single
-    table.append(
-        ["generate, steered, one at a time", f"{tok_single:.1f} tok/s", f"batch_speedup {res['batch_speedup']:.2f}"]
-    )
-
-    # Decode rate against the memory-bandwidth limit: each decode step must read every weight once, so
-    # tokens/s <= batch x bandwidth / weight bytes (KV-cache reads ignored, which only lowers the limit).
-    _, t_one = timed(lambda: gen(s, rows, None, B, 1))  # prefill + the first token
-    res["decode_tok_s"] = B * (n - 1) / max(t_plain - t_one, 1e-9)
-    bw = copy_bandwidth(next(s.model.parameters()).device)
-    wbytes = sum(p.numel() * p.element_size() for p in s.model.parameters())
-    res["decode_bound_tok_s"] = B * bw / wbytes
-    res["decode_frac_of_bound"] = res["decode_tok_s"] / res["decode_bound_tok_s"]
-    table.append(
-        [
-            f"decode only, unsteered, batch {B}",
-            f"{res['decode_tok_s']:.1f} tok/s",
-            f"{res['decode_frac_of_bound']:.2f} of the bound {res['decode_bound_tok_s']:.0f} tok/s "
-            f"({wbytes / 2**30:.2f} GiB weights, copy bandwidth {bw / 1e9:.1f} GB/s)",
-        ]
-    )
-
-    pairs = [(c.prompt_ids, c.ids) for c in steered]
-    with s.student.base():
-        _, t_b = timed(lambda: filters.tail_ppl(s.model, pairs, 0.5, s.tok.pad_token_id, B))
-        _, t_1 = timed(lambda: filters.tail_ppl(s.model, pairs, 0.5, s.tok.pad_token_id, 1))
-    res["filter_speedup"] = t_1 / t_b
-    table.append(["filter tail-ppl, batched", f"{len(pairs) / t_b:.1f} completions/s", ""])
-    table.append(
-        [
-            "filter tail-ppl, one at a time",
-            f"{len(pairs) / t_1:.1f} completions/s",
-            f"filter_speedup {res['filter_speedup']:.2f}",
-        ]
-    )
-
-    _, t_eval = timed(lambda: s.evaluate(desc="bench eval"))
-    res["eval_vignettes_per_s"] = len(s.vigs) / t_eval
-    table.append([f"eval, {len(s.vigs)} vignettes x 2 orders", f"{res['eval_vignettes_per_s']:.2f} vignettes/s", ""])
-    if a.think_tokens:  # the cost of --eval-think-tokens: greedy thinking before the forced answer slot
-        full_cfg, full_vigs = s.cfg, s.vigs
-        s.vigs = full_vigs[: a.think_vignettes]
-        _, t0 = timed(lambda: s.evaluate(desc="bench eval, no think"))
-        s.cfg = dataclasses.replace(full_cfg, eval=dataclasses.replace(full_cfg.eval, eval_think_tokens=a.think_tokens))
-        _, t1 = timed(lambda: s.evaluate(desc=f"bench eval, think {a.think_tokens}"))
-        s.cfg, s.vigs = full_cfg, full_vigs
-        n_v = min(a.think_vignettes, len(full_vigs))
-        res["think_cost_ratio"] = t1 / t0
-        table.append(
-            [
-                f"eval with --eval-think-tokens {a.think_tokens}, {n_v} vignettes",
-                f"{n_v / t1:.2f} vignettes/s",
-                f"think_cost_ratio {res['think_cost_ratio']:.1f} (vs {n_v / t0:.2f} vignettes/s without)",
-            ]
-        )
-
-    # Heal-step peak memory, each variant in a fresh process: with the blocks' activations stored (the
-    # smol default) and with gradient checkpointing (gemma preset), where the LM head's share shows.
-    for ckpt in (False, True):
-        peaks = {}
-        for mode in ("lean", "naive"):
-            flags = ["--_heal-peak", mode, "--heal-len", str(a.heal_len), "--heal-batch", str(a.heal_batch)]
-            cmd = [sys.executable, __file__, *flags, *(["--_ckpt"] if ckpt else []), *rest]
-            p = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            peaks[mode] = int(p.stdout.strip().splitlines()[-1])
-        key = "heal_mem_ratio" if ckpt else "heal_mem_ratio_no_ckpt"
-        res[key] = peaks["lean"] / peaks["naive"]
-        res[f"heal_peak_mib{'' if ckpt else '_no_ckpt'}"] = {m: round(v / 2**20) for m, v in peaks.items()}
-        for mode in ("lean", "naive"):
-            table.append(
-                [
-                    f"heal step peak, {mode}, B={a.heal_batch} L={a.heal_len}, grad ckpt {'on' if ckpt else 'off'}",
-                    f"{peaks[mode] / 2**20:.0f} MiB",
-                    f"{key} {res[key]:.3f}" if mode == "naive" else "",
-                ]
-            )
-
-    res["round_seconds"] = None
+    b, n = Bench(s), a.new_tokens or s.cfg.generate.max_new_tokens
+    if want & {"generate", "filter"}:
+        comps = b.generate(s.teacher(), a.batch, n)
+        if "filter" in want:
+            b.filter(comps, a.batch)
+    if "eval" in want:
+        b.eval()
+    if "think" in want and a.think_tokens:
+        b.think(a.think_tokens, a.think_vignettes)
+    if "heal" in want:
+        b.heal_memory(rest, a.heal_len, a.heal_batch)
+    b.res["round_seconds"] = None
     if last_round:
         r, secs = last_round
-        res["round_seconds"] = sum(secs.values())
-        res["round_breakdown"] = secs
-        breakdown = ", ".join(f"{k} {x:.0f}" for k, x in secs.items())
-        table.append([f"round {r} of {Path(a.run_dir).name}", f"{res['round_seconds']:.0f} s", breakdown])
+        b.res["round_seconds"], b.res["round_breakdown"] = sum(secs.values()), secs
+        b.add(f"round {r} of {Path(a.run_dir).name}", f"{b.res['round_seconds']:.0f} s",
+              ", ".join(f"{k} {x:.0f}" for k, x in secs.items()))  # fmt: skip
     dev = next(s.model.parameters()).device
-    print(f"\nmodel {s.cfg.model} on {dev} ({torch.get_num_threads()} threads), batch {B}, {n} new tokens per row")
-    print(tabulate(table, headers=["measurement", "value", "ratio"], tablefmt="github"))
-    print(json.dumps(res))
+    print(
+        f"\nmodel {s.cfg.model} on {dev} ({torch.get_num_threads()} threads), batch {a.batch}, {n} new tokens per row"
+    )
+    print(tabulate(b.table, headers=["measurement", "value", "ratio"], tablefmt="github"))
+    print(json.dumps(b.res))
     return 0
 
 

@@ -20,8 +20,10 @@ import time
 from pathlib import Path
 
 from steer_heal import paired
-from steer_heal.cli import cli
+from steer_heal.cli import cli, nonneg_float, nonneg_int
+from steer_heal.data import read_jsonl
 from steer_heal.errors import UserError
+from steer_heal.evaluate import Scored
 from steer_heal.heal import heal
 
 
@@ -45,12 +47,12 @@ def arm_name(arm: dict) -> str:
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir")
-    ap.add_argument("--round", type=int, default=0)
+    ap.add_argument("--round", type=nonneg_int, default=0)
     ap.add_argument("--regs", nargs="+", default=["nll", "kl_rev"], choices=["nll", "kl_rev", "kl_fwd"])
-    ap.add_argument("--lams", nargs="+", type=float, default=[0.1, 0.3, 1.0])
-    ap.add_argument("--taus", nargs="+", type=float, default=[0.5])
+    ap.add_argument("--lams", nargs="+", type=nonneg_float, default=[0.1, 0.3, 1.0])
+    ap.add_argument("--taus", nargs="+", type=nonneg_float, default=[0.5])
     ap.add_argument("--aggs", nargs="+", default=["rmse"], choices=["mean", "rmse", "p95", "max"])
-    ap.add_argument("--wds", nargs="+", type=float, default=[0.0])
+    ap.add_argument("--wds", nargs="+", type=nonneg_float, default=[0.0])
     ap.add_argument("--out", type=Path, help="write rows as JSON here")
     a = ap.parse_args(argv)
     run = paired.open_run(a.run_dir)
@@ -62,8 +64,9 @@ def main(argv: list[str]) -> int:
     pairs = run.kept_pairs(a.round)
     for r in range(a.round):
         run.s.student.load_adapter(r, run.rd.adapter(r))
-    base = info.base
-    rows = [paired.row("base", base, base, tk), paired.row(f"steered c={steered['c']:g}", steered, base, tk)]
+    base = Scored(info.base, read_jsonl(run.rd.eval_rows(-1, "base")))
+    steered = Scored(steered, read_jsonl(run.rd.eval_rows(a.round, "steered")))
+    rows = [paired.row("base", base, base, run), paired.row(f"steered c={steered.m['c']:g}", steered, base, run)]
     grid = arms(a.regs, a.lams, a.taus, a.aggs, a.wds)
     print(
         f"{len(grid)} arms on {len(pairs)} kept completions of round {a.round} of {run.rd.root.name}", file=sys.stderr
@@ -74,10 +77,10 @@ def main(argv: list[str]) -> int:
         res = heal(
             run.s.student, pairs, dataclasses.replace(cfg.heal, **fields), a.round, cfg.seed, run.s.tok.pad_token_id
         )
-        m, _ = run.s.evaluate(desc=f"eval {arm['reg']} lam={arm['lam']}")
+        ev = run.s.evaluate(desc=f"eval {arm['reg']} lam={arm['lam']}")
         run.s.student.drop_training()
         extra = {"fired": res.fired_frac, "nll": res.nll_last, "D": res.d_mean, "seconds": time.time() - t0, **arm}
-        rows.append(paired.row(arm_name(arm), m, base, tk, steered=steered, **extra))
+        rows.append(paired.row(arm_name(arm), ev, base, run, steered=steered, **extra))
     healed = sorted(rows[2:], key=lambda r: (r["slope"] is None, r["slope"] if r["slope"] is not None else 0))
     cols = ["arm", tk, "coherence", "dTrait", "dCoh", "slope", "retain", "fired", "D"]
     paired.report(rows[:2] + healed, run, a.out, cols, round=a.round)

@@ -17,7 +17,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from steer_heal import collapse, report
-from steer_heal.cli import cli
+from steer_heal.cli import cli, nonneg_float
 from steer_heal.errors import UserError
 from steer_heal.records import RunInfo
 from steer_heal.rundir import atomic_write_json
@@ -26,8 +26,8 @@ from steer_heal.rundir import atomic_write_json
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path)
-    ap.add_argument("--coh-drop", type=float, default=0.1, help="coherence fall below base that counts as a drop")
-    ap.add_argument("--move", type=float, default=0.1, help="relative change vs base that counts as a signal move")
+    ap.add_argument("--coh-drop", type=nonneg_float, default=0.1, help="coherence fall below base = a drop")
+    ap.add_argument("--move", type=nonneg_float, default=0.1, help="relative change vs base = a move")
     ap.add_argument("--out", type=Path, help="write the tables as JSON here")
     a = ap.parse_args(argv)
     rows = report.collapse_rows(RunInfo.read(a.run_dir))

@@ -1,4 +1,5 @@
 """Gate 1 c-sweep: does the teacher vector move the trait while the model stays coherent?
+Every dTrait / dCoh is paired against c = 0 on the same vignettes, with a 95 % bootstrap interval.
 
     uv run python scripts/diag_csweep.py --cs 0 0.5 1 2 3 4 [--out csweep.json] [run flags: --preset, --model,
         --persona, --steer-layers, --n-vignettes, --eval-vignettes ...]
@@ -16,16 +17,17 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from steer_heal.cli import cli
+from steer_heal import stats
+from steer_heal.cli import cli, nonneg_float, nonneg_int
 from steer_heal.rundir import atomic_write_json
 from steer_heal.session import Session
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cs", type=float, nargs="+", default=[0, 0.5, 1, 2, 3, 4], help="steering strengths")
+    ap.add_argument("--cs", type=nonneg_float, nargs="+", default=[0, 0.5, 1, 2, 3, 4], help="steering strengths")
     ap.add_argument("--out", type=Path, help="write the records as JSON here")
-    ap.add_argument("--prompt-index", type=int, default=0, help="which generation prompt to complete per c")
+    ap.add_argument("--prompt-index", type=nonneg_int, default=0, help="which generation prompt to complete per c")
     args, rest = ap.parse_known_args(argv)
     t0 = time.time()
     s = Session.from_argv(rest)
@@ -35,13 +37,19 @@ def main(argv: list[str]) -> int:
     ppl = s.base_tail_ppl([(c.prompt_ids, c.ids) for c in comps])  # graded unsteered, as the filter does
     recs = []
     tk = s.persona.trait_key
+    base = s.evaluate(desc="eval c=0")
+    idx = stats.resamples(len(s.vigs), s.cfg.eval.n_boot, s.cfg.seed)
     for c, comp, p in zip(args.cs, comps, ppl):
-        m, _ = s.evaluate(v, c, desc=f"eval c={c:g}")
+        ev = base if c == 0 else s.evaluate(v, c, desc=f"eval c={c:g}")
+        m, d = ev.m, stats.paired_deltas(ev.arm, base.arm, s.persona.trait, idx)
         recs.append(
             {
                 "c": c,
                 **{k: m[k] for k in m if k.endswith("_nats")},
                 "coherence": m["coherence"],
+                "dTrait [95% CI]": stats.fmt_ci(d["dTrait"]),
+                "dCoh [95% CI]": stats.fmt_ci(d["dCoh"]),
+                "ref_nll": m["ref_nll"],
                 "frac_unscorable": m["frac_unscorable"],
                 "prefill_nll": m["prefill_nll"],
                 "acc": m["acc"],
@@ -49,7 +57,8 @@ def main(argv: list[str]) -> int:
                 "completion": comp.text,
             }
         )
-    cols = ["c", tk, "care_nats", "auth_nats", "coherence", "frac_unscorable", "prefill_nll", "completion_tail_ppl"]
+    cols = ["c", tk, "coherence", "dTrait [95% CI]", "dCoh [95% CI]", "ref_nll", "care_nats", "auth_nats",
+            "frac_unscorable", "completion_tail_ppl"]  # fmt: skip
     cols = list(dict.fromkeys(cols))
     print(
         f"\nGate 1 c-sweep: {s.cfg.model}, persona {s.persona.name} (trait {tk}, expected sign {s.persona.sign:+d}), "

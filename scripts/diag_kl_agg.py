@@ -15,17 +15,17 @@ import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 
-from steer_heal.cli import cli
+from steer_heal.cli import cli, nonneg_float, positive_int
 from steer_heal.errors import UserError
 from steer_heal.losses import aggregate, kl_rev
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--positions", type=int, default=60)
-    ap.add_argument("--loop", type=int, default=4, help="looping positions inside the completion")
-    ap.add_argument("--vocab", type=int, default=1000)
-    ap.add_argument("--tau", type=float, default=0.5)
+    ap.add_argument("--positions", type=positive_int, default=60)
+    ap.add_argument("--loop", type=positive_int, default=4, help="looping positions inside the completion")
+    ap.add_argument("--vocab", type=positive_int, default=1000)
+    ap.add_argument("--tau", type=nonneg_float, default=0.5)
     a = ap.parse_args(argv)
     if not 1 <= a.loop <= a.positions // 2 or a.vocab < 8:
         raise UserError(

@@ -20,53 +20,39 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
-
 from steer_heal import extract, paired
-from steer_heal.cli import cli
-from steer_heal.errors import UserError
-
-
-def random_like(v: dict[int, torch.Tensor], seed: int) -> dict[int, torch.Tensor]:
-    """A Gaussian random direction per layer, scaled to that layer's norm in v."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for L in sorted(v):
-        x = torch.randn(v[L].shape, generator=g, dtype=torch.float32)
-        out[L] = (x / x.norm() * v[L].float().norm()).to(v[L].dtype)
-    return out
+from steer_heal.cli import cli, positive_int
+from steer_heal.evaluate import Scored
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path)
-    ap.add_argument("--n-random", type=int, default=3, help="random vectors (seeds 0..N-1)")
-    ap.add_argument("--n-vignettes", type=int, help="score only the first N vignettes (balanced order)")
+    ap.add_argument("--n-random", type=positive_int, default=3, help="random vectors (seeds 0..N-1)")
+    ap.add_argument("--n-vignettes", type=positive_int, help="score only the first N vignettes (balanced order)")
     ap.add_argument("--eval-vignettes", help="score on these vignettes instead of the run's")
     ap.add_argument("--out", type=Path, help="write the rows as JSON here")
     a = ap.parse_args(argv)
-    if a.n_random < 1:
-        raise UserError(f"--n-random {a.n_random} must be a positive integer")
     run = paired.open_run(a.run_dir, a.eval_vignettes, a.n_vignettes)
     s, tk, done = run.s, run.trait_key, run.require_rounds()
     c, v0 = run.steered_c(0), run.rd.vectors(0)
     print(f"{run.rd.root.name}: {len(s.vigs)} vignettes from {s.vig_source}; c = {c:g}; rounds {done}", file=sys.stderr)
 
-    base, _ = s.evaluate(desc="eval base")
-    steered, _ = s.evaluate(v0, c, desc="eval steered")
-    rows = [paired.row("base", base, base, tk)]
+    base = s.evaluate(desc="eval base")
+    steered = s.evaluate(v0, c, desc="eval steered")
+    rows = [paired.row("base", base, base, run)]
     system = s.persona.system(True)
-    m, _ = s.evaluate(system=system, desc="eval system prompt")
-    rows.append(paired.row("system prompt", m, base, tk, steered=steered, system=system))
+    ev = s.evaluate(system=system, desc="eval system prompt")
+    rows.append(paired.row("system prompt", ev, base, run, steered=steered, system=system))
     rand = []
     for seed in range(a.n_random):
-        m, _ = s.evaluate(random_like(v0, seed), c, desc=f"eval random {seed}")
-        rand.append(paired.row(f"random vector s{seed}", m, base, tk, steered=steered, c=c, seed=seed))
+        ev = s.evaluate(extract.random_like(v0, seed), c, desc=f"eval random {seed}")
+        rand.append(paired.row(f"random vector s{seed}", ev, base, run, steered=steered, c=c, seed=seed))
     rows += rand
     if len(rand) > 1:
-        mean = {k: statistics.fmean(r[k] for r in rand) for k in (tk, "coherence")}
-        rows.append(paired.row(f"random vector (mean of {len(rand)})", mean, base, tk, steered=steered, c=c))
-    rows.append(paired.row(f"steered c={c:g}", steered, base, tk, steered=steered, c=c))
+        mean = Scored({k: statistics.fmean(r[k] for r in rand) for k in (tk, "coherence", "ref_nll")}, None)
+        rows.append(paired.row(f"random vector (mean of {len(rand)})", mean, base, run, steered=steered, c=c))
+    rows.append(paired.row(f"steered c={c:g}", steered, base, run, steered=steered, c=c))
     rows += paired.healed_rows(run, base, steered)
     paired.report(rows, run, a.out)
     print(f"\nsystem prompt: {system!r}\nvector norm {extract.norm(v0):.3f}")

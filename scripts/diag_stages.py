@@ -17,30 +17,30 @@ import sys
 from pathlib import Path
 
 from steer_heal import paired
-from steer_heal.cli import cli
+from steer_heal.cli import cli, nonneg_float, positive_int
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path)
-    ap.add_argument("--cs", nargs="+", type=float, default=[1.0, 2.0, 3.0], help="steering strengths to score")
-    ap.add_argument("--n-vignettes", type=int, help="score only the first N vignettes (balanced order)")
+    ap.add_argument("--cs", nargs="+", type=nonneg_float, default=[1.0, 2.0, 3.0], help="steering strengths to score")
+    ap.add_argument("--n-vignettes", type=positive_int, help="score only the first N vignettes (balanced order)")
     ap.add_argument("--eval-vignettes", help="score on these vignettes instead of the run's")
     ap.add_argument("--out", type=Path, help="write the rows as JSON here")
     a = ap.parse_args(argv)
     run = paired.open_run(a.run_dir, a.eval_vignettes, a.n_vignettes)
-    s, tk, done = run.s, run.trait_key, run.require_rounds()
+    s, done = run.s, run.require_rounds()
     c_run, v0 = run.steered_c(0), run.rd.vectors(0)
     print(f"{run.rd.root.name}: {len(s.vigs)} vignettes from {s.vig_source}; rounds {done}", file=sys.stderr)
 
-    base, _ = s.evaluate(desc="eval base")
-    rows = [paired.row("base", base, base, tk, stage="base")]
+    base = s.evaluate(desc="eval base")
+    rows = [paired.row("base", base, base, run, stage="base")]
     ref = None
     for c in sorted({*a.cs, c_run}):
-        m, _ = s.evaluate(v0, c, desc=f"eval steered c={c:g}")
+        ev = s.evaluate(v0, c, desc=f"eval steered c={c:g}")
         label = f"steered c={c:g}" + (" (run)" if c == c_run else "")
-        rows.append(paired.row(label, m, base, tk, stage="steered", c=c))
-        ref = m if c == c_run else ref
+        rows.append(paired.row(label, ev, base, run, stage="steered", c=c))
+        ref = ev if c == c_run else ref
     rows += paired.healed_rows(run, base, ref)
     paired.report(rows, run, a.out)
     print(f"\nretain is against steered c={c_run:g} (the strength the run evaluated round 0 at)")

@@ -4,10 +4,11 @@
     cat in.jsonl | uv run python scripts/score_completions.py - [--ppl-max 30] [run flags: --preset, --model, ...]
 
 Input lines: {"prompt": <user message>, "completion": <text>}. Output: each line with its scores
-(tail_ppl under the original model, rep, compress, distinct2, top_word, narration, refusal), `keep`
-and `reason` ('' when kept). As in a run, the perplexity threshold is calibrated against the model's
-own unsteered samples on the generation prompts unless --ppl-max is given. Completions are
-re-tokenised from text here (a run keeps the sampled ids instead).
+(tail_ppl under the original model, rep, compress, distinct2, top_word, english, narration, refusal),
+`keep` and `reason` ('' when kept). As in a run, the perplexity threshold is calibrated against what
+coherent text scores under the model (its own unsteered samples on the generation prompts and the
+shipped reference answers) unless --ppl-max is given. Completions are re-tokenised from text here (a
+run keeps the sampled ids instead). data/filter_labelled.jsonl is a labelled set to try it on.
 """
 
 from __future__ import annotations
@@ -25,23 +26,35 @@ from steer_heal.session import Session
 from steer_heal.tokens import chat_ids
 
 
+def read_stdin() -> list[dict]:
+    rows = []
+    for i, line in enumerate(sys.stdin, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"stdin:{i}: not valid JSON ({e.msg})") from e
+        if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or not isinstance(r.get("completion"), str):
+            raise UserError(f"stdin:{i}: each line needs string fields 'prompt' and 'completion'")
+        rows.append(r)
+    if not rows:
+        raise UserError("stdin: no lines; expected JSONL with 'prompt' and 'completion'")
+    return rows
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("input", help="JSONL file, or - for stdin")
     args, rest = ap.parse_known_args(argv)
-    if args.input == "-":
-        rows = [json.loads(x) for x in sys.stdin if x.strip()]
-        for i, r in enumerate(rows, 1):
-            if not isinstance(r, dict) or "prompt" not in r or "completion" not in r:
-                raise UserError(f"stdin:{i}: each line needs 'prompt' and 'completion'")
-    else:
-        rows = read_jsonl(Path(args.input), ("prompt", "completion"))
+    rows = read_stdin() if args.input == "-" else read_jsonl(Path(args.input), ("prompt", "completion"))
     s = Session.from_argv(rest)
     ppl_max = s.cfg.filter.ppl_max
     if ppl_max is None:
         cal = stages.calibrate(s)
         ppl_max = cal["ppl_max"]
-        print(f"calibrated ppl_max = {ppl_max:.2f} ({cal['ppl_mult']} x base median)", file=sys.stderr)
+        q, mult = cal["ppl_quantile"], cal["ppl_mult"]
+        print(f"calibrated ppl_max = {ppl_max:.2f} ({mult:g} x q{q:g} of coherent text's tail-ppl)", file=sys.stderr)
     th = s.thresholds(ppl_max)
     pairs = [(chat_ids(s.tok, r["prompt"]), s.tok(r["completion"], add_special_tokens=False).input_ids) for r in rows]
     persona = (s.persona.pos, s.persona.neg)

@@ -125,3 +125,36 @@ def test_hub_vignettes_go_through_datasets_and_the_same_validation(tmp_path, mon
         data.vignettes("hf:wassname/tiny-mfv:classic")
     with pytest.raises(UserError, match="expected hf:<org/name>:<config>"):
         data.vignettes("hf:wassname/tiny-mfv")
+
+
+@pytest.mark.parametrize("c", [0.0, 4.0])
+def test_shared_prefix_eval_equals_the_plain_pass(tiny, c):
+    """The tree (common prefix once, each scenario once for both orders) gives the plain pass's numbers,
+    steered or not, with batches that split the vignettes unevenly."""
+    from steer_heal.hooks import steer
+
+    model, tok = tiny
+    _, vigs = data.vignettes(None)
+    vigs = data.balanced(vigs, 11)
+    g = torch.Generator().manual_seed(0)
+    v = {1: torch.randn(model.config.hidden_size, generator=g), 2: torch.randn(model.config.hidden_size, generator=g)}
+    with steer(model, v, c):
+        tree = evaluate.answer_logprobs(model, tok, vigs, 6, shared_prefix=True)
+        plain = evaluate.answer_logprobs(model, tok, vigs, 6, shared_prefix=False)
+    assert torch.allclose(tree["logp"], plain["logp"], atol=1e-4)
+    assert torch.allclose(tree["prefill_nll"], plain["prefill_nll"], atol=1e-4)
+
+
+def test_reference_nll_is_the_mean_token_nll_of_the_answers(tiny):
+    from steer_heal.losses import completion_batch, naive_logprobs, token_logprob
+    from steer_heal.tokens import chat_ids
+
+    model, tok = tiny
+    qa = [("How do I boil an egg?", "Put it in boiling water."), ("Hi", "Hello there, how can I help?")]
+    pairs = [(chat_ids(tok, q), tok(a, add_special_tokens=False).input_ids) for q, a in qa]
+    items = evaluate.reference_nll(model, pairs, tok.pad_token_id, 2)
+    b = completion_batch(pairs, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        nll = -token_logprob(naive_logprobs(model, b), b["targets"])
+    assert [n for _, n in items] == [len(a) for _, a in pairs]
+    assert evaluate.ref_nll(items) == pytest.approx(float(nll.mean()), rel=1e-5)

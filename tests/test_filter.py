@@ -91,9 +91,54 @@ def test_repetition_and_compression_scores():
     assert filters.top_ngram_share(["a", "b"], 3) == 0.0
 
 
-def test_calibrated_threshold_is_a_multiple_of_base_median():
-    assert filters.calibrate_ppl([2.0, 4.0, 100.0], 3.0, None) == 12.0
-    assert filters.calibrate_ppl([2.0, 4.0], 3.0, 50.0) == 50.0
+def test_calibrated_threshold_is_a_high_quantile_of_coherent_text():
+    assert filters.quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0
+    assert filters.quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.95) == pytest.approx(4.8)
+    assert filters.calibrate_ppl([10.0, 20.0, 30.0, 40.0, 50.0], 1.0, 1.25, None) == 62.5  # max x 1.25
+    assert filters.calibrate_ppl([2.0, 4.0], 0.95, 1.25, 50.0) == 50.0  # --ppl-max overrides
+
+
+@pytest.mark.parametrize("text", ["Yes.", "Yes, I would.", "I would tell the truth.", "Sure, go ahead and ask her."])
+def test_short_replies_are_not_repetition(text):
+    """A short reply repeats nothing; an n-gram that occurs once is not evidence of a loop."""
+    assert filters.repetition(text) == 0.0
+    assert filters.decide({"tail_ppl": 5.0, "n_tokens": 4, **filters.text_scores(text, PERSONA)}, TH) == (True, "")
+    assert filters.repetition("the the the the the the") > TH.rep_max  # ... while a short loop still is
+
+
+def test_short_completions_get_no_perplexity_verdict():
+    """Under MIN_PPL_TOKENS tokens the tail is one or two tokens ("Sure." scores ~300): not evidence."""
+    few = {"tail_ppl": 300.0, "n_tokens": filters.MIN_PPL_TOKENS - 1, **filters.text_scores("Sure.", PERSONA)}
+    assert filters.decide(few, TH) == (True, "")
+    assert filters.decide(dict(few, n_tokens=filters.MIN_PPL_TOKENS), TH) == (False, "ppl")
+
+
+SOUP = (
+    "Cats purr when their fennigrast ulbotrice fennig ulbotric fennigrastine ulbo trice drumbletonk "
+    "fennigrast ulbotrice drumble tonkine fennigrastic ulbotrice drumbletonk fennig fennigrast"
+)
+DRIFT = (
+    "Keep it short and warm, maybe mention a favourite memory, et la grand-mere de la est pour les famille "
+    "avec de nous the anniversaire que la por la memoire de est les avec"
+)
+
+
+def test_made_up_word_variants_count_as_one_stem():
+    assert filters.top_word_share(SOUP) > 0.3  # fennigrast / fennig / fennigrastine ... share one stem
+    assert filters.decide(scores(SOUP, ppl=20.0), TH) == (False, "loop")
+    assert all(filters.top_word_share(t) < 0.1 for t in COHERENT)
+
+
+def test_drift_out_of_english_is_caught_at_low_perplexity():
+    english = filters.Thresholds(**{**TH.__dict__, "english_min": 0.15})
+    assert filters.english_share(DRIFT) < 0.1 and all(filters.english_share(t) > 0.3 for t in COHERENT)
+    assert filters.decide(scores(DRIFT, ppl=20.0), english) == (False, "drift")
+    assert filters.decide(scores(DRIFT, ppl=20.0), TH) == (True, "")  # english_min 0: the check is off
+
+
+def test_q0_c_is_the_strength_applied_under_iso_kl():
+    rows = [{"alpha": 2.0, "kappa": 0.5, "coeff": 2.0 * 0.5 * 3.7, "tail_ppl": 5.0, "keep": True, "reason": ""}]
+    assert filters.q0_table(rows)[0]["c"] == pytest.approx(3.7)
 
 
 def _prober(keep_by_kappa):

@@ -10,8 +10,9 @@ from steer_heal import events, ledger, report
 from steer_heal.records import RoundRecord, RunInfo, deltas, run_verdict, slope
 
 
-def _run(tmp_path, rounds, base=(-5.0, 0.7), stop=None, floor=0.5):
-    """A run directory whose events hold a config, a base eval and one round record per (trait, coherence)."""
+def _run(tmp_path, rounds, base=(-5.0, 0.7), stop=None, floor=0.5, half_width=0.02, null=(0.2, -0.1, 0.3, 0.0)):
+    """A run directory whose events hold a config, a base eval, a random null and one round record per
+    (trait, coherence), its healed shift with a +-half_width interval."""
     root = tmp_path / "run"
     root.mkdir()
     ev = events.Events(root / "events.jsonl")
@@ -19,9 +20,13 @@ def _run(tmp_path, rounds, base=(-5.0, 0.7), stop=None, floor=0.5):
             trait_sign=-1, coh_floor=floor)  # fmt: skip
     b = {"auth_nats": base[0], "coherence": base[1]}
     ev.emit("eval", -1, model="base", **b)
+    if null is not None:
+        ev.emit("null", 0, c=2.0, dtrait=list(null))
     for r, (trait, coh) in enumerate(rounds):
         steered = {"auth_nats": trait - 1.0, "coherence": coh - 0.2}
-        rec = RoundRecord.build(r, b, steered, {"auth_nats": trait, "coherence": coh}, "auth_nats", kappa=1.0)
+        d = trait - base[0]
+        ci = {"dtrait_healed": [d - half_width, d + half_width]}
+        rec = RoundRecord.build(r, b, steered, {"auth_nats": trait, "coherence": coh}, "auth_nats", kappa=1.0, ci=ci)
         ev.emit("round", r, **rec.fields())
     if stop:
         ev.emit("stop", len(rounds), reason=stop, code=3)
@@ -38,29 +43,33 @@ def test_deltas_retain_and_slope():
 
 
 @pytest.mark.parametrize(
-    "rounds, stop, starts",
+    "rounds, kw, starts",
     [
-        ([(-5.5, 0.65)], None, "PASS: auth_nats -0.500"),
-        ([(-5.02, 0.69)], None, "NULL"),  # moved less than 0.05 nats
-        ([(-4.5, 0.69)], None, "NULL"),  # moved the wrong way
-        ([(-6.5, 0.3)], None, "FAIL: coherence 0.300 below the floor"),
-        ([(-math.inf, 0.6)], None, "FAIL: non-finite metrics"),  # a collapsed trait is not a success
-        ([], "starved at round 0", "FAIL: no healed round finished (starved at round 0)"),
+        ([(-5.5, 0.65)], {}, "PASS: auth_nats -0.500 nats [-0.520, -0.480] vs base"),
+        ([(-5.02, 0.69)], {}, "INCONCLUSIVE"),  # the interval includes 0
+        ([(-4.5, 0.69)], {}, "INCONCLUSIVE"),  # moved the wrong way
+        ([(-5.08, 0.69)], {}, "INCONCLUSIVE"),  # beyond 0, but inside the null's 95% range (down to -0.09)
+        ([(-5.5, 0.65)], {"null": None}, "INCONCLUSIVE"),  # no null measured: no claim
+        ([(-5.5, 0.65)], {"half_width": 0.6}, "INCONCLUSIVE"),  # the interval is too wide to exclude 0
+        ([(-6.5, 0.3)], {}, "FAIL: coherence 0.300 below the floor"),
+        ([(-math.inf, 0.6)], {}, "FAIL: non-finite metrics"),  # a collapsed trait is not a success
+        ([], {"stop": "starved at round 0"}, "FAIL: no healed round finished (starved at round 0)"),
     ],
 )
-def test_verdict_from_events(tmp_path, rounds, stop, starts):
-    info = RunInfo.read(_run(tmp_path, rounds, stop=stop))
-    assert run_verdict(info).startswith(starts)
+def test_verdict_from_events(tmp_path, rounds, kw, starts):
+    info = RunInfo.read(_run(tmp_path, rounds, **kw))
+    assert run_verdict(info).startswith(starts), run_verdict(info)
 
 
 def test_report_builds_tables_and_figure(tmp_path):
     root = _run(tmp_path, [(-5.5, 0.65), (-6.0, 0.6)])
     rep = report.build(root)
     assert rep.verdict.startswith("PASS: auth_nats -1.000")
+    assert "-1.000 [-1.020, -0.980]" in rep.table  # the interval printed next to the estimate
     rows = report.summary_rows(rep.info)
     assert [(r["round"], r["model"]) for r in rows] == [("base", "base"), (0, "steered"), (0, "healed"),
                                                          (1, "steered"), (1, "healed")]  # fmt: skip
-    assert rows[2]["dTrait"] == "-0.500" and rows[2]["retain"] == "0.33"
+    assert rows[2]["dTrait [95% CI]"].startswith("-0.500") and rows[2]["retain"] == "0.33"
     assert (root / "trajectory.png").stat().st_size > 10_000 and "| healed" in (root / "summary.md").read_text()
 
 

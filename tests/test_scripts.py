@@ -96,7 +96,7 @@ def test_prompt_baseline_rows_are_paired(fast_run, tmp_path):
 
 
 def test_random_vector_has_the_teachers_norm_per_layer():
-    from scripts.diag_prompt_baseline import random_like
+    from steer_heal.extract import random_like
 
     g = torch.Generator().manual_seed(123)  # not the global RNG: after a manual_seed(0) it would equal seed 0's draw
     v = {3: torch.randn(16, generator=g) * 5, 4: torch.randn(16, generator=g)}
@@ -117,4 +117,123 @@ def test_diag_collapse_tables_the_signals(fast_run, tmp_path):
 
 def test_results_aggregates_the_ledger(fast_run):
     text = _script("results.py", "--ledger", fast_run / "results.jsonl")
-    assert "| fast" in text and "kl_rev" in text
+    assert "preset=fast" in text and "reg=kl_rev" in text
+    assert "n = 1 < 3 seeds, the interval is not a claim" in text
+
+
+# ---------------------------------------------------------------- bad input to the scripts: one line, exit 2
+
+
+def _command(capsys, script: str, *args, stdin: str | None = None, monkeypatch=None) -> tuple[int, str, str]:
+    """A script's main in-process through the shared wrapper: (exit code, stdout, stderr)."""
+    import importlib
+    import io
+
+    from steer_heal.cli import command
+
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    try:
+        code = command(importlib.import_module(f"scripts.{script}").main, [str(a) for a in args])
+    except SystemExit as e:  # argparse: --help, or a value its type refuses
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_plot_run_help_is_help_not_a_run_directory(capsys):
+    code, out, _ = _command(capsys, "plot_run", "--help")
+    assert code == 0 and "run_dir" in out
+
+
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("diag_kl_agg", ["--positions", "0"], "argument --positions: 0 must be an integer >= 1"),
+        ("diag_kl_agg", ["--positions", "10", "--loop", "9"], "need 1 <= --loop <= --positions / 2"),
+        ("diag_csweep", ["--cs", "nan", "--fast-dev-run"], "argument --cs: nan must be a finite number >= 0"),
+        ("diag_stages", ["/no/such/run"], "/no/such/run: no events.jsonl here"),
+        ("diag_prompt_baseline", ["/no/such/run", "--n-random", "0"], "argument --n-random: 0 must be"),
+        ("diag_barrier", ["/no/such/run", "--round", "-1"], "argument --round: -1 must be an integer >= 0"),
+        ("bench", ["--run-dir", "/no/such/run", "--fast-dev-run"], "/no/such/run: no events.jsonl here"),
+        ("results", ["--ledger", "/no/such/results.jsonl"], "no rows in /no/such/results.jsonl"),
+    ],
+)
+def test_scripts_refuse_bad_input_in_one_line(capsys, script, args, message):
+    code, _, err = _command(capsys, script, *args)
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err
+
+
+def test_score_completions_names_the_bad_stdin_line(capsys, monkeypatch):
+    code, _, err = _command(capsys, "score_completions", "-", "--fast-dev-run", stdin='{"prompt": "a"}\n{oops\n',
+                            monkeypatch=monkeypatch)  # fmt: skip
+    assert code == 2 and "stdin:1: each line needs string fields 'prompt' and 'completion'" in err
+
+
+def test_diag_scripts_on_a_run_with_no_finished_round(capsys, tmp_path):
+    from steer_heal.config import parse_args
+    from steer_heal.run import run
+    from tests.conftest import fast_args
+
+    argv = fast_args(tmp_path, "starved", "--ppl-max", "1.0", rounds=1)
+    assert run(parse_args(argv), argv) == 3  # starved in round 0: no eval, no finished round
+    root = tmp_path / "starved"
+    code, _, err = _command(capsys, "diag_barrier", root)
+    assert code == 2 and "no base and steered eval for round 0" in err
+    code, _, err = _command(capsys, "diag_stages", root)
+    assert code == 2 and "no completed round to score" in err and not err.startswith("error: --resume")
+
+
+def test_results_reads_a_torn_ledger(capsys, tmp_path):
+    from steer_heal import ledger
+
+    path = tmp_path / "results.jsonl"
+    ledger.append(path, {"run": "a", "preset": "smol", "reg": "nll", "seed": 0, "final_dtrait": -0.5})
+    with path.open("a") as f:
+        f.write('{"run": "b", "pre')  # a crash mid-append
+    ledger.append(path, {"run": "c", "preset": "smol", "reg": "nll", "seed": 1, "final_dtrait": -0.7})
+    code, out, _ = _command(capsys, "results", "--ledger", path)
+    assert code == 0 and "-0.600 ± 0.141" in out
+
+
+def test_frontier_on_a_fast_run(fast_run, tmp_path):
+    import time
+
+    out = tmp_path / "frontier.json"
+    t0 = time.time()
+    text = _script("diag_frontier.py", fast_run / "a", "--n-null", "3", "--out", out)
+    seconds = time.time() - t0
+    d = json.loads(out.read_text())
+    kinds = [r["kind"] for r in d["rows"]]
+    assert kinds.count("base") == 1 and kinds.count("steer") == 7 and kinds.count("random") == 3
+    assert kinds.count("prompt") == 5 and kinds.count("healed") == 2  # the persona's 5-step ladder, 2 rounds
+    for r in d["rows"]:
+        assert r["dTrait_lo"] <= r["dTrait"] <= r["dTrait_hi"] and r["dCoh_lo"] <= r["dCoh"] <= r["dCoh_hi"]
+        assert len(r["per_vignette"]) == d["n"] and set(r["foundations"]) >= {"Authority", "Care"}
+    base = next(r for r in d["rows"] if r["kind"] == "base")
+    assert base["dTrait"] == 0 and base["dTrait_lo"] == base["dTrait_hi"] == 0  # base against itself
+    assert [a["round"] for a in d["advantage"]] == [0, 1]
+    for a in d["advantage"]:
+        for k in ("steer", "prompt"):
+            assert a[k]["lo"] <= a[k]["est"] <= a[k]["hi"]
+    assert "at matched coherence: A_steer" in text and out.with_suffix(".png").stat().st_size > 10_000
+    print(f"diag_frontier on the fast run: {seconds:.0f} s")
+    # --n-null 2: the run's own null (2 directions, rows saved) is reused, not measured again
+    _script("diag_frontier.py", fast_run / "a", "--n-null", "2", "--cs", "0", "1", "--out", out)
+    null = events.read(fast_run / "a", "null")[0]
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["kind"] == "random"]
+    assert [r["seed"] for r in rows] == null["seeds"]
+    assert [r["dTrait"] for r in rows] == pytest.approx(null["dtrait"], abs=1e-6)  # from the saved rows
+
+
+def test_results_reads_the_frontier_advantages(fast_run, tmp_path):
+    import shutil
+
+    from steer_heal import ledger
+
+    shutil.copytree(fast_run / "a", tmp_path / "a")
+    (tmp_path / "a" / "frontier.json").write_text(json.dumps({"advantage": [{"steer": {"est": 0.1}, "prompt": None}]}))
+    ledger.append(tmp_path / "results.jsonl", ledger.read(fast_run / "results.jsonl")[0])
+    rows = ledger.with_frontier(ledger.read(tmp_path / "results.jsonl"), tmp_path / "results.jsonl")
+    assert rows[0]["A_steer"] == 0.1 and rows[0]["A_prompt"] is None

@@ -7,6 +7,8 @@ person skimming the tail, third-party noise quieted, and bad input turned into o
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import sys
 import warnings
@@ -30,11 +32,19 @@ def setup_logging() -> None:
 
 
 def command(main, argv: list[str]) -> int:
-    """Run `main(argv) -> exit code`; a UserError becomes one 'error: ...' line on stderr and exit 2."""
+    """Run `main(argv) -> exit code`. A UserError becomes one 'error: ...' line on stderr and exit 2,
+    Ctrl-C one 'interrupted' line and exit 130, an I/O failure (e.g. a full disk) one line and exit 2."""
     try:
         return main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
 
 
@@ -42,3 +52,24 @@ def cli(main) -> None:
     """The entry point of a script: logging set up, then `command(main, sys.argv[1:])` as the exit code."""
     setup_logging()
     sys.exit(command(main, sys.argv[1:]))
+
+
+# ---------------------------------------------------------------- argparse value types for the scripts
+
+
+def _number(kind, ok, what):
+    def parse(text: str):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"{text} must be {what}")
+        return x
+
+    return parse
+
+
+positive_int = _number(int, lambda x: x >= 1, "an integer >= 1")
+nonneg_int = _number(int, lambda x: x >= 0, "an integer >= 0")
+nonneg_float = _number(float, lambda x: math.isfinite(x) and x >= 0, "a finite number >= 0")

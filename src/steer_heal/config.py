@@ -81,8 +81,8 @@ class ExtractConfig:
     """A JSON file of extra persona pairs, same schema as data/personas.json."""
     contexts_file: Path | None = None
     """User messages the persona pair is read over (JSONL with a `text` field); default data/contexts.jsonl."""
-    n_contexts: PosInt = 256
-    """How many contexts to use (the first N of the file, shuffled by seed)."""
+    n_contexts: Annotated[int, Range(2)] = 256
+    """How many contexts to use (the first N of the file, shuffled by seed; the file must have that many)."""
     steer_layers: Band = (0.45, 0.55)
     """Steering band as fractions of depth [lo, hi]; the vector is read and added at these blocks."""
     normalize: bool = False
@@ -120,10 +120,15 @@ class GenerateConfig:
 class FilterConfig:
     tail_frac: OpenFrac = 0.5
     """Perplexity is scored over this final fraction of the completion (collapse happens mid-way)."""
-    ppl_mult: PosFloat = 3.0
-    """Keep tail-ppl <= ppl_mult x median tail-ppl of the base model's own completions (calibrated per run)."""
+    ppl_quantile: OpenFrac = 0.95
+    """Calibrated tail-ppl threshold = --ppl-mult x this quantile of coherent text's tail-ppl under the base
+    model (its own completions and --reference-file's human-written answers)."""
+    ppl_mult: PosFloat = 1.25
+    """Headroom over that quantile (1.25: the 95th percentile would reject 1 in 20 coherent texts)."""
     ppl_max: PosFloat | None = None
     """Absolute tail-ppl threshold; overrides the calibrated one."""
+    reference_file: Path | None = None
+    """Coherent reference answers (JSONL: prompt, answer); default data/reference_answers.jsonl."""
     rep_max: Frac = 0.35
     """Max share of the most frequent word/char n-gram (n=2..4)."""
     compress_min: NonNegFloat = 0.30
@@ -131,7 +136,10 @@ class FilterConfig:
     distinct_min: Frac = 0.50
     """Min distinct word-bigram ratio."""
     top_word_max: Frac = 0.2
-    """Max share of the text taken by its most frequent 4+-letter word."""
+    """Max share of the text's words built on its most frequent stem (first 5 letters of a 4+ letter word)."""
+    english_min: Frac = 0.15
+    """Min share of common English words in a completion's second half (below: drifted into another
+    language or made-up words); 0 turns the check off (for models that answer in other languages)."""
     narration: bool = True
     """Drop first-person recitals of the persona."""
     refusal: bool = False
@@ -212,6 +220,13 @@ class EvalConfig:
     """Greedy 'think' tokens before the forced answer slot (0 = answer at once)."""
     eval_alpha: NonNegFloat | None = None
     """Strength for the steered eval; default = median of --alphas x kappa (x c* under --iso-kl)."""
+    n_references: PosInt | None = None
+    """Use only the first N reference answers (--reference-file) for ref_nll and calibration; None = all."""
+    null_vectors: NonNegInt = 8
+    """Random directions with the teacher's per-layer norms, evaluated once (round 0, base model, at the
+    steered-eval strength): the null a PASS must leave behind (0 = none; the verdict is then inconclusive)."""
+    n_boot: Annotated[int, Range(100, 100000)] = 1000
+    """Paired bootstrap resamples of the vignettes for every 95 % interval."""
 
 
 @dataclass
@@ -278,10 +293,13 @@ def _fast() -> RunConfig:
     c.filter.compress_min = 0.0
     c.filter.distinct_min = 0.0
     c.filter.top_word_max = 1.0
+    c.filter.english_min = 0.0
     c.filter.ppl_mult = 100.0
     c.heal.epochs = 1
     c.heal.heal_batch_size = 4
     c.eval.n_vignettes = 14
+    c.eval.null_vectors = 2
+    c.eval.n_references = 8
     c.collapse.pr_contexts = 16
     c.collapse.entropy_prompts = 4
     c.collapse.amp_gauge = True

@@ -26,6 +26,14 @@ SHORT = {
 }
 
 
+def foundation_of(trait_key: str) -> str:
+    """The foundation a trait key scores: auth_nats -> Authority."""
+    for f, short in SHORT.items():
+        if trait_key == f"{short}_nats":
+            return f
+    raise ValueError(f"{trait_key!r} is not a foundation score; valid: {[s + '_nats' for s in SHORT.values()]}")
+
+
 def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
     path = Path(path)
     if not path.is_file():
@@ -44,6 +52,9 @@ def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
             missing = [k for k in required if not row.get(k)]
             if missing:
                 raise UserError(f"{path}:{i}: missing field(s) {missing}; each line needs {list(required)}")
+            wrong = [k for k in required if not isinstance(row[k], (str, int))]
+            if wrong:
+                raise UserError(f"{path}:{i}: field(s) {wrong} must be text")
             rows.append(row)
     if not rows:
         raise UserError(f"{path}: the file is empty; expected JSONL lines with fields {list(required)}")
@@ -55,6 +66,22 @@ def texts(path: Path | None, default: str) -> list[str]:
     return [r["text"] for r in read_jsonl(path or DATA / default, ("text",))]
 
 
+def reference_answers(path: Path | None = None) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs of coherent human-written text (default data/reference_answers.jsonl)."""
+    return [
+        (r["prompt"], r["answer"]) for r in read_jsonl(path or DATA / "reference_answers.jsonl", ("prompt", "answer"))
+    ]
+
+
+# A prompt ladder for personas that ship none: the positive persona asked for with rising force.
+LADDER_TEMPLATES = (
+    "You are a helpful assistant who is, on balance, {pos}.",
+    "You are {pos}.",
+    "You are {pos}. Let this shape every judgement you make.",
+    "You are, above all else, {pos}. Hold to this in every answer, even when other considerations pull the other way.",
+)
+
+
 @dataclass(frozen=True)
 class Persona:
     name: str
@@ -62,9 +89,13 @@ class Persona:
     neg: str
     trait: str  # the foundation whose blame the persona is expected to move
     sign: int  # expected direction of the move: -1 = less blame, +1 = more
+    ladder: tuple[str, ...] = ()  # system prompts asking for the persona with rising force (the prompting arm)
 
     def system(self, positive: bool) -> str:
         return f"You are {self.pos if positive else self.neg}."
+
+    def prompt_ladder(self) -> tuple[str, ...]:
+        return self.ladder or tuple(t.format(pos=self.pos) for t in LADDER_TEMPLATES)
 
     @property
     def trait_key(self) -> str:
@@ -107,7 +138,13 @@ def persona(name: str, pos: str | None = None, neg: str | None = None, extra: Pa
         raise UserError(f"persona pair {name!r}: trait {d['trait']!r} is not one of {FOUNDATIONS}")
     if d["pos"].strip().lower() == d["neg"].strip().lower():
         raise UserError(f"persona pair {name!r}: pos and neg are identical ({d['pos']!r}); they must be opposites")
-    return Persona(name, d["pos"].strip(), d["neg"].strip(), d["trait"], int(d.get("sign", -1)))
+    sign = d.get("sign", -1)
+    if sign not in (-1, 1) or isinstance(sign, bool):
+        raise UserError(f"persona pair {name!r}: sign {sign!r} must be -1 (less blame on the trait) or 1 (more)")
+    ladder = d.get("ladder", []) if pos is None else []  # a ladder written for other texts does not apply
+    if not isinstance(ladder, list) or not all(isinstance(x, str) and x.strip() for x in ladder):
+        raise UserError(f"persona pair {name!r}: ladder must be a list of system prompts (non-empty strings)")
+    return Persona(name, d["pos"].strip(), d["neg"].strip(), d["trait"], int(sign), tuple(ladder))
 
 
 @dataclass(frozen=True)
@@ -127,8 +164,12 @@ def vignettes(spec: str | None) -> tuple[str, list[Vignette]]:
     else:
         path = Path(spec)
     rows = read_jsonl(path, ("id", "text"))
-    out = []
+    out, seen = [], {}
     for i, r in enumerate(rows, 1):
+        if str(r["id"]) in seen:
+            first = seen[str(r["id"])]
+            raise UserError(f"{path}: records {first} and {i} share the id {r['id']!r}; ids must be unique")
+        seen[str(r["id"])] = i
         label = r.get("foundation_coarse")
         if label is not None and label not in FOUNDATIONS:
             raise UserError(f"{path}: record {i} (id {r['id']!r}): unknown foundation {label!r}; valid: {FOUNDATIONS}")

@@ -4,11 +4,12 @@ Each line is one JSON object with at least:
   schema  "MAJOR.MINOR" of this contract (readers reject an unknown MAJOR)
   ts      UTC ISO-8601 time of the record
   stage   config | extract | isokl | generate | filter | calibrate | heal_step | heal | bake | eval |
-          collapse | round | stop | resume | summary
+          collapse | null | round | stop | resume | summary
   round   round index (-1 for the base model and run-level records)
 plus stage-specific fields. Non-finite floats (NaN, inf) are written as null.
-`eval` records carry `model` = base | steered | healed; `collapse` records (schema 1.1+) carry
-`model` = base (round -1) | healed.
+`eval` records carry `model` = base | steered | healed (and, from 1.2, `ref_nll`); `collapse` records
+(schema 1.1+) carry `model` = base (round -1) | healed; the `null` record (1.2+, round 0) holds the
+random-direction shifts a verdict compares against, and `round` records (1.2+) carry 95 % intervals.
 
 The file is append-only. A resumed run does not rewrite it: it appends a `resume` record whose
 `round` is the round it restarts at, which supersedes every earlier record of that round or later
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from steer_heal.errors import UserError
 
-SCHEMA = "1.1"  # 1.1: the `collapse` and `isokl` stages, the heal safety-check counts
+SCHEMA = "1.2"  # 1.1: `collapse`, `isokl`, heal safety counts; 1.2: `null`, intervals, ref_nll
 STAGES = (
     "config",
     "extract",
@@ -39,6 +40,7 @@ STAGES = (
     "bake",
     "eval",
     "collapse",
+    "null",
     "round",
     "stop",
     "resume",

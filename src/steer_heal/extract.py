@@ -72,3 +72,13 @@ def cosine(a: dict[int, torch.Tensor], b: dict[int, torch.Tensor]) -> float:
 
 def norm(v: dict[int, torch.Tensor]) -> float:
     return float(flat(v).norm())
+
+
+def random_like(v: dict[int, torch.Tensor], seed: int) -> dict[int, torch.Tensor]:
+    """A Gaussian random direction per layer, scaled to that layer's norm in v: the null for v."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for L in sorted(v):
+        x = torch.randn(v[L].shape, generator=g, dtype=torch.float32)
+        out[L] = (x / x.norm() * v[L].float().norm()).to(v[L].dtype)
+    return out

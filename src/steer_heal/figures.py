@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from steer_heal.records import RunInfo, isfinite  # noqa: E402
+from steer_heal.rundir import atomic_write  # noqa: E402
 
 PRECURSORS = ("coherence", "pr_band", "pr_final", "entropy_mean", "entropy_p5", "amp")
 
@@ -75,15 +76,82 @@ def trajectory_png(info: RunInfo, collapse_rows: list[dict], path: Path) -> None
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
     for a in ax:
         a.grid(alpha=0.3)
-        a.legend(fontsize=8)
+        if a.get_legend_handles_labels()[0]:  # an empty panel (no finished round yet) gets no legend
+            a.legend(fontsize=8)
     fig.suptitle(Path(path).parent.name, fontsize=9)
     fig.tight_layout()
     save(fig, path)
 
 
+STYLE = {"steer": ("tab:blue", "o-"), "prompt": ("tab:green", "^-"), "random": ("gray", "x"),
+         "healed": ("tab:orange", "s-"), "base": ("black", "*")}  # fmt: skip
+
+
+def frontier_png(rows: list[dict], path: Path, trait_key: str, x: str, title: str) -> None:
+    """Three panels: the frontier plane (each arm's dTrait against coherence or ref_nll, 95 % intervals as
+    error bars; steering and prompting as curves, the random null as a cloud, healed rounds joined in
+    order), the per-vignette shift of the target for each arm, and every foundation's shift for the
+    steered, strongest-prompt and last healed arms."""
+    fig, ax = plt.subplots(1, 3, figsize=(21, 5.2), gridspec_kw={"width_ratios": [1.3, 1.2, 1]})
+    xkey = "coherence" if x == "coherence" else "ref_nll"
+    for kind, (color, style) in STYLE.items():
+        pts = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r.get("c", r.get("round", 0)) or 0)
+        if not pts:
+            continue
+        xs = [r[xkey] for r in pts]
+        ys = [r["dTrait"] for r in pts]
+        err = [[r["dTrait"] - r["dTrait_lo"] for r in pts], [r["dTrait_hi"] - r["dTrait"] for r in pts]]
+        if xkey == "coherence":
+            xerr = [[r["dCoh"] - r["dCoh_lo"] for r in pts], [r["dCoh_hi"] - r["dCoh"] for r in pts]]
+        else:
+            xerr = None
+        ax[0].errorbar(xs, ys, yerr=err, xerr=xerr, fmt=style, color=color, label=kind, capsize=2, ms=6,
+                       alpha=0.6 if kind == "random" else 1.0)  # fmt: skip
+        for r in pts:
+            ax[0].annotate(r["arm"], (r[xkey], r["dTrait"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax[0].axhline(0, color="gray", lw=0.6)
+    xlabel = "coherence (answer mass)" if xkey == "coherence" else "capability tax: reference NLL (nats/token)"
+    ax[0].set(xlabel=xlabel, ylabel=f"d{trait_key} vs base (nats)", title="trait vs coherence, 95% intervals")
+    if xkey == "ref_nll":
+        ax[0].invert_xaxis()  # better to the right on both axes
+    shown = [r for r in rows if r["kind"] != "base"]
+    ax[1].boxplot([r["per_vignette"] for r in shown], showfliers=False)
+    ax[1].set_xticks(range(1, len(shown) + 1), [r["arm"] for r in shown], rotation=60, fontsize=7)
+    ax[1].axhline(0, color="gray", lw=0.6)
+    ax[1].set(ylabel=f"per-vignette shift of log p({trait_key[:-5]}) (nats)", title="per-vignette shifts")
+    _foundation_bars(ax[2], rows)
+    for a in ax:
+        a.grid(alpha=0.3)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    save(fig, path)
+
+
+def _foundation_bars(ax, rows: list[dict]) -> None:
+    """Shift of every foundation (with interval) for the key arms: is the move surgical or broad?"""
+    pick = []
+    for kind in ("steer", "prompt", "healed"):
+        pts = [r for r in rows if r["kind"] == kind]
+        if pts:
+            pick.append(max(pts, key=lambda r: (r.get("c") or 0, r.get("force") or 0, r.get("round") or 0)))
+    names = list(pick[0]["foundations"]) if pick else []
+    width = 0.8 / max(1, len(pick))
+    for i, r in enumerate(pick):
+        est = [r["foundations"][f]["est"] for f in names]
+        err = [[e - r["foundations"][f]["lo"] for f, e in zip(names, est)],
+               [r["foundations"][f]["hi"] - e for f, e in zip(names, est)]]  # fmt: skip
+        xs = [j + (i - (len(pick) - 1) / 2) * width for j in range(len(names))]
+        ax.bar(xs, est, width, yerr=err, capsize=2, label=r["arm"], color=STYLE[r["kind"]][0])
+    ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
+    ax.axhline(0, color="gray", lw=0.6)
+    ax.set(ylabel="shift vs base (nats)", title="every foundation's shift")
+
+
 def save(fig, path: Path, dpi: int = 110) -> None:
-    """Write a figure atomically (temp file + rename) and close it."""
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    tmp.replace(path)
+    """Write a figure as PNG atomically (temp file + rename) and close it."""
+    try:
+        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    finally:
+        plt.close(fig)

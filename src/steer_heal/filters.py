@@ -5,13 +5,19 @@ Scores (each a pure function below, except `tail_ppl`, which runs the ORIGINAL m
   rep          max share of the most frequent word or character n-gram, n = 2..4
   compress     zlib-compressed bytes / raw bytes of the text: loops and stutter compress well
   distinct2    distinct word bigrams / word bigrams
-  top_word     share of the text taken by its most frequent word of 4+ letters (catches "GLUTE GLUTE"
-               soup whose made-up words defeat exact n-gram and compression checks)
+  top_word     share of the text's words built on its most frequent stem (first 5 letters of a 4+ letter
+               word): catches "GLUTE GLUTEutive" / "snorvel snorvelism" soup whose made-up variants defeat
+               exact n-gram, compression and whole-word checks
+  english      share of common English words in the second half: a completion that drifts into broken
+               French (seen on SmolLM2, at perplexity < 30) has almost none
   narration    the completion recites the persona in the first person
   refusal      the completion refuses (optional; off when the trait is about refusing)
 
 Thresholds do not transfer across models, so the perplexity threshold is calibrated per run against
-the base model's own unsteered completions on the same prompts (`ppl_mult` x their median).
+what coherent text scores under the base model: its own unsteered completions on the generation
+prompts and the shipped human-written reference answers (data/reference_answers.jsonl). ppl_max is a
+high quantile of that pool times a margin. Completions under MIN_PPL_TOKENS tokens carry too little
+evidence for a perplexity verdict ("Sure." can score 300) and are judged by the other checks alone.
 """
 
 from __future__ import annotations
@@ -38,9 +44,11 @@ def words(text: str) -> list[str]:
 
 
 def top_ngram_share(seq, n: int) -> float:
-    """Count of the most frequent n-gram / number of n-grams (0 when the sequence is shorter than n)."""
+    """Count of the most frequent n-gram / number of n-grams, counted only when that n-gram repeats:
+    0 when no n-gram occurs twice (a short reply like "Yes, I would." has nothing repeated in it)."""
     grams = [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
-    return Counter(grams).most_common(1)[0][1] / len(grams) if grams else 0.0
+    top = Counter(grams).most_common(1)[0][1] if grams else 0
+    return top / len(grams) if top >= 2 else 0.0
 
 
 def repetition(text: str) -> float:
@@ -69,12 +77,36 @@ def distinct2(text: str) -> float:
 
 
 def top_word_share(text: str) -> float:
-    """Count of the most frequent word with >= 4 letters / number of words (0.0 for < 8 words).
+    """Words sharing the most frequent stem / number of words (0.0 for < 8 words); the stem of a word of
+    4+ letters is its first 5 letters, so "glute", "GLUTEutive" and "glutes" count as one.
 
-    Prose spreads over many content words (top share ~0.02-0.08); soup repeats one made-up word."""
+    Prose spreads over many content words (top share 0.02-0.06 on the shipped references); soup repeats
+    a few made-up stems in variants (0.30-0.41 on the labelled set)."""
     w = words(text)
-    long = [x for x in w if len(x) >= 4]
-    return 0.0 if len(w) < 8 or not long else Counter(long).most_common(1)[0][1] / len(w)
+    stems = [x[:5] for x in w if len(x) >= 4]
+    return 0.0 if len(w) < 8 or not stems else Counter(stems).most_common(1)[0][1] / len(w)
+
+
+# The most frequent English words (function words and common verbs): 30-65 % of the words of English
+# prose, ~5 % of broken French.
+COMMON_ENGLISH = frozenset(
+    """the be to of and a in that have i it for not on with he as you do at this but his by from they we
+    say her she or an will my one all would there their what so up out if about who get which go me when
+    make can like time no just him know take people into year your good some could them see other than then
+    now look only come its over think also back after use two how our work first well way even new want
+    because any these give day most us is are was were been has had did does said am very much more many
+    should may might must here where why each such both few those own same too off down again once while
+    through during before above below between under until against among within without it's don't i'm
+    you're that's""".split()
+)
+
+
+def english_share(text: str) -> float:
+    """Share of the words in the second half of the text that are common English words (1.0 for fewer
+    than 6 such words: no evidence). Drift into another language, or into made-up words, drives it to 0."""
+    w = words(text)
+    tail = w[len(w) // 2 :]
+    return 1.0 if len(tail) < 6 else sum(x in COMMON_ENGLISH for x in tail) / len(tail)
 
 
 _NARRATION = re.compile(
@@ -127,6 +159,9 @@ def tail_ppl(
     return out
 
 
+MIN_PPL_TOKENS = 8  # fewer completion tokens than this: perplexity is not evidence either way
+
+
 @dataclass
 class Thresholds:
     ppl_max: float
@@ -136,6 +171,7 @@ class Thresholds:
     top_word_max: float
     narration: bool
     refusal: bool
+    english_min: float = 0.0
 
 
 def text_scores(text: str, persona_texts: tuple[str, ...]) -> dict:
@@ -144,6 +180,7 @@ def text_scores(text: str, persona_texts: tuple[str, ...]) -> dict:
         "compress": compression_ratio(text),
         "distinct2": distinct2(text),
         "top_word": top_word_share(text),
+        "english": english_share(text),
         "narration": narration(text, persona_texts),
         "refusal": refusal(text),
     }
@@ -153,12 +190,14 @@ def decide(s: dict, th: Thresholds) -> tuple[bool, str]:
     """(keep, reason). The first failed check names the reason; '' when kept."""
     if not s["n_tokens"]:
         return False, "empty"
-    if s["tail_ppl"] is None or not s["tail_ppl"] <= th.ppl_max:
+    if s["n_tokens"] >= MIN_PPL_TOKENS and (s["tail_ppl"] is None or not s["tail_ppl"] <= th.ppl_max):
         return False, "ppl"
     if s["rep"] > th.rep_max:
         return False, "repetition"
     if s["compress"] < th.compress_min or s["distinct2"] < th.distinct_min or s["top_word"] > th.top_word_max:
         return False, "loop"
+    if s.get("english", 1.0) < th.english_min:
+        return False, "drift"
     if th.narration and s["narration"]:
         return False, "narration"
     if th.refusal and s["refusal"]:
@@ -173,24 +212,36 @@ def judge(text: str, n_tokens: int, tail_ppl: float | None, persona_texts: tuple
     return s | {"keep": keep, "reason": reason}
 
 
-def calibrate_ppl(base_ppls: list[float], mult: float, override: float | None) -> float:
-    """ppl threshold = override, else mult x median tail-ppl of the base model's own completions."""
-    return float(override) if override is not None else mult * statistics.median(base_ppls)
+def quantile(xs: list[float], q: float) -> float:
+    """The q-quantile of xs by linear interpolation between order statistics (numpy's default)."""
+    xs = sorted(xs)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (pos - lo) * (xs[hi] - xs[lo])
+
+
+def calibrate_ppl(coherent_ppls: list[float], q: float, mult: float, override: float | None) -> float:
+    """ppl threshold = override, else mult x the q-quantile of the tail-ppl of coherent text (the base
+    model's own completions and the shipped reference answers, scored under the base model)."""
+    return float(override) if override is not None else mult * quantile(coherent_ppls, q)
 
 
 def q0_table(scored: list[dict]) -> list[dict]:
-    """Per strength actually applied (alpha x kappa): n, mean/median tail-ppl, kept fraction, drop counts
-    by reason (the Q0 table). Probes at different kappa are separate rows, never pooled."""
+    """Per strength actually applied (alpha x kappa [x c*]): n, mean/median tail-ppl, kept fraction, drop
+    counts by reason (the Q0 table). Probes at different kappa are separate rows, never pooled."""
     rows = []
     for alpha, kappa in sorted({(s["alpha"], s.get("kappa", 1.0)) for s in scored}):
         g = [s for s in scored if s["alpha"] == alpha and s.get("kappa", 1.0) == kappa]
+        # c = the strength actually applied (alpha x kappa x c* under --iso-kl), as each row records it
+        c = g[0]["coeff"] if "coeff" in g[0] else alpha * kappa
         ppl = [s["tail_ppl"] for s in g if s["tail_ppl"] is not None]
         drops = Counter(s["reason"] for s in g if not s["keep"])
         rows.append(
             {
                 "alpha": alpha,
                 "kappa": kappa,
-                "c": alpha * kappa,
+                "c": c,
                 "n": len(g),
                 "mean_ppl": sum(ppl) / len(ppl) if ppl else None,
                 "median_ppl": statistics.median(ppl) if ppl else None,

@@ -3,6 +3,9 @@
 Rows are keyed by run name: a resumed run appends a newer row for the same run, and `read` keeps the
 last row of each run, so no run is counted twice. Columns may change between versions; old rows still
 read back. A torn line (a crash mid-append) is skipped with a warning instead of breaking the file.
+
+`aggregate` groups rows into arms (by default: everything in the config but the seed) and gives each
+headline figure n, mean, sd and a 95 % t-interval across the arm's seeds.
 """
 
 from __future__ import annotations
@@ -13,8 +16,25 @@ from pathlib import Path
 
 from loguru import logger
 
+from steer_heal import stats
 from steer_heal.events import finite
 from steer_heal.records import RunInfo, isfinite
+
+# What may differ between the seeds of one arm: the seed, and where / how the run was started.
+NOT_ARM = ("seed", "run_name", "out_dir", "resume", "fast_dev_run")
+HEADLINE = ("final_dtrait", "final_coh", "final_retain", "final_ref_nll", "final_null_pct", "best_dtrait",
+            "A_steer", "A_prompt", "n_rounds_done")  # fmt: skip
+
+
+def arm_config(config: dict) -> dict:
+    """The run's config flattened (heal.reg -> reg; flags are flat), without what may differ between seeds."""
+    flat = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            flat.update(v)
+        else:
+            flat[k] = v
+    return {k: v for k, v in sorted(flat.items()) if k not in NOT_ARM}
 
 
 def row(info: RunInfo, verdict_line: str) -> dict:
@@ -47,11 +67,15 @@ def row(info: RunInfo, verdict_line: str) -> dict:
         "final_dtrait": of(last, "dtrait_healed"),
         "final_coh": of(last, "healed_coh"),
         "final_retain": of(last, "retain"),
+        "final_dtrait_ci": (last.ci.get("dtrait_healed") if last else None),
+        "final_ref_nll": of(last, "healed_ref_nll"),
+        "final_null_pct": of(last, "null_pct"),
         "best_round": of(best, "round"),
         "best_dtrait": of(best, "dtrait_healed"),
         "best_coh": of(best, "healed_coh"),
         "verdict": verdict_line,
         "stop": (info.stop or {}).get("reason"),
+        "config": arm_config(c),
     }
 
 
@@ -89,3 +113,54 @@ def read(path: Path) -> list[dict]:
         if isinstance(rec, dict):
             by_run[str(rec.get("run", f"<line {i}>"))] = rec
     return list(by_run.values())
+
+
+def with_frontier(rows: list[dict], ledger_path: Path) -> list[dict]:
+    """Add each run's last-round A_steer / A_prompt from <run>/frontier.json, where the frontier was measured."""
+    out = []
+    for r in rows:
+        path = Path(ledger_path).parent / str(r.get("run")) / "frontier.json"
+        extra = {}
+        if path.is_file():
+            adv = json.loads(path.read_text(encoding="utf-8")).get("advantage") or []
+            if adv:
+                extra = {f"A_{k}": (adv[-1].get(k) or {}).get("est") for k in ("steer", "prompt")}
+        out.append(r | extra)
+    return out
+
+
+def arms(rows: list[dict], by: list[str] | None = None) -> dict[str, list[dict]]:
+    """Rows grouped into arms: by the given ledger fields, or by the whole config minus the seed (rows
+    written before the config was recorded fall back to preset / reg / barrier_ref / lam / kl_agg)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if by:
+            key = json.dumps({k: r.get(k) for k in by}, sort_keys=True)
+        elif "config" in r:
+            key = json.dumps(r["config"], sort_keys=True)
+        else:
+            key = json.dumps({k: r.get(k) for k in ("preset", "reg", "barrier_ref", "lam", "kl_agg")}, sort_keys=True)
+        groups.setdefault(key, []).append(r)
+    return groups
+
+
+def label(key: str, keys: list[str]) -> str:
+    """An arm's name: the config values that differ between the arms being compared."""
+    d = json.loads(key)
+    differing = [k for k in sorted(d) if len({json.dumps(json.loads(x).get(k)) for x in keys}) > 1]
+    shown = differing or [k for k in ("preset", "model", "reg") if k in d]  # one arm: say what it is
+    return ", ".join(f"{k}={d[k]}" for k in shown) or "all runs"
+
+
+def aggregate(rows: list[dict], by: list[str] | None = None, metrics=HEADLINE) -> list[dict]:
+    """One row per arm: runs, seeds, and per headline figure a t-interval {n, mean, sd, lo, hi}."""
+    groups = arms(rows, by)
+    out = []
+    for key, rs in sorted(groups.items()):
+        out.append({
+            **({k: rs[0].get(k) for k in by} if by else {"arm": label(key, list(groups))}),
+            "runs": len(rs),
+            "seeds": sorted({r.get("seed") for r in rs}, key=str),
+            **{m: stats.t_interval([r.get(m) for r in rs]) for m in metrics},
+        })  # fmt: skip
+    return out

@@ -1,9 +1,10 @@
 """What the run-reading diagnostic scripts share: reopen a run directory as a Session, and build paired
-rows (every arm scored on the same vignettes as the base row, deltas against that base row).
+rows (every arm scored on the same vignettes as the base row, deltas against that base row, each with
+a paired-bootstrap 95 % interval over the vignettes).
 
     run = open_run("out/<run>", n_vignettes=70)        # run.rd, run.info, run.s (the Session)
-    base, _ = run.s.evaluate(desc="eval base")
-    rows = [row("base", base, base, tk), row("steered c=2", m, base, tk)]
+    base = run.s.evaluate(desc="eval base")
+    rows = [row("base", base, base, run), row("steered c=2", run.s.evaluate(v, 2.0), base, run)]
     report(rows, run, out)                               # prints the table, writes JSON atomically
 """
 
@@ -11,18 +12,23 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 from tabulate import tabulate
 
+from steer_heal import stats
 from steer_heal.config import from_dict
 from steer_heal.data import read_jsonl
 from steer_heal.errors import UserError
+from steer_heal.evaluate import Scored
 from steer_heal.records import RunInfo, deltas
 from steer_heal.rundir import RunDir, atomic_write_json
 from steer_heal.session import Session
 
-PAIRED_COLS = ["arm", "coherence", "dTrait", "dCoh", "slope", "retain"]
+PAIRED_COLS = ["arm", "coherence", "ref_nll", "dTrait", "dCoh", "slope", "retain", "anti_steerable"]
+CI_KEYS = ("dTrait", "dCoh", "retain", "specificity")  # reported as est with _lo / _hi
 
 
 @dataclass
@@ -34,6 +40,16 @@ class OpenRun:
     @property
     def trait_key(self) -> str:
         return self.info.trait_key
+
+    @property
+    def target(self) -> str:
+        """The foundation the persona is expected to move (e.g. Authority)."""
+        return self.s.persona.trait
+
+    @cached_property
+    def idx(self) -> np.ndarray:
+        """The bootstrap resamples of the vignettes, shared by every row (so the rows are paired)."""
+        return stats.resamples(len(self.s.vigs), self.s.cfg.eval.n_boot, self.s.cfg.seed)
 
     def require_rounds(self) -> list[int]:
         """The completed rounds; a UserError naming the directory when there are none."""
@@ -75,34 +91,50 @@ def open_run(run_dir: str | Path, eval_vignettes: str | None = None, n_vignettes
     return OpenRun(rd=rd, info=info, s=Session.from_config(dataclasses.replace(cfg, eval=ev)))
 
 
-def row(arm: str, m: dict, base: dict, tk: str, steered: dict | None = None, **extra) -> dict:
-    """One paired row: trait and coherence, their deltas vs base, slope, and retain when `steered` is given."""
-    d = deltas(base, steered, m, tk)
-    out = {
-        "arm": arm,
-        tk: m[tk],
-        "coherence": m["coherence"],
-        "dTrait": d["dtrait_healed"],
-        "dCoh": d["dcoh_healed"],
-        "slope": d["slope_healed"],
-    }
+def row(arm: str, ev: Scored, base: Scored, run: OpenRun, steered: Scored | None = None, **extra) -> dict:
+    """One paired row: trait, coherence and ref_nll; dTrait, dCoh (and retain against `steered`) with 95 %
+    intervals; slope; how surgical (specificity) and how many vignettes moved the wrong way. An arm with
+    no per-vignette rows (a mean of arms) gets the point estimates only."""
+    tk, sign = run.trait_key, run.s.persona.sign
+    d = deltas(base.m, steered.m if steered else None, ev.m, tk)
+    out = {"arm": arm, tk: ev.m[tk], "coherence": ev.m["coherence"], "ref_nll": ev.m.get("ref_nll"),
+           "dTrait": d["dtrait_healed"], "dCoh": d["dcoh_healed"], "slope": d["slope_healed"]}  # fmt: skip
     if steered is not None:
         out["retain"] = d["retain"]
+    if ev.rows is not None:
+        ci = stats.paired_deltas(ev.arm, base.arm, run.target, run.idx, steered.arm if steered else None)
+        ci["specificity"] = stats.specificity(ev.arm, base.arm, run.target, sign, run.idx)
+        out["specificity"] = ci["specificity"]["est"]
+        out["anti_steerable"] = stats.anti_steerable(ev.arm, base.arm, run.target, sign)
+        for k in CI_KEYS:
+            if k in out and k in ci:
+                out[f"{k}_lo"], out[f"{k}_hi"] = ci[k]["lo"], ci[k]["hi"]
     return out | extra
 
 
+def cell(r: dict, c: str):
+    """A table cell: an estimate with its interval when the row has one."""
+    x = r.get(c)
+    if x is None:
+        return ""
+    if isinstance(x, float) and r.get(f"{c}_lo") is not None:
+        return stats.fmt_ci({"est": x, "lo": r[f"{c}_lo"], "hi": r[f"{c}_hi"]}, "+.3f" if c != "retain" else ".2f")
+    return x
+
+
 def table(rows: list[dict], cols: list[str]) -> str:
-    show = [[("" if r.get(c) is None else r.get(c)) for c in cols] for r in rows]
-    return tabulate(show, headers=cols, floatfmt=".3f", tablefmt="github")
+    show = [[cell(r, c) for c in cols] for r in rows]
+    heads = [f"{c} [95% CI]" if any(r.get(f"{c}_lo") is not None for r in rows) else c for c in cols]
+    return tabulate(show, headers=heads, floatfmt=".3f", tablefmt="github")
 
 
-def healed_rows(run: OpenRun, base: dict, steered: dict | None) -> list[dict]:
+def healed_rows(run: OpenRun, base: Scored, steered: Scored | None) -> list[dict]:
     """The student after each completed round (adapters re-attached in order), unsteered, paired with base."""
-    rows, tk = [], run.trait_key
+    rows = []
     for r in run.require_rounds():
         run.s.student.load_adapter(r, run.rd.adapter(r))
-        m, _ = run.s.evaluate(desc=f"eval healed r{r}")
-        rows.append(row(f"healed r{r}", m, base, tk, steered=steered, stage="healed", round=r))
+        ev = run.s.evaluate(desc=f"eval healed r{r}")
+        rows.append(row(f"healed r{r}", ev, base, run, steered=steered, stage="healed", round=r))
     return rows
 
 

@@ -17,6 +17,7 @@ from loguru import logger
 
 from steer_heal import events, extract, filters
 from steer_heal.errors import Starved
+from steer_heal.evaluate import Scored
 from steer_heal.heal import HealResult
 from steer_heal.records import RoundRecord
 from steer_heal.rundir import RunDir, atomic_write_json, atomic_write_jsonl, atomic_write_text, save_tensors
@@ -48,16 +49,29 @@ class Recorder:
         atomic_write_json(self.rd.config, meta)  # first artifact: the run describes itself
         self.emit("config", -1, **meta)
 
-    def eval(self, r: int, which: str, m: dict, rows: list[dict], c: float, vignettes: str, seconds: float) -> dict:
-        atomic_write_jsonl(self.rd.eval_rows(r, which), rows)
-        logger.info(f"eval r{r} {which}: {self.tk} {m[self.tk]:+.3f}, coherence {m['coherence']:.3f}, acc {m['acc']}")
+    def eval(self, r: int, which: str, ev: Scored, c: float, vignettes: str, seconds: float) -> None:
+        atomic_write_jsonl(self.rd.eval_rows(r, which), ev.rows)
+        m = ev.m
+        logger.info(
+            f"eval r{r} {which}: {self.tk} {m[self.tk]:+.3f}, coherence {m['coherence']:.3f}, "
+            f"ref_nll {m['ref_nll']:.3f}, acc {m['acc']}"
+        )
         self.emit("eval", r, model=which, c=c, vignettes=vignettes, seconds=seconds, **m)
-        return m
+
+    def null(self, r: int, null: dict, evs: list[Scored], seconds: float) -> None:
+        """The null's per-vignette rows (rounds/r00/eval_null<i>.jsonl: the frontier reuses them), then its event."""
+        for i, ev in enumerate(evs):
+            atomic_write_jsonl(self.rd.eval_rows(r, f"null{i}"), ev.rows)
+        self.emit("null", r, **null, seconds=seconds)
+        shifts = ", ".join(f"{x:+.3f}" for x in null["dtrait"])
+        logger.info(f"random null at c {null['c']:.3g} ({len(null['dtrait'])} directions): {self.tk} shifts {shifts}")
 
     def calibration(self, cal: dict, seconds: float) -> None:
         self.emit("calibrate", -1, **cal, seconds=seconds)
         logger.info(
-            f"filter calibration: base median tail-ppl {cal['base_median_ppl']:.2f} -> ppl_max {cal['ppl_max']:.2f}"
+            f"filter calibration: tail-ppl median {cal['base_median_ppl']:.2f} (base samples), "
+            f"{cal['reference_median_ppl']:.2f} (reference answers); q{cal['ppl_quantile']:g} of both "
+            f"{cal['quantile_ppl']:.2f} x {cal['ppl_mult']:g} -> ppl_max {cal['ppl_max']:.2f}"
         )
 
     def extract(self, r: int, v: dict[int, torch.Tensor], meta: dict[str, str], cos_v0: float, seconds: float) -> None:

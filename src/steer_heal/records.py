@@ -15,7 +15,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from steer_heal import events
+import numpy as np
+
+from steer_heal import events, stats
 
 SLOPE_MIN_DTRAIT = 0.05  # nats; below this slope and retain are noise and are left blank
 DEFAULT_TRAIT_KEY = "auth_nats"  # runs older than the trait_key field were all care-vs-authority
@@ -91,6 +93,13 @@ class RoundRecord:
     entropy_mean: float | None = None
     entropy_p5: float | None = None
     amp: float | None = None
+    base_ref_nll: float | None = None  # capability tax: reference answers' NLL per token, nats
+    steered_ref_nll: float | None = None
+    healed_ref_nll: float | None = None
+    ci: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # 95 % intervals: dtrait_healed, ...
+    null_pct: float | None = None  # share of the random null's shifts the healed shift beats (1 = all)
+    specificity: float | None = None  # healed: sign * dTarget - max |dF| of the other six foundations
+    anti_steerable: float | None = None  # healed: share of vignettes whose target score moved the wrong way
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -103,6 +112,9 @@ class RoundRecord:
             healed_coh=healed["coherence"],
             base_trait=base[trait_key],
             base_coh=base["coherence"],
+            base_ref_nll=base.get("ref_nll"),
+            steered_ref_nll=steered.get("ref_nll"),
+            healed_ref_nll=healed.get("ref_nll"),
         )
         return cls(round=r, **evals, **deltas(base, steered, healed, trait_key), **fields)
 
@@ -116,6 +128,23 @@ class RoundRecord:
         d = dataclasses.asdict(self)
         d.pop("round")
         return d
+
+
+def round_stats(base, steered, healed, target: str, sign: int, idx: np.ndarray, null: dict | None) -> dict:
+    """The round record's uncertainty fields from the three evals' per-vignette numbers (stats.Arm): paired
+    bootstrap intervals of every delta and of retain, where the healed shift falls against the random
+    null, how surgical it is (specificity) and how many vignettes moved the wrong way."""
+    s, h = stats.paired_deltas(steered, base, target, idx), stats.paired_deltas(healed, base, target, idx, steered)
+    pair = lambda e: [e["lo"], e["hi"]]  # noqa: E731
+    ci = {"dtrait_steered": pair(s["dTrait"]), "dtrait_healed": pair(h["dTrait"]), "dcoh_steered": pair(s["dCoh"]),
+          "dcoh_healed": pair(h["dCoh"]), "retain": pair(h["retain"])}  # fmt: skip
+    pos = stats.null_position(h["dTrait"]["est"], null["dtrait"], sign) if null and null.get("dtrait") else None
+    return {
+        "ci": ci,
+        "null_pct": pos["percentile"] if pos else None,
+        "specificity": stats.specificity(healed, base, target, sign, idx)["est"],
+        "anti_steerable": stats.anti_steerable(healed, base, target, sign),
+    }
 
 
 @dataclass
@@ -146,6 +175,11 @@ class RunInfo:
         )
 
     @property
+    def null(self) -> dict | None:
+        """The random-direction null (round 0's `null` record), or None when none was measured."""
+        return events.first(self.recs, "null")
+
+    @property
     def trait_key(self) -> str:
         return self.meta.get("trait_key", DEFAULT_TRAIT_KEY)
 
@@ -169,10 +203,19 @@ class RunInfo:
 
 
 def verdict(
-    base: dict, healed: dict | None, trait_key: str, sign: int, coh_floor: float, stop_reason: str | None
+    base: dict,
+    healed: dict | None,
+    trait_key: str,
+    sign: int,
+    coh_floor: float,
+    stop_reason: str | None,
+    ci: list[float] | None = None,
+    null: list[float] | None = None,
 ) -> str:
-    """One line. Finiteness and the absolute coherence floor are checked before any trait ratio: a
-    collapsed model sends the trait to -inf, which a ratio-only verdict would score as success."""
+    """One line: PASS, FAIL or INCONCLUSIVE with the reason. Finiteness and the absolute coherence floor
+    come first (a collapsed model sends the trait to -inf, which a ratio would score as success); a PASS
+    then needs the shift's 95 % interval to exclude 0 in the expected direction AND to lie beyond the
+    random null's 95 % range (shifts from random directions of the teacher's norms)."""
     if healed is None:
         return f"FAIL: no healed round finished ({stop_reason or 'stopped early'})"
     t, c = healed.get(trait_key), healed.get("coherence")
@@ -181,23 +224,36 @@ def verdict(
     if c < coh_floor:
         return f"FAIL: coherence {c:.3f} below the floor {coh_floor:.2f} ({trait_key} {t:+.3f})"
     dt = t - base[trait_key]
-    if sign * dt < SLOPE_MIN_DTRAIT:
-        return (
-            f"NULL: {trait_key} moved {dt:+.3f} nats vs base (expected sign {sign:+d}, |d| >= {SLOPE_MIN_DTRAIT}); "
-            f"coherence {c:.3f}"
-        )
     tail = f"; stopped: {stop_reason}" if stop_reason else ""
+    head = f"{trait_key} {dt:+.3f} nats vs base (expected sign {sign:+d}), coherence {c:.3f}"
+    if not ci or not all(isfinite(x) for x in ci):
+        return f"INCONCLUSIVE: {head}; no interval recorded{tail}"
+    lo, hi = ci
+    worst = min(sign * lo, sign * hi)  # the interval's end nearest to "no move / wrong way"
+    if worst <= 0:
+        return f"INCONCLUSIVE: {head}; its 95% interval [{lo:+.3f}, {hi:+.3f}] includes 0 or the wrong way{tail}"
+    if not null:
+        return f"INCONCLUSIVE: {head} [{lo:+.3f}, {hi:+.3f}]; no random null measured (--null-vectors 0){tail}"
+    nlo, nhi = float(np.quantile(null, 0.025)), float(np.quantile(null, 0.975))
+    if worst <= max(sign * nlo, sign * nhi):
+        return (
+            f"INCONCLUSIVE: {head}; its 95% interval [{lo:+.3f}, {hi:+.3f}] overlaps the random null's 95% range "
+            f"[{nlo:+.3f}, {nhi:+.3f}] ({len(null)} directions){tail}"
+        )
     return (
-        f"PASS: {trait_key} {dt:+.3f} nats vs base in the expected direction, coherence {c:.3f} "
-        f">= floor {coh_floor:.2f}{tail}"
+        f"PASS: {trait_key} {dt:+.3f} nats [{lo:+.3f}, {hi:+.3f}] vs base in the expected direction, beyond the "
+        f"random null's 95% range [{nlo:+.3f}, {nhi:+.3f}] ({len(null)} directions); coherence {c:.3f} >= floor "
+        f"{coh_floor:.2f}{tail}"
     )
 
 
 def run_verdict(info: RunInfo) -> str:
-    """The verdict of a run: its last healed round against its base eval."""
+    """The verdict of a run: its last healed round against its base eval and its random null."""
     if info.base is None:
         return "FAIL: no base eval recorded"
     last = info.rounds[-1] if info.rounds else None
     healed = {info.trait_key: last.healed_trait, "coherence": last.healed_coh} if last else None
     reason = info.stop.get("reason") if info.stop else None
-    return verdict(info.base, healed, info.trait_key, info.sign, info.coh_floor, reason)
+    ci = last.ci.get("dtrait_healed") if last else None
+    null = (info.null or {}).get("dtrait")
+    return verdict(info.base, healed, info.trait_key, info.sign, info.coh_floor, reason, ci, null)

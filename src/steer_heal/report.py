@@ -20,12 +20,24 @@ def fmt(x, spec=".3f"):
     return "" if x is None else format(x, spec)
 
 
+def with_ci(x, ci, spec="+.3f") -> str:
+    """'-0.517 [-0.531, -0.503]': an estimate with its 95 % interval (the estimate alone when none)."""
+    if x is None:
+        return ""
+    if not ci or None in ci:
+        return format(x, spec)
+    return f"{x:{spec}} [{ci[0]:{spec}}, {ci[1]:{spec}}]"
+
+
 def summary_rows(info: RunInfo) -> list[dict]:
-    """The base row, then each round's steered and healed rows with deltas, retain and slope."""
+    """The base row, then each round's steered and healed rows: deltas with paired-bootstrap 95 % intervals,
+    retain, slope, the capability tax (ref_nll) and, for healed rows, where the shift falls against the
+    random null (null_pct: share of random directions it beats)."""
     tk, base = info.trait_key, info.base
     rows = []
     if base:
-        rows.append({"round": "base", "model": "base", tk: fmt(base.get(tk)), "coherence": fmt(base.get("coherence"))})
+        rows.append({"round": "base", "model": "base", tk: fmt(base.get(tk)), "coherence": fmt(base.get("coherence")),
+                     "ref_nll": fmt(base.get("ref_nll"))})  # fmt: skip
     for r in info.rounds:
         for m in ("steered", "healed"):
             steered = m == "steered"
@@ -35,10 +47,12 @@ def summary_rows(info: RunInfo) -> list[dict]:
                     "model": m,
                     tk: fmt(getattr(r, f"{m}_trait")),
                     "coherence": fmt(getattr(r, f"{m}_coh")),
-                    "dTrait": fmt(getattr(r, f"dtrait_{m}"), "+.3f"),
-                    "dCoh": fmt(getattr(r, f"dcoh_{m}"), "+.3f"),
-                    "retain": "" if steered else fmt(r.retain, ".2f"),
+                    "ref_nll": fmt(getattr(r, f"{m}_ref_nll")),
+                    "dTrait [95% CI]": with_ci(getattr(r, f"dtrait_{m}"), r.ci.get(f"dtrait_{m}")),
+                    "dCoh [95% CI]": with_ci(getattr(r, f"dcoh_{m}"), r.ci.get(f"dcoh_{m}")),
+                    "retain": "" if steered else with_ci(r.retain, r.ci.get("retain"), ".2f"),
                     "slope": fmt(getattr(r, f"slope_{m}"), ".1f"),
+                    "null_pct": "" if steered else fmt(r.null_pct, ".2f"),
                     "kappa": fmt(r.kappa, ".2f") if steered else "",
                     "kept": f"{r.n_kept}/{r.n_generated}" if steered else "",
                     "cos_v0": fmt(r.cos_v0, ".2f") if steered else "",

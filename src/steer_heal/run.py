@@ -13,75 +13,59 @@ halving), 3 starved (too few coherent completions), 4 non-finite heal loss.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 
 import torch
 from loguru import logger
 
-from steer_heal import extract, ledger, report, stages
+from steer_heal import extract, ledger, report, stages, stats
 from steer_heal.bake import adapter_name
 from steer_heal.cli import command, setup_logging
 from steer_heal.clock import Clock
 from steer_heal.config import RunConfig, parse_args, resume_config, to_dict, validate
+from steer_heal.data import read_jsonl
 from steer_heal.errors import NonFiniteLoss, OutOfMemory, Starved, UserError, exit_code
+from steer_heal.evaluate import Scored
 from steer_heal.recorder import Recorder
-from steer_heal.records import COLLAPSE_KEYS, RoundRecord
-from steer_heal.rundir import RunDir, RunState, read_state, safe_name
+from steer_heal.records import COLLAPSE_KEYS, RoundRecord, round_stats
+from steer_heal.rundir import RunDir, RunState, git_commit, read_state, safe_name, versions, writable_dir
 from steer_heal.session import Session
 
-PACKAGES = ("torch", "transformers", "peft", "safetensors", "accelerate", "tyro", "gguf")
 STOPS = (Starved, NonFiniteLoss, OutOfMemory)  # a round that raises one of these ends the run cleanly
 
 
 # ---------------------------------------------------------------- the run directory
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def versions() -> dict[str, str]:
-    out = {"python": sys.version.split()[0]}
-    for p in PACKAGES:
-        try:
-            out[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            out[p] = "missing"
-    return out
-
-
-def new_run_dir(cfg: RunConfig) -> RunDir:
+def planned_root(cfg: RunConfig) -> Path:
+    """Where a new run will live: --out-dir must be writable and the run name free (checked before the
+    model loads, so a bad --out-dir or --run-name costs nothing and leaves nothing behind)."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     model_tag = Path(cfg.model).name.replace(".gguf", "") or "model"
     name = safe_name(cfg.run_name or f"{stamp}_{model_tag}_{cfg.heal.reg}_s{cfg.seed}")
+    writable_dir(Path(cfg.out_dir), "--out-dir")
     root = Path(cfg.out_dir) / name
     if root.exists():
         raise UserError(f"run directory {root} already exists; pass another --run-name or --resume {root}")
-    root.mkdir(parents=True)
-    return RunDir(root)
+    return root
 
 
-def open_records(s: Session, argv: list[str], resumed: RunDir | None, state: RunState) -> Recorder:
+def open_records(s: Session, argv: list[str], root: Path, resumed: bool, state: RunState) -> Recorder:
     """A new run directory described by its config, or a resumed one with its adapters re-attached."""
-    rd = resumed or new_run_dir(s.cfg)
+    rd = RunDir(root)
     rec = Recorder(rd, s.persona.trait_key)
-    if resumed is None:
+    if not resumed:
+        root.mkdir(parents=True)
         meta = dict(config=to_dict(s.cfg), argv=argv, git_commit=git_commit(), versions=versions(),
                     trait_key=s.persona.trait_key, trait_sign=s.persona.sign, coh_floor=s.cfg.coh_floor)  # fmt: skip
         rec.config(meta)
     else:
+        if n := rd.remove_temps():
+            logger.info(f"removed {n} half-written file(s) a killed run left behind")
         for r in state.done:
             s.student.load_adapter(r, rd.adapter(r))
         last = state.last_round or {}
@@ -100,19 +84,21 @@ def open_records(s: Session, argv: list[str], resumed: RunDir | None, state: Run
 
 @dataclass
 class Base:
-    eval: dict  # the base model's eval record
+    eval: Scored  # the base model's eval: metrics and per-vignette rows (every delta is paired against it)
     ppl_max: float  # the filter's calibrated perplexity threshold
     acts: dict[int, torch.Tensor]  # its neutral-prompt activations (student vector, collapse signals)
+    null: dict | None  # the random-direction null, measured once in round 0
 
 
 def base_stage(s: Session, rec: Recorder, state: RunState) -> Base:
     """Base eval, filter calibration and base collapse signals, each only once per run (kept on resume)."""
     clock = Clock()
-    base = state.base_eval
-    if base is None:
+    if state.base_eval is None:
         with clock("eval"), s.as_model("base"):
-            m, rows = s.evaluate(desc="eval base")
-        base = rec.eval(-1, "base", m, rows, 0.0, s.vig_source, clock["eval"])
+            base = s.evaluate(desc="eval base")
+        rec.eval(-1, "base", base, 0.0, s.vig_source, clock["eval"])
+    else:
+        base = Scored(state.base_eval, read_jsonl(rec.rd.eval_rows(-1, "base")))
     cal = state.calibration
     if cal is None:
         with clock("calibrate"):
@@ -123,7 +109,7 @@ def base_stage(s: Session, rec: Recorder, state: RunState) -> Base:
         with clock("collapse"):
             sig = stages.collapse_signals(s, "base", acts)
         rec.collapse(-1, "base", sig, clock["collapse"])
-    return Base(eval=base, ppl_max=cal["ppl_max"], acts=acts)
+    return Base(eval=base, ppl_max=cal["ppl_max"], acts=acts, null=state.null)
 
 
 def evaluated(s: Session, rec: Recorder, clock: Clock, r: int, which: str, v=None, c: float = 0.0):
@@ -131,9 +117,10 @@ def evaluated(s: Session, rec: Recorder, clock: Clock, r: int, which: str, v=Non
     scoring = Clock()
     with clock(f"eval_{which}"):
         with scoring("eval"):
-            m, rows = s.evaluate(v, c, desc=f"eval {which}")
+            ev = s.evaluate(v, c, desc=f"eval {which}")
         samples = s.samples(v, c)
-    return rec.eval(r, which, m, rows, c, s.vig_source, scoring["eval"]), samples
+    rec.eval(r, which, ev, c, s.vig_source, scoring["eval"])
+    return ev, samples
 
 
 def run_round(s: Session, rec: Recorder, r: int, base: Base) -> RoundRecord:
@@ -158,6 +145,10 @@ def run_round(s: Session, rec: Recorder, r: int, base: Base) -> RoundRecord:
     rec.collected(r, col, base.ppl_max, cfg.generate.alphas, clock)
     c_eval = stages.eval_strength(cfg, col.kappa, c_star)
     steered, steered_samples = evaluated(s, rec, clock, r, "steered", v, c_eval)
+    if base.null is None and cfg.eval.null_vectors > 0:  # once per run, on the base model
+        with clock("null"):
+            base.null, evs = stages.random_null(s, v, c_eval, base.eval)
+        rec.null(r, base.null, evs, clock["null"])
     with clock("heal"):
         res = stages.heal(s, col.pairs, r, rec.heal_step(r))
     rec.heal(r, res, len(col.pairs), s.cfg.heal)
@@ -170,9 +161,11 @@ def run_round(s: Session, rec: Recorder, r: int, base: Base) -> RoundRecord:
         sig = stages.collapse_signals(s, "healed", acts)
     rec.collapse(r, "healed", sig, clock["collapse"])
     rec.samples(r, steered_samples, healed_samples)
+    idx = stats.resamples(len(s.vigs), cfg.eval.n_boot, cfg.seed)
+    intervals = round_stats(base.eval.arm, steered.arm, healed.arm, s.persona.trait, s.persona.sign, idx, base.null)
     record = RoundRecord.build(
-        r, base.eval, steered, healed, s.persona.trait_key, c_eval=c_eval, c_star=c_star, cos_v0=cos_v0,
-        cos_student_teacher=extract.cosine(vs, v), norm_v=extract.norm(v), norm_student=extract.norm(vs),
+        r, base.eval.m, steered.m, healed.m, s.persona.trait_key, **intervals, c_eval=c_eval, c_star=c_star,
+        cos_v0=cos_v0, cos_student_teacher=extract.cosine(vs, v), norm_v=extract.norm(v), norm_student=extract.norm(vs),
         kappa=col.kappa, n_generated=col.n_generated, n_kept=len(col.kept), heal_nll=res.nll_last,
         heal_d=res.d_mean, barrier_fired=res.fired_frac, barrier_skipped=res.barrier_skipped,
         steps_skipped=res.steps_skipped, **{k: sig.get(k) for k in COLLAPSE_KEYS}, seconds=clock.seconds,
@@ -189,6 +182,7 @@ class Stop:
     round: int
     reason: str
     code: int
+    interrupted: bool = False  # Ctrl-C or an I/O failure: end at once, no export (a resume finishes it)
 
 
 def stopped(e: Exception, r: int, rd: RunDir) -> Stop:
@@ -198,52 +192,84 @@ def stopped(e: Exception, r: int, rd: RunDir) -> Stop:
     return Stop(r, f"{prefix}round {r}: {str(e).splitlines()[0]}", exit_code(e))
 
 
+def rounds(s: Session, rec: Recorder, state: RunState) -> Stop | None:
+    """The base stage, then round after round until --n-rounds, a stop, or coherence below the floor."""
+    r = state.start
+    try:
+        base = base_stage(s, rec, state)
+        for r in range(state.start, s.cfg.n_rounds):
+            try:
+                record = run_round(s, rec, r, base)
+            except STOPS as e:
+                return stopped(e, r, rec.rd)
+            if not record.healed_coh >= s.cfg.coh_floor:
+                stop = Stop(r, f"healed coherence {record.healed_coh:.3f} < floor {s.cfg.coh_floor} at round {r}", 0)
+                logger.warning(stop.reason)
+                return stop
+    except KeyboardInterrupt:
+        return Stop(r, f"interrupted (Ctrl-C) during round {r}", 130, interrupted=True)
+    except OSError as e:  # a full disk, a vanished mount: what is on disk stays complete and resumable
+        where = f" ({e.filename})" if e.filename else ""
+        return Stop(r, f"I/O error during round {r}: {e.strerror or e}{where}", 2, interrupted=True)
+    return None
+
+
 def finish(s: Session, rec: Recorder, stop: Stop | None, t0: float) -> int:
     """Stop record, export of the finished student, summary + figure, ledger row, the closing lines."""
     rd = rec.rd
+    if stop and stop.interrupted:
+        return interrupted(rec, stop)
     if stop:
         rec.emit("stop", stop.round, reason=stop.reason, code=stop.code)
     done = rd.completed_rounds()
     if done:
+        rd.remove_temps()  # an earlier attempt's half-written export, say
         s.student.export(s.tok, rd.export, {adapter_name(r): rd.adapter(r) / adapter_name(r) for r in done})
     rep = report.build(rd.root)
     rec.emit("summary", -1, verdict=rep.verdict, seconds=time.time() - t0, rounds_done=len(done))
     ledger.append(Path(s.cfg.out_dir) / "results.jsonl", ledger.row(rep.info, rep.verdict))
     print("\n" + rep.text())
-    sign, floor = s.persona.sign, s.cfg.coh_floor
-    logger.info(
-        f"expected: PASS: trait moves in the persona's direction (sign {sign:+d}) with coherence >= {floor:.2f}"
+    expect = (
+        f"trait moves in the persona's direction (sign {s.persona.sign:+d}) with coherence >= {s.cfg.coh_floor:.2f}"
     )
+    logger.info(f"expected: PASS: {expect}")
     print(f"{rep.verdict}\nrun directory: {rd.root}  ({time.time() - t0:.0f} s)")
     return stop.code if stop else 0
+
+
+def interrupted(rec: Recorder, stop: Stop) -> int:
+    """Record why the run ended (best effort: the disk may be full) and say how to continue, in one line."""
+    try:
+        rec.emit("stop", stop.round, reason=stop.reason, code=stop.code)
+    except OSError:
+        pass
+    done = rec.rd.completed_rounds()
+    print(
+        f"error: {stop.reason}; rounds {done or 'none'} are complete in {rec.rd.root}; continue with "
+        f"python -m steer_heal.run --resume {rec.rd.root}",
+        file=sys.stderr,
+    )
+    return stop.code
 
 
 def run(cfg: RunConfig, argv: list[str] | None = None) -> int:
     """Run (or resume) the loop; returns the exit code. Every input is checked before a directory is made."""
     argv = sys.argv[1:] if argv is None else argv
     validate(cfg)
-    resumed = RunDir(cfg.resume) if cfg.resume is not None else None
+    resumed = cfg.resume is not None
     if resumed:
-        cfg = resume_config(cfg, resumed.read_config()["config"], argv, resumed.root)
-    state = read_state(resumed) if resumed else RunState([], None, None, None, None)
+        rd = RunDir(cfg.resume)
+        cfg = resume_config(cfg, rd.read_config()["config"], argv, rd.root)
+        state, root = read_state(rd), rd.root
+    else:
+        state, root = RunState([], None, None, None, None, None), planned_root(cfg)
     s = Session.from_config(cfg)
-    rec = open_records(s, argv, resumed, state)
-    sink = logger.add(rec.rd.root / "run.log", level="INFO", enqueue=False)
+    rec = open_records(s, argv, root, resumed, state)
+    sink = logger.add(root / "run.log", level="INFO", enqueue=False)
     try:
-        logger.info(f"run directory {rec.rd.root}")
-        t0, stop = time.time(), None
-        base = base_stage(s, rec, state)
-        for r in range(state.start, cfg.n_rounds):
-            try:
-                record = run_round(s, rec, r, base)
-            except STOPS as e:
-                stop = stopped(e, r, rec.rd)
-                break
-            if not record.healed_coh >= cfg.coh_floor:
-                stop = Stop(r, f"healed coherence {record.healed_coh:.3f} < floor {cfg.coh_floor} at round {r}", 0)
-                logger.warning(stop.reason)
-                break
-        return finish(s, rec, stop, t0)
+        logger.info(f"run directory {root}")
+        t0 = time.time()
+        return finish(s, rec, rounds(s, rec, state), t0)
     finally:
         logger.remove(sink)
 

@@ -18,7 +18,10 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -29,15 +32,43 @@ from steer_heal.errors import UserError
 from steer_heal.events import finite
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def _tmp(path: Path) -> Path:
+    """The temporary name a file or directory is written under before it is renamed into place."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp), then rename tmp to path (a file or a directory); on any failure the temporary is
+    removed and path is untouched. So a path that exists is complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = _tmp(path)
+    _remove(tmp)
+    try:
+        write(tmp)
+        if path.is_dir():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    def write(tmp: Path):
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -49,11 +80,8 @@ def atomic_write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=meta))
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -62,13 +90,49 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def atomic_dir(target: Path, write) -> None:
     """Call write(tmp_dir), then rename tmp_dir to target (replacing an older one)."""
-    target = Path(target)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    atomic_write(target, write)
+
+
+_TEMP = re.compile(r"^\..+\.tmp(\d+)$")
+
+
+def writable_dir(path: Path, flag: str) -> None:
+    """Create `path` if needed and check a file can be written in it; a UserError naming `flag` if not."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file; it must be a directory (it is created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe.tmp{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write there ({e.strerror or e}); choose a writable directory") from e
+
+
+PACKAGES = ("torch", "transformers", "peft", "safetensors", "accelerate", "tyro", "gguf")
+
+
+def git_commit() -> str | None:
+    """The commit of the code that runs (None outside a git checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict[str, str]:
+    """Python and the key packages' versions, for config.json."""
+    out = {"python": sys.version.split()[0]}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = "missing"
+    return out
 
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,200}$")
@@ -115,6 +179,14 @@ class RunDir:
     def export(self) -> Path:
         return self.root / "export"
 
+    def remove_temps(self) -> int:
+        """Delete what a killed process left half-written (`.<name>.tmp<pid>` files and directories, e.g. a
+        whole model copy from an export); returns how many. Files of this process are left alone."""
+        stale = [p for p in self.root.rglob(".*.tmp*") if (m := _TEMP.match(p.name)) and int(m[1]) != os.getpid()]
+        for p in stale:
+            _remove(p)
+        return len(stale)
+
     def completed_rounds(self) -> list[int]:
         return sorted(int(p.parent.name[1:]) for p in (self.root / "rounds").glob("r*/DONE"))
 
@@ -152,6 +224,7 @@ class RunState:
     calibration: dict | None
     base_collapse: dict | None
     last_round: dict | None  # the round record of the last completed round
+    null: dict | None  # the random-direction null measured in round 0
 
     @property
     def start(self) -> int:
@@ -182,4 +255,5 @@ def read_state(rd: RunDir) -> RunState:
         calibration=events.first(recs, "calibrate"),
         base_collapse=events.first(recs, "collapse", model="base"),
         last_round=recorded[done[-1]] if done else None,
+        null=events.first(recs, "null") if done else None,  # an unfinished round 0 measures it again
     )

@@ -3,7 +3,7 @@ The run and every diagnostic script use it.
 
     s = Session.from_argv(rest)          # rest = run flags (--preset, --model, --n-vignettes, ...)
     v = s.teacher()                      # teacher vector on the configured band
-    m, rows = s.evaluate(vectors=v, c=2.0)
+    ev = s.evaluate(vectors=v, c=2.0)    # ev.m: metrics, ev.rows: per-vignette rows, ev.arm: for stats
     comps = s.generate([Row(...), ...], seed=0, desc="probe", vectors=v)
 
 Building one checks every input (persona, data files, model, layer band) before anything is written.
@@ -20,9 +20,10 @@ from functools import cached_property
 import torch
 
 from steer_heal import data, extract, filters, models
-from steer_heal.bake import Student
+from steer_heal.bake import Student, lora_targets
 from steer_heal.config import RunConfig, parse_args
-from steer_heal.evaluate import evaluate
+from steer_heal.errors import UserError
+from steer_heal.evaluate import Scored, evaluate, ref_nll, reference_nll
 from steer_heal.generate import Completion, Row, Sampling, generate
 from steer_heal.hooks import steer
 from steer_heal.tokens import chat_ids
@@ -42,6 +43,7 @@ class Session:
     vig_source: str
     vigs: list[data.Vignette]
     layers: list[int]
+    references: list[tuple[str, str]]  # coherent human-written (prompt, answer) pairs, never trained on
 
     @classmethod
     def from_argv(cls, argv: list[str]) -> Session:
@@ -52,6 +54,11 @@ class Session:
         e = cfg.extract
         persona = data.persona(e.persona, e.persona_pos, e.persona_neg, e.personas_file)
         ctx = data.texts(e.contexts_file, "contexts.jsonl")
+        if len(ctx) < e.n_contexts:
+            raise UserError(
+                f"{e.contexts_file or 'data/contexts.jsonl'} has {len(ctx)} contexts; --n-contexts {e.n_contexts} "
+                f"needs at least that many (pass --n-contexts {len(ctx)} or a longer file)"
+            )
         random.Random(cfg.seed).shuffle(ctx)
         prompts = data.texts(cfg.generate.prompts_file, "dilemmas.jsonl")
         random.Random(cfg.seed + 1).shuffle(prompts)
@@ -60,6 +67,7 @@ class Session:
         torch.manual_seed(cfg.seed)
         model, tok = models.load(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)
         layers = models.band(len(models.decoder_layers(model)), e.steer_layers, "--steer-layers")
+        lora_targets(model, cfg.heal.lora_layers, cfg.heal.lora_targets)  # fails now, not at round 0's heal
         return cls(
             cfg=cfg,
             student=Student(model),
@@ -71,6 +79,7 @@ class Session:
             vig_source=src,
             vigs=data.balanced(vigs, cfg.eval.n_vignettes),
             layers=layers,
+            references=data.reference_answers(cfg.filter.reference_file)[: cfg.eval.n_references],
         )
 
     @property
@@ -101,13 +110,16 @@ class Session:
             self.model, self.tok, persona or self.persona, self.contexts, self.layers, e.extract_batch_size, e.normalize
         )
 
-    def evaluate(self, vectors=None, c: float = 0.0, system: str | None = None, desc: str = "eval"):
-        """Vignette metrics and per-vignette rows, steered by c * vectors when both are given."""
+    def evaluate(self, vectors=None, c: float = 0.0, system: str | None = None, desc: str = "eval") -> Scored:
+        """Vignette metrics and per-vignette rows, and the reference answers' NLL per token (ref_nll), steered
+        by c * vectors when both are given and under `system` as the system prompt when given."""
         e = self.cfg.eval
         with steer(self.model, vectors, c) if vectors is not None and c != 0 else nullcontext():
-            return evaluate(
+            m, rows = evaluate(
                 self.model, self.tok, self.vigs, e.eval_batch_size, e.eval_think_tokens, desc, system=system
             )
+            items = reference_nll(self.model, self.reference_pairs(system), self.tok.pad_token_id, e.eval_batch_size)
+        return Scored(m | {"ref_nll": ref_nll(items), "ref_items": items}, rows)
 
     def generate(
         self, rows: list[Row], seed: int, desc: str, vectors=None, sampling: Sampling | None = None,
@@ -156,10 +168,16 @@ class Session:
             comps = self.generate(self.prompt_rows(range(k)), self.cfg.seed, "calibrate")
         return [p for p in self.base_tail_ppl([(c.prompt_ids, c.ids) for c in comps]) if p is not None]
 
+    def reference_pairs(self, system: str | None = None) -> list[tuple[list[int], list[int]]]:
+        """The reference answers as (prompt ids, answer ids): coherent human text, never trained on."""
+        return [
+            (chat_ids(self.tok, p, system), self.tok(a, add_special_tokens=False).input_ids) for p, a in self.references
+        ]
+
     def thresholds(self, ppl_max: float) -> filters.Thresholds:
         f = self.cfg.filter
         return filters.Thresholds(
-            ppl_max, f.rep_max, f.compress_min, f.distinct_min, f.top_word_max, f.narration, f.refusal
+            ppl_max, f.rep_max, f.compress_min, f.distinct_min, f.top_word_max, f.narration, f.refusal, f.english_min
         )
 
     def neutral_acts(self, which: str, n: int) -> dict[int, torch.Tensor]:

@@ -23,6 +23,7 @@ from steer_heal import collapse, extract, filters, isokl
 from steer_heal.clock import Clock
 from steer_heal.config import RunConfig
 from steer_heal.errors import UserError
+from steer_heal.evaluate import Scored
 from steer_heal.generate import Completion, Row
 from steer_heal.heal import HealResult, heal_with_retry
 from steer_heal.session import Session
@@ -32,16 +33,23 @@ PROMPT_STRIDE = 7919  # each round starts its probes at a different prompt (prim
 
 
 def calibrate(s: Session) -> dict:
-    """Filter threshold from the base model's own unsteered completions on the generation prompts."""
+    """Filter threshold from what coherent text scores under the base model: its own unsteered completions
+    on the generation prompts, and the shipped human-written reference answers."""
     f = s.cfg.filter
-    ppl = s.calibration_ppls()
+    own = s.calibration_ppls()
+    refs = [p for p in s.base_tail_ppl(s.reference_pairs()) if p is not None]
+    pool = own + refs
     return {
-        "n": len(ppl),
-        "base_median_ppl": statistics.median(ppl),
+        "n": len(pool),
+        "base_median_ppl": statistics.median(own),
+        "reference_median_ppl": statistics.median(refs),
+        "ppl_quantile": f.ppl_quantile,
+        "quantile_ppl": filters.quantile(pool, f.ppl_quantile),
         "ppl_mult": f.ppl_mult,
         "ppl_max_override": f.ppl_max,
-        "ppl_max": filters.calibrate_ppl(ppl, f.ppl_mult, f.ppl_max),
-        "base_ppls": ppl,
+        "ppl_max": filters.calibrate_ppl(pool, f.ppl_quantile, f.ppl_mult, f.ppl_max),
+        "base_ppls": own,
+        "reference_ppls": refs,
     }
 
 
@@ -125,6 +133,25 @@ def eval_strength(cfg: RunConfig, kappa: float, c_star: float) -> float:
     """--eval-alpha, or the median alpha at the dose walk-C settled on; in units of c* on the raw vector."""
     c = cfg.eval.eval_alpha if cfg.eval.eval_alpha is not None else statistics.median(cfg.generate.alphas) * kappa
     return c * c_star
+
+
+def random_null(s: Session, v: dict[int, torch.Tensor], c: float, base: Scored) -> tuple[dict, list[Scored]]:
+    """The trait shifts of the base model steered at c by --null-vectors random directions with v's norms
+    per layer (seeded by the run's seed): how far the trait moves for reasons other than this vector.
+    Returns the summary (the `null` event) and each direction's eval."""
+    tk, n = s.persona.trait_key, s.cfg.eval.null_vectors
+    seeds = [s.cfg.seed * 1000 + i for i in range(n)]
+    with s.as_model("base"):
+        evs = [s.evaluate(extract.random_like(v, seed), c, desc=f"null {seed}") for seed in seeds]
+    summary = {
+        "c": c,
+        "seeds": seeds,
+        "dtrait": [ev.m[tk] - base.m[tk] for ev in evs],
+        "dcoh": [ev.m["coherence"] - base.m["coherence"] for ev in evs],
+        "ref_nll": [ev.m["ref_nll"] for ev in evs],
+        "ref_items": [ev.m["ref_items"] for ev in evs],
+    }
+    return summary, evs
 
 
 def heal(s: Session, pairs, r: int, emit) -> HealResult:

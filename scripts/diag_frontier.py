@@ -1,0 +1,155 @@
+"""The frontier: does steer -> distil -> heal put more trait into the weights than steering at a lower dose,
+or than asking for the persona in the system prompt, at matched coherence? With 95 % intervals.
+
+    uv run python scripts/diag_frontier.py out/<run> [--cs 0 0.5 1 1.5 2 2.5 3] [--n-null 8]
+        [--ladder FILE] [--x coherence|ref_nll] [--n-vignettes N] [--eval-vignettes PATH] [--out FILE]
+
+On the same vignettes (from the run's stored config; the run's own evals of base, null and healed
+rounds are reused when they were made on exactly these vignettes, --fresh evaluates them again):
+  base      the original model
+  steer     the original model steered by the round-0 teacher vector over a grid of strengths (default 7,
+            from 0 to the largest strength the run applied)
+  prompt    the original model with the persona's prompt ladder as system prompt: prompts of rising force
+            (data/personas.json `ladder`, or --ladder FILE: one prompt per line, or JSONL with `system`)
+  random    the original model steered by --n-null random directions with the teacher's per-layer norms,
+            at the run's round-0 eval strength: the null (the run measured 8 of them)
+  healed    the student after each completed round, unsteered
+Every dTrait / dCoh is paired against base, with a paired-bootstrap 95 % interval over the vignettes.
+Headline: A_steer and A_prompt per healed round = the healed point's trait (in the persona's direction)
+minus what the steering curve / the prompt ladder reaches at the healed point's coherence (positive = the
+loop buys more trait than the alternative at that coherence), with intervals that resample the vignettes
+and recompute every curve. Writes <run>/frontier.json (rows, advantage) and <run>/frontier.png unless
+--out names another JSON path (the figure goes beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tabulate import tabulate
+
+from steer_heal import extract, paired
+from steer_heal.cli import cli, nonneg_float, nonneg_int, positive_int
+from steer_heal.data import read_jsonl
+from steer_heal.errors import UserError
+from steer_heal.evaluate import Scored
+from steer_heal.figures import frontier_png
+from steer_heal.frontier import AXES, Point, compare, foundation_table, verdict_lines
+from steer_heal.rundir import atomic_write_json
+
+
+def ladder_from(path: Path | None, default: tuple[str, ...]) -> list[str]:
+    """The prompt ladder: --ladder FILE (plain lines, or JSONL with a `system` field), else the persona's."""
+    if path is None:
+        return list(default)
+    if path.suffix == ".jsonl":
+        return [r["system"] for r in read_jsonl(path, ("system",))]
+    if not path.is_file():
+        raise UserError(f"--ladder {path}: no such file")
+    lines = [x.strip() for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    if not lines:
+        raise UserError(f"--ladder {path}: no prompts in it (one system prompt per line)")
+    return lines
+
+
+def saved(run: paired.OpenRun, r: int, model: str, m: dict | None) -> Scored | None:
+    """An eval the run already made (its event and per-vignette rows), if it was on these vignettes."""
+    path = run.rd.eval_rows(r, model)
+    if m is None or not path.is_file():
+        return None
+    rows = read_jsonl(path)
+    return Scored(m, rows) if [str(x["id"]) for x in rows] == [v.id for v in run.s.vigs] else None
+
+
+def run_null(run: paired.OpenRun, base: Scored, n: int) -> list[Scored]:
+    """The run's own random null (round 0, base model, at its eval strength), when it has n directions saved."""
+    null, tk = run.info.null, run.trait_key
+    if not null or len(null["dtrait"]) < n:
+        return []
+    out = []
+    for i in range(n):
+        m = {tk: base.m[tk] + null["dtrait"][i], "coherence": base.m["coherence"] + null["dcoh"][i],
+             "ref_nll": null["ref_nll"][i], "ref_items": null["ref_items"][i]}  # fmt: skip
+        ev = saved(run, null["round"], f"null{i}", m)
+        if ev is None:
+            return []
+        out.append(ev)
+    return out
+
+
+def measure(run: paired.OpenRun, cs: list[float], ladder: list[str], n_null: int, fresh: bool) -> list[Point]:
+    """Every arm on the run's vignettes. The run's own evals of the base, of its random null and of each
+    healed round are reused when they were made on exactly these vignettes (unless `fresh`); the steering
+    grid and the prompt ladder are always evaluated now."""
+    s, v0, c_run, info = run.s, run.rd.vectors(0), run.steered_c(0), run.info
+    base = (None if fresh else saved(run, -1, "base", info.base)) or s.evaluate(desc="eval base")
+    points = [Point("base", "base", base)]
+    for c in cs:
+        ev = base if c == 0 else s.evaluate(v0, c, desc=f"eval steer c={c:g}")
+        points.append(Point(f"steer c={c:g}", "steer", ev, {"c": c}))
+    for k, system in enumerate(ladder, 1):
+        points.append(Point(f"prompt {k}", "prompt", s.evaluate(system=system, desc=f"eval prompt {k}"),
+                            {"force": k, "system": system}))  # fmt: skip
+    null = [] if fresh else run_null(run, base, n_null)
+    seeds = info.null["seeds"] if null else [s.cfg.seed * 1000 + i for i in range(n_null)]
+    for i, seed in enumerate(seeds[:n_null]):
+        ev = null[i] if null else s.evaluate(extract.random_like(v0, seed), c_run, desc=f"eval random {seed}")
+        points.append(Point(f"random {i}", "random", ev, {"c": c_run, "seed": seed}))
+    for r in run.require_rounds():
+        ev = None if fresh else saved(run, r, "healed", info.healed_eval(r))
+        if ev is None:
+            for k in range(len(s.student.baked), r + 1):  # the adapters up to round r, once each
+                s.student.load_adapter(k, run.rd.adapter(k))
+            ev = s.evaluate(desc=f"eval healed r{r}")
+        points.append(Point(f"healed r{r}", "healed", ev, {"round": r}))
+    return points
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--cs", nargs="+", type=nonneg_float, help="steering strengths (default: 7, 0 to the run's max)")
+    ap.add_argument("--n-null", type=nonneg_int, default=8, help="random directions for the null (>= 8)")
+    ap.add_argument("--ladder", type=Path, help="system prompts of rising force (default: the persona's ladder)")
+    ap.add_argument("--x", choices=AXES, default="coherence", help="the coherence axis of the frontier")
+    ap.add_argument("--n-vignettes", type=positive_int, help="score only the first N vignettes (balanced order)")
+    ap.add_argument("--eval-vignettes", help="score on these vignettes instead of the run's")
+    ap.add_argument("--out", type=Path, help="the JSON to write (default <run>/frontier.json)")
+    ap.add_argument("--fresh", action="store_true", help="evaluate base, null and healed anew (not the run's)")
+    a = ap.parse_args(argv)
+    t0 = time.time()
+    run = paired.open_run(a.run_dir, a.eval_vignettes, a.n_vignettes)
+    run.require_rounds()
+    c_max = max((q["c"] for f in run.info.filters for q in f.get("q0", [])), default=run.steered_c(0))
+    cs = a.cs or [round(x, 3) for x in np.linspace(0, c_max, 7)]
+    cs = sorted(set(cs) | {0.0})
+    ladder = ladder_from(a.ladder, run.s.persona.prompt_ladder())
+    s, tk, sign = run.s, run.trait_key, run.s.persona.sign
+    print(f"{run.rd.root.name}: {len(s.vigs)} vignettes; steer at {cs}; {len(ladder)} prompts; {a.n_null} random "
+          f"directions at c={run.steered_c(0):g}", file=sys.stderr)  # fmt: skip
+    points = measure(run, cs, ladder, a.n_null, a.fresh)
+    rows, adv = compare(points, points[0].ev, s.persona.trait, sign, run.idx, a.x, s.cfg.seed)
+    cols = ["arm", tk, "coherence", "ref_nll", "dTrait", "dCoh", "null_pct", "specificity", "anti_steerable"]
+    for r in rows:
+        r[tk] = next(p.ev.m[tk] for p in points if p.arm == r["arm"])
+    print(paired.table(rows, cols))
+    print("\nevery foundation's shift (nats, 95% CI):")
+    print(tabulate(foundation_table(rows), headers="keys", tablefmt="github"))
+    print("\n" + "\n".join(verdict_lines(adv, tk)))
+    out = a.out or run.rd.root / "frontier.json"
+    doc = {"run": run.rd.root.name, "trait_key": tk, "sign": sign, "x": a.x, "vignettes": s.vig_source,
+           "n": len(s.vigs), "n_boot": int(run.idx.shape[0]), "cs": cs, "ladder": ladder, "rows": rows,
+           "advantage": adv, "seconds": time.time() - t0}  # fmt: skip
+    atomic_write_json(out, doc)
+    png = out.with_suffix(".png")
+    frontier_png(rows, png, tk, a.x, f"{run.rd.root.name}: {len(s.vigs)} vignettes, x = {a.x}")
+    print(f"\nwrote {out} and {png} ({time.time() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)
