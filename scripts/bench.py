@@ -110,7 +110,7 @@ def heal_step_peak(argv: list[str], lean: bool, length: int, batch: int, ckpt: b
         if lean:
             with torch.no_grad(), st.base():
                 h_ref = selected_hidden(st.model, b)
-            tok, kl = completion_terms(st.model, selected_hidden(st.model, b), b["targets"], h_ref, kl_rev)
+            tok, kl, _ = completion_terms(st.model, selected_hidden(st.model, b), b["targets"], h_ref, kl_rev)
             loss = -tok.mean() + kl.mean()
         else:
             lp = naive_logprobs(st.model, b)

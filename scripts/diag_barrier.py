@@ -1,12 +1,13 @@
 """Barrier sweep (Q1): re-heal one round's kept completions under a grid of barrier settings.
 
     uv run python scripts/diag_barrier.py out/<run> [--round 0] [--regs nll kl_rev] [--lams 0.1 0.3 1]
-        [--taus 0.5] [--aggs rmse] [--wds 0] [--out barrier.json]
+        [--taus 0.5] [--aggs rmse] [--wds 0] [--targets sft kl_teacher mix] [--out barrier.json]
 
 Every arm starts from the same student (the run's adapters before --round re-attached) and the same
-init seed, trains a fresh adapter on exactly the completions the run kept in that round, and is
-scored on the run's vignettes. Base and steered rows are the run's own (same vignettes), so all rows
-are paired. The table is sorted by slope = 100 * dCoh / dTrait (coherence points lost per nat of
+init seed, trains a fresh adapter on exactly the completions the run kept in that round (under each
+--targets heal target: the kl_teacher / mix teacher is the round's saved vector at each completion's
+own strength), and is scored on the run's vignettes. Base and steered rows are the run's own (same
+vignettes), so all rows are paired. The table is sorted by slope = 100 * dCoh / dTrait (coherence points lost per nat of
 trait moved; blank when |dTrait| < 0.05 nats).
 """
 
@@ -24,23 +25,24 @@ from steer_heal.cli import cli, nonneg_float, nonneg_int
 from steer_heal.data import read_jsonl
 from steer_heal.errors import UserError
 from steer_heal.evaluate import Scored
-from steer_heal.heal import heal
+from steer_heal.heal import SteeredTeacher, heal
 
 
-def arms(regs, lams, taus, aggs, wds) -> list[dict]:
-    """The grid; `nll` has no barrier, so it gets one arm per weight decay."""
+def arms(regs, lams, taus, aggs, wds, targets=("sft",)) -> list[dict]:
+    """The grid; `nll` has no barrier, so it gets one arm per weight decay (and heal target)."""
     out = []
-    for reg, wd in itertools.product(regs, wds):
+    for target, reg, wd in itertools.product(targets, regs, wds):
         if reg == "nll":
-            out.append({"reg": reg, "lam": 0.0, "tau": 0.0, "kl_agg": "-", "weight_decay": wd})
+            out.append({"heal_target": target, "reg": reg, "lam": 0.0, "tau": 0.0, "kl_agg": "-", "weight_decay": wd})
             continue
         for lam, tau, agg in itertools.product(lams, taus, aggs):
-            out.append({"reg": reg, "lam": lam, "tau": tau, "kl_agg": agg, "weight_decay": wd})
+            out.append({"heal_target": target, "reg": reg, "lam": lam, "tau": tau, "kl_agg": agg, "weight_decay": wd})
     return out
 
 
 def arm_name(arm: dict) -> str:
     name = arm["reg"] if arm["reg"] == "nll" else f"{arm['reg']} lam={arm['lam']:g} tau={arm['tau']:g} {arm['kl_agg']}"
+    name = (f"{arm['heal_target']} " if arm["heal_target"] != "sft" else "") + name
     return name + (f" wd={arm['weight_decay']:g}" if arm["weight_decay"] else "")
 
 
@@ -53,6 +55,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--taus", nargs="+", type=nonneg_float, default=[0.5])
     ap.add_argument("--aggs", nargs="+", default=["rmse"], choices=["mean", "rmse", "p95", "max"])
     ap.add_argument("--wds", nargs="+", type=nonneg_float, default=[0.0])
+    ap.add_argument("--targets", nargs="+", default=["sft"], choices=["sft", "kl_teacher", "mix"], help="heal targets")
     ap.add_argument("--out", type=Path, help="write rows as JSON here")
     a = ap.parse_args(argv)
     run = paired.open_run(a.run_dir)
@@ -67,17 +70,17 @@ def main(argv: list[str]) -> int:
     base = Scored(info.base, read_jsonl(run.rd.eval_rows(-1, "base")))
     steered = Scored(steered, read_jsonl(run.rd.eval_rows(a.round, "steered")))
     rows = [paired.row("base", base, base, run), paired.row(f"steered c={steered.m['c']:g}", steered, base, run)]
-    grid = arms(a.regs, a.lams, a.taus, a.aggs, a.wds)
+    grid = arms(a.regs, a.lams, a.taus, a.aggs, a.wds, a.targets)
+    teacher = SteeredTeacher(run.rd.vectors(a.round), run.kept_coeffs(a.round))
     print(
         f"{len(grid)} arms on {len(pairs)} kept completions of round {a.round} of {run.rd.root.name}", file=sys.stderr
     )
     for arm in grid:
         fields = dict(arm, kl_agg=cfg.heal.kl_agg) if arm["reg"] == "nll" else arm
         t0 = time.time()
-        res = heal(
-            run.s.student, pairs, dataclasses.replace(cfg.heal, **fields), a.round, cfg.seed, run.s.tok.pad_token_id
-        )
-        ev = run.s.evaluate(desc=f"eval {arm['reg']} lam={arm['lam']}")
+        hc = dataclasses.replace(cfg.heal, **fields)
+        res = heal(run.s.student, pairs, hc, a.round, cfg.seed, run.s.tok.pad_token_id, teacher=teacher)
+        ev = run.s.evaluate(desc=f"eval {arm_name(arm)}")
         run.s.student.drop_training()
         extra = {"fired": res.fired_frac, "nll": res.nll_last, "D": res.d_mean, "seconds": time.time() - t0, **arm}
         rows.append(paired.row(arm_name(arm), ev, base, run, steered=steered, **extra))

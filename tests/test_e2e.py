@@ -137,3 +137,25 @@ def test_collapse_signals_recorded_each_round(fast_run):
     for x in events.read(fast_run / "a", "round"):
         assert x["barrier_skipped"] == 0 and x["steps_skipped"] == 0 and x["pr_band"] is not None
     assert "## Collapse signals" in (fast_run / "a" / "summary.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--heal-target", "kl_teacher"],
+        ["--heal-target", "mix", "--teacher-topk", "16", "--trust-kl-max", "5"],
+        ["--heal-target", "kl_teacher", "--heal-data", "on_policy", "--on-policy-frac", "0.5"],
+    ],
+    ids=["kl_teacher", "mix-topk-trust", "on_policy"],
+)
+def test_each_heal_target_runs_and_is_recorded(tmp_path, flags):
+    assert _run(fast_args(tmp_path, "t", *flags, rounds=1)) == 0
+    (heal,) = events.read(tmp_path / "t", "heal")
+    assert heal["target"] == flags[1] and heal["kd_first"] is not None and heal["kd_last"] >= 0
+    steps = events.read(tmp_path / "t", "heal_step")
+    assert all("kd" in x for x in steps)
+    if "--trust-kl-max" in flags:
+        assert 0 <= heal["masked_share"] <= 1
+    if "on_policy" in flags:
+        assert heal["n_on_policy"] + heal["n_steered"] == heal["n_train"] and heal["n_on_policy"] > 0
+        assert (tmp_path / "t" / "rounds" / "r00" / "on_policy.jsonl").is_file()

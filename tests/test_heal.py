@@ -158,3 +158,99 @@ def test_loss_terms_at_init_are_sft_only(fresh_tiny):
     t = heal_mod.loss_terms(st, name, b, HealConfig(reg="kl_fwd", tau=0.0, spectral_lam=1.0), lam=1.0)
     assert float(t.d.abs().max()) < 1e-6 and float(t.barrier) < 1e-6 and float(t.spectral) == 0.0
     assert float(t.nll) == pytest.approx(float(nll(selected_logprobs(st.model, b), b["targets"])), abs=1e-6)
+
+
+# ---------------------------------------------------------------- steering baking (--heal-target)
+
+
+def _teacher(model, n, c=0.0):
+    from steer_heal.heal import SteeredTeacher
+
+    g = torch.Generator().manual_seed(11)
+    v = {
+        1: torch.randn(model.config.hidden_size, generator=g) * 4,
+        2: torch.randn(model.config.hidden_size, generator=g) * 4,
+    }
+    return SteeredTeacher(v, [c] * n)
+
+
+def _distill_terms(st, tok, cfg, teacher, lam=1.0):
+    from steer_heal.losses import completion_batch
+
+    prep = heal_mod.prepare(st, _pairs(tok, 3), cfg, teacher, tok.pad_token_id)
+    name = st.add_adapter(0, lora_config(st, cfg))
+    b = completion_batch(_pairs(tok, 3), tok.pad_token_id, "cpu")
+    distill = heal_mod.teacher_targets(st, b, [0, 1, 2], teacher, prep)
+    return name, heal_mod.loss_terms(st, name, b, cfg, lam, distill)
+
+
+@pytest.mark.parametrize("topk", [None, 50_000])
+def test_distillation_loss_is_zero_with_zero_gradient_when_teacher_is_student(fresh_tiny, topk):
+    """c = 0 and a fresh adapter (B = 0): the teacher is the student, so KL(teacher || student) = 0 and its
+    gradient vanishes (full vocabulary, and top-k with k >= V)."""
+    model, tok = fresh_tiny
+    st = Student(model)
+    cfg = HealConfig(reg="nll", heal_target="kl_teacher", teacher_topk=topk, lora_r=4)
+    _, t = _distill_terms(st, tok, cfg, _teacher(model, 3, c=0.0))
+    assert abs(float(t.kd)) < 1e-6 and t.main is t.kd
+    t.total().backward()
+    assert max(float(p.grad.abs().max()) for p in st.trainable() if p.grad is not None) < 1e-6
+
+
+def test_masked_positions_contribute_nothing(fresh_tiny):
+    model, tok = fresh_tiny
+    st = Student(model)
+    cfg = HealConfig(reg="nll", heal_target="kl_teacher", teacher_topk=64, lora_r=4)
+    teacher = _teacher(model, 3, c=3.0)
+    prep = heal_mod.prepare(st, _pairs(tok, 3), cfg, teacher, tok.pad_token_id)
+    from steer_heal.losses import completion_batch
+
+    name = st.add_adapter(0, lora_config(st, cfg))
+    b = completion_batch(_pairs(tok, 3), tok.pad_token_id, "cpu")
+    targets, _ = heal_mod.teacher_targets(st, b, [0, 1, 2], teacher, prep)
+    mask = torch.zeros(len(b["targets"]), dtype=torch.bool)
+    mask[:5] = True
+    kd = heal_mod.loss_terms(st, name, b, cfg, 1.0, (targets, mask)).kd
+    scrambled = dataclasses.replace(targets, lp=targets.lp.clone())
+    scrambled.lp[5:] = torch.log_softmax(torch.randn(scrambled.lp[5:].shape), -1)  # change only masked positions
+    assert float(heal_mod.loss_terms(st, name, b, cfg, 1.0, (scrambled, mask)).kd) == pytest.approx(float(kd))
+    scrambled.lp[:5] = torch.log_softmax(torch.randn(scrambled.lp[:5].shape), -1)
+    assert float(heal_mod.loss_terms(st, name, b, cfg, 1.0, (scrambled, mask)).kd) != pytest.approx(float(kd))
+
+
+def test_trust_mask_leaves_out_where_the_teacher_diverged(fresh_tiny):
+    model, tok = fresh_tiny
+    st = Student(model)
+    teacher = _teacher(model, 3, c=30.0)  # a strong push: far from the original model everywhere
+    strict = heal_mod.prepare(st, _pairs(tok, 3), HealConfig(heal_target="kl_teacher", trust_kl_max=1e-3), teacher,
+                              tok.pad_token_id)  # fmt: skip
+    loose = heal_mod.prepare(st, _pairs(tok, 3), HealConfig(heal_target="kl_teacher", trust_kl_max=1e6), teacher,
+                             tok.pad_token_id)  # fmt: skip
+    assert strict.masked_share == 1.0 and loose.masked_share == 0.0
+    assert [len(m) for m in strict.mask] == [4, 4, 4]
+
+
+def test_the_barrier_composes_with_distillation(fresh_tiny):
+    model, tok = fresh_tiny
+    st = Student(model)
+    cfg = HealConfig(reg="kl_rev", tau=0.0, heal_target="mix", mix_weight=0.25, lora_r=4)
+    name, _ = _distill_terms(st, tok, cfg, _teacher(model, 3, c=3.0))
+    _randomise_b(st, name, scale=0.2)  # the student has moved: barrier and distillation both non-zero
+    from steer_heal.losses import completion_batch
+
+    b = completion_batch(_pairs(tok, 3), tok.pad_token_id, "cpu")
+    prep = heal_mod.Prepared([3.0] * 3, None, None, None)
+    t = heal_mod.loss_terms(
+        st, name, b, cfg, 1.0, heal_mod.teacher_targets(st, b, [0, 1, 2], _teacher(model, 3, 3.0), prep)
+    )
+    assert float(t.barrier) > 0 and float(t.kd) > 0
+    assert float(t.main) == pytest.approx(0.75 * float(t.nll) + 0.25 * float(t.kd), rel=1e-6)
+    assert float(t.total()) == pytest.approx(float(t.main) + float(t.barrier), rel=1e-6)
+
+
+def test_sft_target_needs_no_teacher_and_kl_teacher_refuses_none(fresh_tiny):
+    model, tok = fresh_tiny
+    st = Student(model)
+    with pytest.raises(ValueError, match="--heal-target kl_teacher needs the round's steered teacher"):
+        heal(st, _pairs(tok), HealConfig(heal_target="kl_teacher"), 0, 0, tok.pad_token_id)
+    assert st.training is None

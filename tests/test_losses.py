@@ -117,6 +117,43 @@ def test_chunked_completion_terms_equal_the_full_log_softmax(fresh_tiny, chunk):
     full_tok, full_kl = losses.token_logprob(lp, b["targets"]), losses.kl_rev(lp, ref_lp)
     g_full = grads(-full_tok.mean() + full_kl.mean())
     h = losses.selected_hidden(model, b)
-    tok_lp, kl = losses.completion_terms(model, h, b["targets"], ref, losses.kl_rev, chunk)
+    tok_lp, kl, _ = losses.completion_terms(model, h, b["targets"], ref, losses.kl_rev, chunk)
     assert torch.allclose(tok_lp, full_tok.detach(), atol=1e-5) and torch.allclose(kl, full_kl.detach(), atol=1e-5)
     assert torch.allclose(grads(-tok_lp.mean() + kl.mean()), g_full, atol=1e-5)
+
+
+def test_top_k_with_k_equal_to_the_vocabulary_is_the_full_kl():
+    s, t = _logp(seed=3), _logp(seed=4)
+    idx, lp, tail = losses.topk_targets(t, t.shape[-1])
+    assert torch.isneginf(tail).all()
+    assert torch.allclose(losses.kl_topk(s, idx, lp, tail), losses.kl_fwd(s, t), atol=1e-6)  # KL(t || s)
+
+
+def test_top_k_tail_bucket_is_a_proper_kl():
+    """Merging the tokens outside the top-k into one bucket can only lose information: 0 <= KL_k <= KL."""
+    s, t = _logp(seed=5), _logp(seed=6)
+    full = losses.kl_fwd(s, t)
+    for k in (1, 3, 8):
+        part = losses.kl_topk(s, *losses.topk_targets(t, k))
+        assert (part >= -1e-6).all() and (part <= full + 1e-5).all()
+    same = losses.kl_topk(t, *losses.topk_targets(t, 3))
+    assert torch.allclose(same, torch.zeros_like(same), atol=1e-6)  # teacher = student: 0 with any k
+
+
+def test_distillation_terms_chunked_equal_unchunked(tiny):
+    model, tok = tiny
+    pairs = [([1, 2, 3, 4], [5, 6, 7, 8, 9]), ([10, 11], [12, 13, 14])]
+    b = losses.completion_batch(pairs, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        h = losses.selected_hidden(model, b)
+    g = torch.Generator().manual_seed(0)
+    teacher = losses.Teacher(h=h + 0.5 * torch.randn(h.shape, generator=g))
+    whole = losses.completion_terms(model, h, b["targets"], teacher=teacher, chunk=1000)
+    for chunk in (1, 3):
+        part = losses.completion_terms(model, h, b["targets"], teacher=teacher, chunk=chunk)
+        assert torch.allclose(part.kd, whole.kd, atol=1e-5) and torch.allclose(part.tok, whole.tok, atol=1e-5)
+    # the full-vocabulary teacher from hidden states equals its cached top-V targets
+    with torch.no_grad():
+        logp_t = torch.log_softmax(losses.lm_logits(model, teacher.h), -1)
+    cached = losses.Teacher(*(None,), *losses.topk_targets(logp_t, logp_t.shape[-1]))
+    assert torch.allclose(losses.completion_terms(model, h, b["targets"], teacher=cached).kd, whole.kd, atol=1e-5)

@@ -29,6 +29,8 @@ from steer_heal.errors import UserError
 Reg = Literal["nll", "kl_rev", "kl_fwd"]
 KlAgg = Literal["mean", "rmse", "p95", "max"]
 BarrierRef = Literal["base", "prev"]
+HealTarget = Literal["sft", "kl_teacher", "mix"]
+HealData = Literal["steered", "on_policy"]
 PresetName = Literal["fast", "smol", "gemma"]
 
 
@@ -158,6 +160,23 @@ class FilterConfig:
 
 @dataclass
 class HealConfig:
+    heal_target: HealTarget = "sft"
+    """What the adapter learns: sft = NLL of the kept sampled tokens; kl_teacher = KL(steered teacher ||
+    student) over the whole next-token distribution at their positions (teacher = the student before this
+    round with c*v added at each row's own strength, no grad); mix = (1 - w) sft + w kl_teacher."""
+    mix_weight: Frac = 0.5
+    """w of --heal-target mix."""
+    teacher_topk: PosInt | None = None
+    """Keep the teacher's top-k tokens per position (+ one bucket for the rest), computed once per round and
+    cached; None = the full vocabulary, recomputed from the teacher's hidden states per micro-batch."""
+    trust_kl_max: PosFloat | None = None
+    """Leave out of the distillation target each position where the steered teacher's KL to the original
+    model exceeds this many nats (it has gone incoherent there); None = trust every position."""
+    heal_data: HealData = "steered"
+    """Training completions: steered = the kept steered samples; on_policy = samples of the current student
+    without steering (the filter applies), scored by the steered teacher (needs kl_teacher or mix)."""
+    on_policy_frac: OpenFrac = 1.0
+    """Under --heal-data on_policy, the share of training completions sampled on-policy (the rest steered)."""
     reg: Reg = "kl_rev"
     """Barrier divergence: nll (none), kl_rev = KL(student||ref), kl_fwd = KL(ref||student)."""
     lam: NonNegFloat = 0.3
@@ -439,6 +458,11 @@ def validate(cfg: RunConfig) -> None:
     e = cfg.extract
     if (e.persona_pos is None) != (e.persona_neg is None):
         raise UserError("--persona-pos and --persona-neg must be given together")
+    if cfg.heal.heal_data == "on_policy" and cfg.heal.heal_target == "sft":
+        raise UserError(
+            "--heal-data on_policy needs --heal-target kl_teacher or mix: SFT on the student's own samples "
+            "teaches it nothing the steered teacher knows"
+        )
     if not _DEVICE.match(cfg.device):
         raise UserError(f"--device {cfg.device!r} must be auto, cpu, cuda, cuda:N or mps")
 

@@ -239,7 +239,7 @@ def reference_nll(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, 
     out: list[list] = [[]] * len(pairs)
     for chunk in tqdm(list(batches(order, batch_size)), desc="reference nll", leave=False):
         b = completion_batch([pairs[i] for i in chunk], pad_id, dev)
-        tok_lp, _ = completion_terms(model, selected_hidden(model, b), b["targets"])
+        tok_lp = completion_terms(model, selected_hidden(model, b), b["targets"]).tok
         for j, i in enumerate(chunk):
             x = -tok_lp[b["seg"] == j]
             out[i] = [float(x.sum()), int(x.numel())]

@@ -1,8 +1,17 @@
-"""Heal: train a fresh LoRA adapter on kept completions (SFT, no steering) under a divergence barrier.
+"""Heal: train a fresh LoRA adapter on kept completions (no steering) under a divergence barrier.
 
-    loss = NLL(completion tokens) + lambda_r * mean_i relu(D_i - tau) + spectral_lam * sum sigma_max(Delta W)
+    loss = main + lambda_r * mean_i relu(D_i - tau) + spectral_lam * sum sigma_max(Delta W)
+    main = NLL(completion tokens)                                   (--heal-target sft)
+         | mean over trusted positions of KL(teacher || student)    (kl_teacher: steering baking)
+         | (1 - w) NLL + w KL(teacher || student)                   (mix)
     D_i  = aggregation (mean | rmse | p95 | max) over completion i of per-position KL(student || ref)
            (kl_rev) or KL(ref || student) (kl_fwd); `nll` = no barrier.
+
+The teacher is free: the same weights as the student before this round (`student.prev()`), with c*v
+added at each completion's own strength, under no_grad. Its whole next-token distribution is the target,
+rebuilt per chunk from its hidden states, or cached once per round as its top-k tokens plus a tail
+bucket (`--teacher-topk`). Positions where the teacher's KL to the original model exceeds
+`--trust-kl-max` (where it has itself gone incoherent) are left out of the target (`prepare`).
 
 The loop is three parts: `loss_terms` (one micro-batch's terms), `Safety` (what may train) and
 `optimizer_step`. Safety check, per micro-batch: a non-finite NLL or spectral term skips the whole
@@ -30,9 +39,11 @@ from loguru import logger
 from peft import LoraConfig
 from tqdm.auto import tqdm
 
+from steer_heal import losses
 from steer_heal.bake import Student, lora_targets
 from steer_heal.config import HealConfig
 from steer_heal.errors import NonFiniteLoss, OutOfMemory, free_memory
+from steer_heal.hooks import steer
 from steer_heal.losses import (
     KL,
     aggregate,
@@ -41,6 +52,7 @@ from steer_heal.losses import (
     cosine_warmup,
     hinge,
     lam_at_round,
+    lm_logits,
     selected_hidden,
     spectral_norm_lowrank,
 )
@@ -62,6 +74,33 @@ class HealResult:
     steps_skipped: int = 0
     batch_size: int = 0
     grad_accum: int = 0
+    target: str = "sft"
+    kd_first: float | None = None  # the distillation KL (kl_teacher / mix), first and last good micro-batch
+    kd_last: float | None = None
+    masked_share: float | None = None  # share of completion positions left out by --trust-kl-max
+
+
+@dataclass
+class SteeredTeacher:
+    """The round's teacher: the student before the round, steered by c_i * vectors on completion i."""
+
+    vectors: dict[int, torch.Tensor]
+    coeffs: list[float]  # one per training completion: the strength it was generated at
+
+
+@dataclass
+class Prepared:
+    """Per training completion: its teacher coefficient, trusted positions and (top-k mode) cached targets."""
+
+    coeffs: list[float]
+    mask: list[torch.Tensor] | None  # bool [n_i] per completion; None = all trusted
+    topk: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None  # (idx, lp, tail) per completion
+    masked_share: float | None
+
+
+def target_weight(cfg: HealConfig) -> float:
+    """w in main = (1 - w) NLL + w KL(teacher || student): 0 for sft, 1 for kl_teacher."""
+    return {"sft": 0.0, "kl_teacher": 1.0, "mix": cfg.mix_weight}[cfg.heal_target]
 
 
 def lora_config(student: Student, cfg: HealConfig) -> LoraConfig:
@@ -80,23 +119,46 @@ def lora_config(student: Student, cfg: HealConfig) -> LoraConfig:
 
 @dataclass
 class Terms:
-    """One micro-batch's loss terms (scalars) and its per-completion divergence d [B]."""
+    """One micro-batch's loss terms (scalars) and its per-completion divergence d [B]. `main` is what the
+    adapter learns (the NLL for sft); `kd` the distillation KL (None for sft)."""
 
     nll: torch.Tensor
     barrier: torch.Tensor
     spectral: torch.Tensor
     d: torch.Tensor
+    main: torch.Tensor | None = None
+    kd: torch.Tensor | None = None
+
+    def __post_init__(self):
+        self.main = self.nll if self.main is None else self.main
 
     def total(self) -> torch.Tensor:
-        return self.nll + self.barrier + self.spectral
+        return self.main + self.barrier + self.spectral
 
     def __str__(self) -> str:  # formatted only for a warning or an error: each .item() is a GPU sync
-        return f"nll={self.nll.item():.4g}, barrier={self.barrier.item():.4g}, spectral={self.spectral.item():.4g}"
+        kd = "" if self.kd is None else f", kd={self.kd.item():.4g}"
+        return f"nll={self.nll.item():.4g}{kd}, barrier={self.barrier.item():.4g}, spectral={self.spectral.item():.4g}"
 
 
-def loss_terms(student: Student, name: str, batch: dict, cfg: HealConfig, lam: float) -> Terms:
-    """NLL over the completion tokens, the barrier lam * mean relu(D - tau) against the reference, and the
-    spectral penalty of adapter `name`. The reference hidden states are taken without gradient."""
+def teacher_targets(student: Student, batch: dict, idx: list[int], teacher: SteeredTeacher, prep: Prepared):
+    """A micro-batch's distillation targets (losses.Teacher) and trusted-position mask [K] (None = all):
+    the cached top-k, or the steered teacher's hidden states now (the student before this round, each
+    completion steered at its own strength)."""
+    dev = batch["targets"].device
+    mask = None if prep.mask is None else torch.cat([prep.mask[i] for i in idx]).to(dev)
+    if prep.topk is not None:
+        idx_, lp, tail = (torch.cat([prep.topk[i][j] for i in idx]).to(dev) for j in range(3))
+        return losses.Teacher(idx=idx_, lp=lp, tail=tail), mask
+    coeff = torch.tensor([prep.coeffs[i] for i in idx], dtype=torch.float32, device=dev)
+    with torch.no_grad(), student.prev(), steer(student.model, teacher.vectors, coeff):
+        return losses.Teacher(h=selected_hidden(student.model, batch)), mask
+
+
+def loss_terms(student: Student, name: str, batch: dict, cfg: HealConfig, lam: float, distill=None) -> Terms:
+    """The main term (NLL over the completion tokens, or the distillation KL to the steered teacher over
+    the trusted positions, or a mix), the barrier lam * mean relu(D - tau) against the reference, and the
+    spectral penalty of adapter `name`. `distill` = (targets, trusted mask [K] or None) when w > 0. The
+    reference and teacher hidden states are taken without gradient."""
     model, n = student.model, batch["enc"]["input_ids"].shape[0]
     zero = torch.zeros((), device=batch["targets"].device)
     h_ref = None
@@ -105,15 +167,62 @@ def loss_terms(student: Student, name: str, batch: dict, cfg: HealConfig, lam: f
         with torch.no_grad(), ref():
             h_ref = selected_hidden(model, batch)
     h = selected_hidden(model, batch)
-    tok_lp, kl = completion_terms(model, h, batch["targets"], h_ref, KL.get(cfg.reg), cfg.loss_chunk)
+    targets, mask = distill if distill is not None else (None, None)
+    pos = completion_terms(model, h, batch["targets"], h_ref, KL.get(cfg.reg), cfg.loss_chunk, targets)
     d, barrier = torch.zeros(n, device=zero.device), zero
-    if kl is not None:
-        d = aggregate(kl, batch["seg"], n, cfg.kl_agg)
+    if pos.kl is not None:
+        d = aggregate(pos.kl, batch["seg"], n, cfg.kl_agg)
         barrier = hinge(d, cfg.tau, lam)
     spectral = zero
     if cfg.spectral_lam > 0:
         spectral = cfg.spectral_lam * sum(spectral_norm_lowrank(A, B, s) for A, B, s in student.lora_factors(name))
-    return Terms(-tok_lp.mean(), barrier, spectral, d)
+    nll = -pos.tok.mean()
+    if pos.kd is None:
+        return Terms(nll, barrier, spectral, d)
+    kd = pos.kd[mask].mean() if mask is not None and mask.any() else (zero if mask is not None else pos.kd.mean())
+    w = target_weight(cfg)
+    main = kd if w == 1.0 else (1 - w) * nll + w * kd
+    return Terms(nll, barrier, spectral, d, main=main, kd=kd)
+
+
+@torch.no_grad()
+def prepare(student: Student, pairs, cfg: HealConfig, teacher: SteeredTeacher, pad_id: int) -> Prepared:
+    """One pass over the training completions before the adapter exists: the trusted positions (teacher's
+    KL to the original model within --trust-kl-max) and, with --teacher-topk, the cached top-k targets."""
+    if len(teacher.coeffs) != len(pairs):
+        raise ValueError(f"{len(teacher.coeffs)} teacher coefficients for {len(pairs)} completions")
+    if cfg.trust_kl_max is None and cfg.teacher_topk is None:
+        return Prepared(teacher.coeffs, None, None, None)
+    model, dev = student.model, next(student.model.parameters()).device
+    masks, topk = [], []
+    for idx in batches(list(range(len(pairs))), cfg.heal_batch_size):
+        batch = completion_batch([pairs[i] for i in idx], pad_id, dev)
+        coeff = torch.tensor([teacher.coeffs[i] for i in idx], dtype=torch.float32, device=dev)
+        with student.prev(), steer(model, teacher.vectors, coeff):
+            h_t = selected_hidden(model, batch)
+        h_o = None
+        if cfg.trust_kl_max is not None:
+            with student.base():
+                h_o = selected_hidden(model, batch)
+        keep, tk = [], []
+        for i in range(0, h_t.shape[0], cfg.loss_chunk):
+            logp_t = torch.log_softmax(lm_logits(model, h_t[i : i + cfg.loss_chunk]), -1)
+            if h_o is not None:
+                logp_o = torch.log_softmax(lm_logits(model, h_o[i : i + cfg.loss_chunk]), -1)
+                keep.append(losses.kl_fwd(logp_o, logp_t) <= cfg.trust_kl_max)  # KL(teacher || original)
+            if cfg.teacher_topk is not None:
+                tk.append(losses.topk_targets(logp_t, cfg.teacher_topk))
+        seg = batch["seg"]
+        keep_all = torch.cat(keep) if keep else None
+        parts = [torch.cat([t[j] for t in tk]) for j in range(3)] if tk else None
+        for j in range(len(idx)):
+            sel = seg == j
+            masks.append(None if keep_all is None else keep_all[sel].cpu())
+            topk.append(None if parts is None else tuple(p[sel].cpu() for p in parts))
+    n = sum(len(p[1]) for p in pairs)
+    share = None if masks[0] is None else 1 - sum(int(m.sum()) for m in masks) / n
+    return Prepared(teacher.coeffs, masks if masks[0] is not None else None,
+                    topk if topk[0] is not None else None, share)  # fmt: skip
 
 
 class Safety:
@@ -126,15 +235,15 @@ class Safety:
 
     def admit(self, t: Terms, step: int) -> tuple[bool, Terms]:
         """(may this micro-batch train, its terms with a runaway barrier dropped)."""
-        if not bool(torch.isfinite(t.nll) and torch.isfinite(t.spectral)):
+        if not bool(torch.isfinite(t.nll) and torch.isfinite(t.main) and torch.isfinite(t.spectral)):
             self.skip(f"non-finite loss ({t})", step)
             return False, t
-        if not torch.isfinite(t.barrier) or t.barrier.item() > self.max_ratio * t.nll.item():
+        if not torch.isfinite(t.barrier) or t.barrier.item() > self.max_ratio * t.main.item():
             self.barrier_dropped += 1
             if self.barrier_dropped == 1:
                 logger.warning(
                     f"heal r{self.round} step {step}: barrier dropped for this micro-batch ({t}; limit "
-                    f"{self.max_ratio:g} x nll); counted in the round record, warned once"
+                    f"{self.max_ratio:g} x the main term); counted in the round record, warned once"
                 )
             t = dataclasses.replace(t, barrier=torch.zeros_like(t.nll))
         return True, t
@@ -182,13 +291,13 @@ def lam_ramp(step: int, total: int, warmup_frac: float) -> float:
 
 
 def grad_ratio(t: Terms, params: list[torch.Tensor]) -> float:
-    """|grad barrier| / |grad nll| over the adapter: two extra backward passes through the kept graph."""
+    """|grad barrier| / |grad main| over the adapter: two extra backward passes through the kept graph."""
 
     def norm(loss):
         g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
         return math.sqrt(sum(float((x.float() ** 2).sum()) for x in g if x is not None))
 
-    gn = norm(t.nll)
+    gn = norm(t.main)
     return norm(t.barrier) / max(gn, 1e-12)
 
 
@@ -212,9 +321,17 @@ class Trace:
     """Per good micro-batch: NLL, mean divergence, whether the barrier fired; grad ratios when measured."""
 
     nll: list[float] = field(default_factory=list)
+    kd: list[float] = field(default_factory=list)
     d: list[float] = field(default_factory=list)
     fired: list[bool] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)
+
+    def add(self, t: Terms, fired: bool) -> None:
+        self.nll.append(t.nll.item())
+        if t.kd is not None:
+            self.kd.append(t.kd.item())
+        self.d.append(t.d.mean().item())
+        self.fired.append(fired)
 
 
 # ---------------------------------------------------------------- the loop
@@ -222,40 +339,69 @@ class Trace:
 
 def heal(
     student: Student, pairs: list[tuple[list[int], list[int]]], cfg: HealConfig, round: int, seed: int, pad_id: int,
-    emit=None, log_every: int = 5,
+    emit=None, log_every: int = 5, teacher: SteeredTeacher | None = None,
 ) -> HealResult:  # fmt: skip
     """Train adapter r<round> on (prompt ids, completion ids) pairs; `emit(**fields)` writes a heal_step
-    event every `log_every` steps. On any failure the adapter is discarded and the error re-raised."""
+    event every `log_every` steps; `teacher` (needed by kl_teacher / mix) is the round's steered teacher.
+    On any failure the adapter is discarded and the error re-raised."""
+    prep = None
+    if target_weight(cfg) > 0:
+        if teacher is None:
+            raise ValueError(f"--heal-target {cfg.heal_target} needs the round's steered teacher")
+        prep = prepare(student, pairs, cfg, teacher, pad_id)  # before the adapter exists: the teacher is prev
     torch.manual_seed(seed * 7919 + round)
     name = student.add_adapter(round, lora_config(student, cfg))
+    job = Job(student, name, pairs, cfg, round, seed, pad_id, emit, log_every, teacher, prep)
     try:
-        return _train(student, name, pairs, cfg, round, seed, pad_id, emit, log_every)
+        return _train(job)
     except BaseException:
         student.drop_training()
         raise
 
 
-def _train(student, name, pairs, cfg: HealConfig, round, seed, pad_id, emit, log_every) -> HealResult:
-    params = student.trainable()
+@dataclass
+class Job:
+    """Everything one heal needs, in one place."""
+
+    student: Student
+    name: str
+    pairs: list
+    cfg: HealConfig
+    round: int
+    seed: int
+    pad_id: int
+    emit: object
+    log_every: int
+    teacher: SteeredTeacher | None
+    prep: Prepared | None
+
+
+def _micro_batch(job: Job, idx: list[int], lam: float, dev) -> Terms:
+    """The loss terms of one micro-batch (with its distillation targets when the target needs them)."""
+    batch = completion_batch([job.pairs[i] for i in idx], job.pad_id, dev)
+    distill = teacher_targets(job.student, batch, idx, job.teacher, job.prep) if job.prep else None
+    return loss_terms(job.student, job.name, batch, job.cfg, lam, distill)
+
+
+def _train(job: Job) -> HealResult:
+    cfg, r = job.cfg, job.round
+    params = job.student.trainable()
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    groups = plan(len(pairs), cfg, random.Random(seed * 31 + round))
+    groups = plan(len(job.pairs), cfg, random.Random(job.seed * 31 + r))
     total, warm = len(groups), max(1, int(cfg.warmup_frac * len(groups)))
-    lam_r, dev = lam_at_round(cfg.lam, round, cfg.lam_round_pow), next(student.model.parameters()).device
-    safety, trace, t0 = Safety(round, cfg), Trace(), time.time()
-    with training(student.model, cfg.grad_checkpoint), tqdm(total=total, desc=f"heal r{round}", leave=False) as bar:
+    lam_r, dev = lam_at_round(cfg.lam, r, cfg.lam_round_pow), next(job.student.model.parameters()).device
+    safety, trace, t0 = Safety(r, cfg), Trace(), time.time()
+    with training(job.student.model, cfg.grad_checkpoint), tqdm(total=total, desc=f"heal r{r}", leave=False) as bar:
         for step, group in enumerate(groups):
             lam, n_ok, ratio = lam_r * lam_ramp(step, total, cfg.lam_warmup_frac), 0, None
             for idx in group:
-                batch = completion_batch([pairs[i] for i in idx], pad_id, dev)
-                ok, t = safety.admit(loss_terms(student, name, batch, cfg, lam), step)
+                ok, t = safety.admit(_micro_batch(job, idx, lam, dev), step)
                 fired = ok and bool(t.barrier.detach() > 0)
-                ratio = grad_ratio(t, params) if fired and step % log_every == 0 else None
+                ratio = grad_ratio(t, params) if fired and step % job.log_every == 0 else None
                 if ok:  # a skipped micro-batch adds no gradient
                     t.total().backward()  # summed over the group; averaged in optimizer_step
                     n_ok += 1
-                    trace.nll.append(t.nll.item())
-                    trace.d.append(t.d.mean().item())
-                    trace.fired.append(fired)
+                    trace.add(t, fired)
                 if ratio is not None:
                     trace.ratios.append(ratio)
             lr = cfg.lr * cosine_warmup(step, total, warm)
@@ -264,28 +410,33 @@ def _train(student, name, pairs, cfg: HealConfig, round, seed, pad_id, emit, log
                 if not torch.isfinite(gnorm):  # finite loss, non-finite gradient (e.g. a backward overflow)
                     safety.skip(f"non-finite gradient norm {gnorm.item()} ({t})", step)
             opt.zero_grad(set_to_none=True)
-            if emit is not None and (step % log_every == 0 or step == total - 1):
-                emit(step=step, nll=t.nll.item(), d=t.d.mean().item(), barrier=t.barrier.item(),
-                     spectral=t.spectral.item(), fired=fired, grad_ratio=ratio, lr=lr,
-                     barrier_skipped=safety.barrier_dropped, steps_skipped=safety.skipped)  # fmt: skip
+            if job.emit is not None and (step % job.log_every == 0 or step == total - 1):
+                kd = {} if t.kd is None else {"kd": t.kd.item()}
+                job.emit(step=step, nll=t.nll.item(), **kd, d=t.d.mean().item(), barrier=t.barrier.item(),
+                         spectral=t.spectral.item(), fired=fired, grad_ratio=ratio, lr=lr,
+                         barrier_skipped=safety.barrier_dropped, steps_skipped=safety.skipped)  # fmt: skip
             bar.update(1)
             bar.set_postfix(nll=f"{t.nll.item():.3f}", D=f"{t.d.mean().item():.3f}")
-    return _result(name, params, cfg, round, total, trace, safety, time.time() - t0)
+    return _result(job, params, total, trace, safety, time.time() - t0)
 
 
-def _result(name, params, cfg: HealConfig, round, steps, trace: Trace, safety: Safety, seconds) -> HealResult:
+def _result(job: Job, params, steps: int, trace: Trace, safety: Safety, seconds: float) -> HealResult:
     """Check the adapter is usable, log the round's line, and summarise it."""
+    cfg, r = job.cfg, job.round
     if not trace.nll:
-        raise NonFiniteLoss(f"heal r{round}: every micro-batch was skipped as non-finite")
+        raise NonFiniteLoss(f"heal r{r}: every micro-batch was skipped as non-finite")
     if not all(bool(torch.isfinite(p).all()) for p in params):
-        raise NonFiniteLoss(f"heal r{round}: the adapter has non-finite weights after {steps} steps")
+        raise NonFiniteLoss(f"heal r{r}: the adapter has non-finite weights after {steps} steps")
     d_mean, fired = sum(trace.d) / len(trace.d), sum(trace.fired) / len(trace.fired)
+    kd = f", kd {trace.kd[0]:.3f} -> {trace.kd[-1]:.3f}" if trace.kd else ""
+    masked = job.prep.masked_share if job.prep else None
     logger.info(
-        f"heal r{round}: {steps} steps, nll {trace.nll[0]:.3f} -> {trace.nll[-1]:.3f}, D mean {d_mean:.3f}, "
-        f"barrier fired {fired:.0%}, skipped: barrier {safety.barrier_dropped}, micro-batches {safety.skipped}"
+        f"heal r{r} ({cfg.heal_target}): {steps} steps, nll {trace.nll[0]:.3f} -> {trace.nll[-1]:.3f}{kd}, "
+        f"D mean {d_mean:.3f}, barrier fired {fired:.0%}, skipped: barrier {safety.barrier_dropped}, "
+        f"micro-batches {safety.skipped}" + (f", positions masked {masked:.1%}" if masked is not None else "")
     )
     return HealResult(
-        adapter=name,
+        adapter=job.name,
         steps=steps,
         nll_first=trace.nll[0],
         nll_last=trace.nll[-1],
@@ -297,14 +448,19 @@ def _result(name, params, cfg: HealConfig, round, steps, trace: Trace, safety: S
         steps_skipped=safety.skipped,
         batch_size=cfg.heal_batch_size,
         grad_accum=cfg.grad_accum,
+        target=cfg.heal_target,
+        kd_first=trace.kd[0] if trace.kd else None,
+        kd_last=trace.kd[-1] if trace.kd else None,
+        masked_share=masked,
     )
 
 
-def heal_with_retry(student: Student, pairs, cfg: HealConfig, round: int, seed: int, pad_id: int, emit=None):
+def heal_with_retry(student: Student, pairs, cfg: HealConfig, round: int, seed: int, pad_id: int, emit=None,
+                    teacher: SteeredTeacher | None = None):  # fmt: skip
     """`heal`, and on out-of-memory once more from a fresh adapter with half the micro-batch and twice the
     accumulation (the same examples per optimiser step). A second out-of-memory raises OutOfMemory."""
     try:
-        return heal(student, pairs, cfg, round, seed, pad_id, emit)
+        return heal(student, pairs, cfg, round, seed, pad_id, emit, teacher=teacher)
     except torch.OutOfMemoryError:
         pass  # leave the except block first, so the failed step's tensors can be freed
     free_memory()
@@ -317,7 +473,7 @@ def heal_with_retry(student: Student, pairs, cfg: HealConfig, round: int, seed: 
     )
     retry_emit = None if emit is None else (lambda **f: emit(**f, attempt=2))  # steps restart at 0
     try:
-        return heal(student, pairs, half, round, seed, pad_id, retry_emit)
+        return heal(student, pairs, half, round, seed, pad_id, retry_emit, teacher=teacher)
     except torch.OutOfMemoryError:
         pass
     free_memory()

@@ -97,6 +97,6 @@ def steered_kl_p95(
         b = completion_batch(rows_b, tok.pad_token_id, dev)
         with steer(model, vectors, c):
             h_s = selected_hidden(model, b)
-        _, kl = completion_terms(model, h_s, b["targets"], selected_hidden(model, b), KL["kl_rev"], chunk)
+        kl = completion_terms(model, h_s, b["targets"], selected_hidden(model, b), KL["kl_rev"], chunk).kl
         kls.append(kl.float().cpu())
     return float(torch.quantile(torch.cat(kls), q))

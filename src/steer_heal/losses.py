@@ -8,6 +8,8 @@ Memory: the LM head and log-softmax run only on completion positions. We take th
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +67,30 @@ def selected_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
     return final_hidden(model, batch["enc"])[batch["rows"], batch["cols"]]
 
 
+class Positions(NamedTuple):
+    """Per completion position: log p(target), the barrier's KL to the reference, the distillation KL to
+    the teacher (None when not asked for)."""
+
+    tok: torch.Tensor
+    kl: torch.Tensor | None
+    kd: torch.Tensor | None
+
+
+@dataclass
+class Teacher:
+    """Distillation targets at the completion positions [K]: either the teacher's hidden states `h` [K, H]
+    (the full next-token distribution is rebuilt per chunk), or its top-k log-probs `lp` [K, k] at token
+    ids `idx` [K, k] with the log-mass of everything else `tail` [K] (-inf when k = V)."""
+
+    h: torch.Tensor | None = None
+    idx: torch.Tensor | None = None
+    lp: torch.Tensor | None = None
+    tail: torch.Tensor | None = None
+
+    def chunk(self, i: int, j: int) -> tuple:
+        return tuple(None if x is None else x[i:j] for x in (self.h, self.idx, self.lp, self.tail))
+
+
 def completion_terms(
     model: nn.Module,
     h: torch.Tensor,
@@ -72,35 +98,42 @@ def completion_terms(
     h_ref: torch.Tensor | None = None,
     kl=None,
     chunk: int = 256,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-position log p(target) [K] and, when `h_ref` is given, kl(logp, logp_ref) [K], in chunks.
+    teacher: Teacher | None = None,
+) -> Positions:
+    """Per-position log p(target) [K]; with `h_ref`, kl(logp, logp_ref) [K]; with `teacher`, the
+    distillation KL(teacher || student) [K]; all in chunks.
 
     Each chunk of `chunk` positions runs LM head -> log-softmax -> its terms under activation
     checkpointing: only the [chunk, V] tensors of one chunk exist at a time, in the forward and again in
     the backward (which recomputes them from h). So the heal step never holds a [K, V] tensor, let alone
-    [B, T, V]; the price is recomputing the chunk's LM head(s) in the backward (one matmul, two with KL).
-    Row-wise maths, so the values equal the unchunked ones. `h_ref` (no grad) is the reference model's
-    hidden states at the same positions: the reference log-probs are rebuilt from it per chunk instead of
-    being kept at [K, V]."""
+    [B, T, V]; the price is recomputing the chunk's LM head(s) in the backward. Row-wise maths, so the
+    values equal the unchunked ones. `h_ref` and `teacher.h` (no grad) are other models' hidden states at
+    the same positions: their log-probs are rebuilt per chunk instead of being kept at [K, V]."""
     from torch.utils.checkpoint import checkpoint
 
-    def terms(hc, tc, rc):
+    def terms(hc, tc, rc, th, ti, tl, tt):
         logp = F.log_softmax(lm_logits(model, hc), dim=-1)
         tok = token_logprob(logp, tc)
-        if rc is None:
-            return tok, None
+        k = d = None
         with torch.no_grad():
-            logp_ref = F.log_softmax(lm_logits(model, rc), dim=-1)
-        return tok, kl(logp, logp_ref)
+            logp_ref = None if rc is None else F.log_softmax(lm_logits(model, rc), dim=-1)
+            logp_t = None if th is None else F.log_softmax(lm_logits(model, th), dim=-1)
+        if rc is not None:
+            k = kl(logp, logp_ref)
+        if th is not None:
+            d = kl_fwd(logp, logp_t)  # KL(teacher || student): mass-covering, as in distillation
+        elif ti is not None:
+            d = kl_topk(logp, ti, tl, tt)
+        return tok, k, d
 
-    toks, kls = [], []
+    out = []
     for i in range(0, h.shape[0], chunk):
         rc = None if h_ref is None else h_ref[i : i + chunk]
-        args = (h[i : i + chunk], targets[i : i + chunk], rc)
-        tok, k = checkpoint(terms, *args, use_reentrant=False) if torch.is_grad_enabled() else terms(*args)
-        toks.append(tok)
-        kls.append(k)
-    return torch.cat(toks), None if h_ref is None else torch.cat(kls)
+        tch = teacher.chunk(i, i + chunk) if teacher is not None else (None,) * 4
+        args = (h[i : i + chunk], targets[i : i + chunk], rc, *tch)
+        out.append(checkpoint(terms, *args, use_reentrant=False) if torch.is_grad_enabled() else terms(*args))
+    cat = lambda xs: None if xs[0] is None else torch.cat(xs)  # noqa: E731
+    return Positions(*(cat([o[j] for o in out]) for j in range(3)))
 
 
 def naive_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -137,6 +170,32 @@ def kl_fwd(logp_s: torch.Tensor, logp_r: torch.Tensor) -> torch.Tensor:
 
 
 KL = {"kl_rev": kl_rev, "kl_fwd": kl_fwd}
+
+
+def kl_topk(logp_s: torch.Tensor, idx: torch.Tensor, lp_t: torch.Tensor, tail_t: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per position when the teacher is kept only as its top-k tokens plus one tail
+    bucket holding the rest of its mass, [K]:
+
+        sum_{v in top-k} p_t(v) (log p_t(v) - log p_s(v)) + p_t(tail) (log p_t(tail) - log p_s(tail))
+
+    with log p(tail) = log(1 - sum_{v in top-k} p(v)). With k = V the tail is empty (p_t(tail) = 0, its
+    term 0) and this is the full KL(teacher || student) = kl_fwd(logp_s, logp_t)."""
+    lp_s = logp_s.gather(-1, idx)
+    head = (lp_t.exp() * (lp_t - lp_s)).sum(-1)
+    tail_s = torch.log1p(-lp_s.exp().sum(-1).clamp(max=1 - 1e-6))
+    p_tail = tail_t.exp()
+    tail = torch.where(p_tail > 0, p_tail * (tail_t - tail_s), torch.zeros_like(p_tail))
+    return head + tail
+
+
+def topk_targets(logp_t: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(idx [K, k], log-probs [K, k], log tail mass [K]) of a teacher's log-probs [K, V] (k >= V: all of it)."""
+    k = min(k, logp_t.shape[-1])
+    lp, idx = logp_t.topk(k, dim=-1)
+    tail = (
+        torch.log1p(-lp.exp().sum(-1).clamp(max=1.0)) if k < logp_t.shape[-1] else torch.full_like(lp[:, 0], -math.inf)
+    )
+    return idx, lp, tail
 
 
 def aggregate(kl: torch.Tensor, seg: torch.Tensor, n_seq: int, how: str) -> torch.Tensor:

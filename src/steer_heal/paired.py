@@ -68,12 +68,20 @@ class OpenRun:
             raise UserError(f"{self.rd.root}: no steered eval recorded for round {r}")
         return ev["c"]
 
-    def kept_pairs(self, r: int) -> list[tuple[list[int], list[int]]]:
-        """(prompt ids, completion ids) of the completions the run kept in round r (its heal data)."""
+    def kept(self, r: int) -> list[dict]:
+        """The completions the run kept in round r (its heal data, in the run's order)."""
         path = self.rd.completions(r)
         if not path.is_file():
             raise UserError(f"{self.rd.root}: round {r} has no completions.jsonl ({path})")
-        return [(x["prompt_ids"], x["ids"]) for x in read_jsonl(path) if x["keep"]]
+        return [x for x in read_jsonl(path) if x["keep"]]
+
+    def kept_pairs(self, r: int) -> list[tuple[list[int], list[int]]]:
+        """(prompt ids, completion ids) of the kept completions of round r."""
+        return [(x["prompt_ids"], x["ids"]) for x in self.kept(r)]
+
+    def kept_coeffs(self, r: int) -> list[float]:
+        """The strength each kept completion of round r was generated at (its teacher's strength)."""
+        return [x["coeff"] for x in self.kept(r)]
 
 
 def open_run(run_dir: str | Path, eval_vignettes: str | None = None, n_vignettes: int | None = None) -> OpenRun:

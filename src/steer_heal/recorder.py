@@ -21,7 +21,7 @@ from steer_heal.evaluate import Scored
 from steer_heal.heal import HealResult
 from steer_heal.records import RoundRecord
 from steer_heal.rundir import RunDir, atomic_write_json, atomic_write_jsonl, atomic_write_text, save_tensors
-from steer_heal.stages import Collected
+from steer_heal.stages import Collected, HealData
 
 
 def near_threshold(scored: list[dict], ppl_max: float, k: int = 2) -> dict:
@@ -113,10 +113,14 @@ class Recorder:
         self.emit("filter", r, kappa=e.kappa, ppl_max=ppl_max, q0=filters.q0_table(e.scored), n_kept=n_kept,
                   n_scored=len(e.scored), starved=True)  # fmt: skip
 
-    def heal(self, r: int, res: HealResult, n_train: int, heal_cfg) -> None:
+    def heal(self, r: int, res: HealResult, data: HealData, heal_cfg) -> None:
+        """The heal event (and, under --heal-data on_policy, every on-policy completion scored)."""
         h = heal_cfg
-        self.emit("heal", r, **dataclasses.asdict(res), n_train=n_train, reg=h.reg, lam=h.lam, tau=h.tau,
-                  kl_agg=h.kl_agg, barrier_ref=h.barrier_ref)  # fmt: skip
+        if data.on_policy:
+            atomic_write_jsonl(self.rd.round(r) / "on_policy.jsonl", data.on_policy)
+        self.emit("heal", r, **dataclasses.asdict(res), n_train=len(data.pairs), n_steered=data.n_steered,
+                  n_on_policy=len(data.pairs) - data.n_steered, reg=h.reg, lam=h.lam, tau=h.tau, kl_agg=h.kl_agg,
+                  barrier_ref=h.barrier_ref)  # fmt: skip
 
     def heal_step(self, r: int):
         """The `emit` a heal loop calls every few steps."""

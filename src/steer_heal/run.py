@@ -149,9 +149,10 @@ def run_round(s: Session, rec: Recorder, r: int, base: Base) -> RoundRecord:
         with clock("null"):
             base.null, evs = stages.random_null(s, v, c_eval, base.eval)
         rec.null(r, base.null, evs, clock["null"])
+    data = stages.heal_data(s, r, col, base.ppl_max, clock)
     with clock("heal"):
-        res = stages.heal(s, col.pairs, r, rec.heal_step(r))
-    rec.heal(r, res, len(col.pairs), s.cfg.heal)
+        res = stages.heal(s, data, r, rec.heal_step(r), v)
+    rec.heal(r, res, data, s.cfg.heal)
     with clock("bake"):
         rec.bake(r, s.student, s.student.bake())
     healed, healed_samples = evaluated(s, rec, clock, r, "healed")

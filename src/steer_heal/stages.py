@@ -25,7 +25,7 @@ from steer_heal.config import RunConfig
 from steer_heal.errors import UserError
 from steer_heal.evaluate import Scored
 from steer_heal.generate import Completion, Row
-from steer_heal.heal import HealResult, heal_with_retry
+from steer_heal.heal import HealResult, SteeredTeacher, heal_with_retry
 from steer_heal.session import Session
 
 N_STUDENT_CONTEXTS = 64  # a mean over 64 neutral prompts is enough for a cosine; the teacher uses all
@@ -154,10 +154,39 @@ def random_null(s: Session, v: dict[int, torch.Tensor], c: float, base: Scored) 
     return summary, evs
 
 
-def heal(s: Session, pairs, r: int, emit) -> HealResult:
+@dataclass
+class HealData:
+    """The round's training completions, each with the strength its teacher steers at."""
+
+    pairs: list[tuple[list[int], list[int]]]
+    coeffs: list[float]
+    n_steered: int
+    on_policy: list[dict]  # every on-policy completion scored (kept or not); [] with --heal-data steered
+
+
+def heal_data(s: Session, r: int, col: Collected, ppl_max: float, clock: Clock) -> HealData:
+    """The kept steered completions, or (--heal-data on_policy) the current student's own unsteered
+    completions on the same prompts for --on-policy-frac of them, filtered like the steered ones; each
+    keeps the strength of the steered row it replaces, for its teacher."""
+    kept, h = col.kept, s.cfg.heal
+    steered = [(x["prompt_ids"], x["ids"], x["coeff"]) for x in kept]
+    if h.heal_data == "steered":
+        return HealData([p[:2] for p in steered], [p[2] for p in steered], len(steered), [])
+    n_on = round(h.on_policy_frac * len(kept))
+    rows = [Row(x["prompt_idx"], x["prompt"], x["prompt_ids"], x["alpha"], x["coeff"]) for x in kept[:n_on]]
+    with clock("on_policy"):
+        comps = s.generate(rows, s.cfg.seed * 1000 + r * 50 + 49, f"on-policy r{r}")  # no vectors: unsteered
+        scored = score(s, comps, s.thresholds(ppl_max))
+    mine = [(x["prompt_ids"], x["ids"], x["coeff"]) for x in scored if x["keep"]]
+    both = mine + steered[n_on:]
+    return HealData([p[:2] for p in both], [p[2] for p in both], len(steered) - n_on, scored)
+
+
+def heal(s: Session, data: HealData, r: int, emit, vectors: dict[int, torch.Tensor]) -> HealResult:
     """The round's heal. An out-of-memory retry's smaller batch is kept for the rest of the session."""
     h = s.cfg.heal
-    res = heal_with_retry(s.student, pairs, h, r, s.cfg.seed, s.tok.pad_token_id, emit)
+    teacher = SteeredTeacher(vectors, data.coeffs)
+    res = heal_with_retry(s.student, data.pairs, h, r, s.cfg.seed, s.tok.pad_token_id, emit, teacher)
     if res.batch_size != h.heal_batch_size:
         logger.warning(f"heal batch {res.batch_size} x grad-accum {res.grad_accum} from now on (after out of memory)")
         s.cfg = dataclasses.replace(
