@@ -24,18 +24,23 @@ run *ARGS:
 csweep *ARGS:
     uv run python scripts/diag_csweep.py {{ARGS}}
 
-# H: a KL barrier to the base model keeps more coherence per nat of trait than plain SFT (nll);
-# kl_rev (mode-seeking) should suppress loops better than kl_fwd. 3 seeds per arm.
-sweep-reg PRESET="smol" ROUNDS="3":
-    for reg in nll kl_rev kl_fwd; do for s in 0 1 2; do \
-      uv run python -m steer_heal.run --preset {{PRESET}} --reg $reg --seed $s --n-rounds {{ROUNDS}}; done; done
-    uv run python scripts/results.py
+# A sweep: a grid of runs (axes x seeds) through submitit, resumable, aggregated with intervals.
+# Each sweep file states its hypothesis in a '# H:' comment. Laptop: `just sweep sweeps/reg.toml`;
+# SLURM: `just sweep sweeps/reg.toml --launcher slurm --partition gpu` (one GPU per cell).
+sweep SPEC *ARGS:
+    HF_HUB_OFFLINE=1 uv run python -m steer_heal.sweep {{SPEC}} {{ARGS}}
+
+# H: a KL barrier keeps more coherence per nat of trait than nll; kl_rev suppresses loops better than kl_fwd.
+sweep-reg *ARGS:
+    HF_HUB_OFFLINE=1 uv run python -m steer_heal.sweep sweeps/reg.toml {{ARGS}}
 
 # H: barrier_ref=base (cumulative) holds coherence flat over rounds; prev (trust region) lets drift compound.
-sweep-ref PRESET="smol" ROUNDS="4":
-    for ref in base prev; do for s in 0 1 2; do \
-      uv run python -m steer_heal.run --preset {{PRESET}} --reg kl_rev --barrier-ref $ref --seed $s --n-rounds {{ROUNDS}}; done; done
-    uv run python scripts/results.py
+sweep-ref *ARGS:
+    HF_HUB_OFFLINE=1 uv run python -m steer_heal.sweep sweeps/ref.toml {{ARGS}}
+
+# H: distilling the steered teacher's distribution (kl_teacher) keeps more trait than SFT on its samples.
+sweep-target *ARGS:
+    HF_HUB_OFFLINE=1 uv run python -m steer_heal.sweep sweeps/target.toml {{ARGS}}
 
 # Per-stage paired table of a finished run: base, steered at several c, each round's healed student.
 stages RUN *ARGS:

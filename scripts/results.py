@@ -14,32 +14,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tabulate import tabulate
-
 from steer_heal import ledger
 from steer_heal.cli import cli
 from steer_heal.errors import UserError
 from steer_heal.rundir import atomic_write_json
-
-
-def cell(t: dict) -> str:
-    """'-0.600 ± 0.141 [-1.871, +0.671]' (mean ± sd [95 % t-interval]); the mean alone for one run."""
-    if not t or t["mean"] is None:
-        return ""
-    if t["sd"] is None:
-        return f"{t['mean']:+.3f}"
-    return f"{t['mean']:+.3f} ± {t['sd']:.3f} [{t['lo']:+.3f}, {t['hi']:+.3f}]"
-
-
-def table(rows: list[dict], by: list[str] | None = None) -> str:
-    agg = ledger.aggregate(rows, by)
-    shown = [m for m in ledger.HEADLINE if any(a[m]["n"] for a in agg)]
-    names = by or ["arm"]
-    lines = [{**{k: a[k] for k in names}, "runs": a["runs"], "seeds": a["seeds"], **{m: cell(a[m]) for m in shown}}
-             for a in agg]  # fmt: skip
-    note = [f"{', '.join(str(a[k]) for k in names)}: n = {a['runs']} < 3 seeds, the interval is not a claim"
-            for a in agg if a["runs"] < 3]  # fmt: skip
-    return tabulate(lines, headers="keys", tablefmt="github") + ("\n\n" + "\n".join(note) if note else "")
 
 
 def main(argv: list[str]) -> int:
@@ -51,7 +29,7 @@ def main(argv: list[str]) -> int:
     rows = ledger.with_frontier(ledger.read(a.ledger), a.ledger)
     if not rows:
         raise UserError(f"no rows in {a.ledger}; a finished run appends one to <out-dir>/results.jsonl")
-    print(table(rows, a.by))
+    print(ledger.table(rows, a.by))
     if a.out:
         atomic_write_json(a.out, {"ledger": str(a.ledger), "arms": ledger.aggregate(rows, a.by)})
     return 0

@@ -81,14 +81,12 @@ def test_round_record_round_trips_through_an_event(tmp_path):
 
 
 def test_ledger_reads_back_after_a_column_is_added(tmp_path):
-    from scripts.results import table
-
     path = tmp_path / "results.jsonl"
     ledger.append(path, {"run": "old", "reg": "nll", "seed": 0, "final_dtrait": -0.5})
     ledger.append(path, {"run": "new", "reg": "nll", "seed": 1, "final_dtrait": -0.7, "new_col": 3})
     rows = ledger.read(path)
     assert [r["run"] for r in rows] == ["old", "new"] and "new_col" not in rows[0]
-    md = table(rows, ["reg"])
+    md = ledger.table(rows, ["reg"])
     assert "-0.600 ± 0.141" in md and "| nll" in md
 
 

@@ -149,6 +149,30 @@ def _foundation_bars(ax, rows: list[dict]) -> None:
     ax.set(ylabel="shift vs base (nats)", title="every foundation's shift")
 
 
+ARM_FIGURES = ("final_dtrait", "final_coh", "A_steer", "A_prompt")
+
+
+def arms_png(agg: list[dict], path: Path, title: str) -> None:
+    """One panel per headline figure: each arm's mean across seeds with its 95 % t-interval (and the seeds)."""
+    keys = [k for k in ARM_FIGURES if any(a[k]["n"] for a in agg)]
+    fig, ax = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 4), squeeze=False)
+    names = [a.get("arm") or ", ".join(str(v) for k, v in a.items() if k not in ("runs", "seeds")) for a in agg]
+    for a_, k in zip(ax[0], keys):
+        for i, arm in enumerate(agg):
+            t = arm[k]
+            if t["mean"] is None:
+                continue
+            err = None if t["lo"] is None else [[t["mean"] - t["lo"]], [t["hi"] - t["mean"]]]
+            a_.errorbar([i], [t["mean"]], yerr=err, fmt="o", capsize=4, color="tab:blue")
+        a_.axhline(0, color="gray", lw=0.6)
+        a_.set_xticks(range(len(agg)), names, rotation=30, fontsize=7, ha="right")
+        a_.set(title=f"{k}: mean, 95% t-interval over seeds")
+        a_.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    save(fig, path)
+
+
 def save(fig, path: Path, dpi: int = 110) -> None:
     """Write a figure as PNG atomically (temp file + rename) and close it."""
     try:

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from loguru import logger
+from tabulate import tabulate
 
 from steer_heal import stats
 from steer_heal.events import finite
@@ -164,3 +165,24 @@ def aggregate(rows: list[dict], by: list[str] | None = None, metrics=HEADLINE) -
             **{m: stats.t_interval([r.get(m) for r in rs]) for m in metrics},
         })  # fmt: skip
     return out
+
+
+def cell(t: dict) -> str:
+    """'-0.600 ± 0.141 [-1.871, +0.671]' (mean ± sd [95 % t-interval]); the mean alone for one run."""
+    if not t or t["mean"] is None:
+        return ""
+    if t["sd"] is None:
+        return f"{t['mean']:+.3f}"
+    return f"{t['mean']:+.3f} ± {t['sd']:.3f} [{t['lo']:+.3f}, {t['hi']:+.3f}]"
+
+
+def table(rows: list[dict], by: list[str] | None = None) -> str:
+    """The markdown table of `aggregate`, with a note for every arm of fewer than 3 seeds."""
+    agg = aggregate(rows, by)
+    shown = [m for m in HEADLINE if any(a[m]["n"] for a in agg)]
+    names = by or ["arm"]
+    lines = [{**{k: a[k] for k in names}, "runs": a["runs"], "seeds": a["seeds"], **{m: cell(a[m]) for m in shown}}
+             for a in agg]  # fmt: skip
+    note = [f"{', '.join(str(a[k]) for k in names)}: n = {a['runs']} < 3 seeds, the interval is not a claim"
+            for a in agg if a["runs"] < 3]  # fmt: skip
+    return tabulate(lines, headers="keys", tablefmt="github") + ("\n\n" + "\n".join(note) if note else "")
