@@ -42,6 +42,7 @@ from steer_heal.cli import cli, nonneg_int, positive_int
 from steer_heal.errors import UserError
 from steer_heal.evaluate import answer_logprobs, reference_nll
 from steer_heal.generate import Row, Sampling, generate
+from steer_heal.models import input_device
 from steer_heal.records import RunInfo
 from steer_heal.session import Session
 
@@ -98,7 +99,7 @@ def heal_step_peak(argv: list[str], lean: bool, length: int, batch: int, ckpt: b
     st.model.train()
     if ckpt:
         unwrap(st.model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    dev = next(st.model.parameters()).device
+    dev = input_device(st.model)
     g = torch.Generator().manual_seed(0)
     vocab = st.model.get_output_embeddings().weight.shape[0]
     half = length // 2
@@ -164,7 +165,7 @@ class Bench:
     def add(self, what: str, value: str, ratio: str = "") -> None:
         self.table.append([what, value, ratio])
 
-    def generate(self, v, batch: int, n: int) -> list:
+    def generate(self, v, batch: int, n: int, single_rows: int | None = None) -> list:
         """Steering-hook overhead, mixed-strength batching and decode rate against the bandwidth bound."""
         s, alphas = self.s, self.s.cfg.generate.alphas
         rows = [Row(i, s.prompts[i % len(s.prompts)], s.prompt_ids[i % len(s.prompts)], alphas[i % len(alphas)],
@@ -177,7 +178,7 @@ class Bench:
         self.add(f"generate, unsteered, batch {batch}", f"{tok_plain:.1f} tok/s")
         self.add(f"generate, mixed-strength steered, batch {batch}", f"{tok_steer:.1f} tok/s",
                  f"steer_overhead_ratio {self.res['steer_overhead_ratio']:.3f}")  # fmt: skip
-        single, t_single = timed(lambda: gen(s, rows, v, 1, n))
+        single, t_single = timed(lambda: gen(s, rows[:single_rows], v, 1, n))  # tok/s: a few rows are enough
         tok_single = sum(len(c.ids) for c in single) / t_single
         self.res["batch_speedup"] = tok_steer / tok_single
         self.add("generate, steered, one at a time", f"{tok_single:.1f} tok/s",
@@ -186,7 +187,7 @@ class Bench:
         # reads ignored, which only lowers the limit).
         _, t_one = timed(lambda: gen(s, rows, None, batch, 1))  # prefill + the first token
         self.res["decode_tok_s"] = batch * (n - 1) / max(t_plain - t_one, 1e-9)
-        bw = copy_bandwidth(next(s.model.parameters()).device)
+        bw = copy_bandwidth(input_device(s.model))
         wbytes = sum(p.numel() * p.element_size() for p in s.model.parameters())
         self.res["decode_bound_tok_s"] = batch * bw / wbytes
         self.res["decode_frac_of_bound"] = self.res["decode_tok_s"] / self.res["decode_bound_tok_s"]
@@ -265,6 +266,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--heal-len", type=positive_int, default=1024)
     ap.add_argument("--heal-batch", type=positive_int, default=2)
     ap.add_argument("--run-dir", help="a finished run whose last round gives round_seconds")
+    ap.add_argument("--single-rows", type=positive_int, help="rows generated one at a time (default: --batch)")
     ap.add_argument("--think-tokens", type=nonneg_int, default=32, help="think budget to cost (0 = skip)")
     ap.add_argument("--think-vignettes", type=positive_int, default=28, help="vignettes for the think cost")
     ap.add_argument("--only", nargs="+", choices=["generate", "filter", "eval", "think", "heal"], help="a subset")
@@ -279,7 +281,7 @@ def main(argv: list[str]) -> int:
     s = Session.from_argv(rest)
     b, n = Bench(s), a.new_tokens or s.cfg.generate.max_new_tokens
     if want & {"generate", "filter"}:
-        comps = b.generate(s.teacher(), a.batch, n)
+        comps = b.generate(s.teacher(), a.batch, n, a.single_rows)
         if "filter" in want:
             b.filter(comps, a.batch)
     if "eval" in want:
@@ -294,7 +296,7 @@ def main(argv: list[str]) -> int:
         b.res["round_seconds"], b.res["round_breakdown"] = sum(secs.values()), secs
         b.add(f"round {r} of {Path(a.run_dir).name}", f"{b.res['round_seconds']:.0f} s",
               ", ".join(f"{k} {x:.0f}" for k, x in secs.items()))  # fmt: skip
-    dev = next(s.model.parameters()).device
+    dev = input_device(s.model)
     print(
         f"\nmodel {s.cfg.model} on {dev} ({torch.get_num_threads()} threads), batch {a.batch}, {n} new tokens per row"
     )

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from steer_heal.hooks import _hidden, _resolve
 from steer_heal.losses import completion_batch, lm_logits, selected_hidden
-from steer_heal.models import unwrap
+from steer_heal.models import input_device, unwrap
 from steer_heal.tokens import batches
 
 # ---------------------------------------------------------------- pure maths
@@ -99,7 +99,7 @@ def output_entropy(
     """Next-token entropy of `model` at every completion position of its own (prompt, completion) pairs.
 
     The LM head and log-softmax run on `chunk` positions at a time (no [K, V] tensor for all of them)."""
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     hs = []
     for rows in batches([p for p in pairs if p[1]], batch_size):
         h = selected_hidden(model, completion_batch(rows, pad_id, dev))
@@ -125,7 +125,7 @@ def band_map(model: nn.Module, ids: list[int], lo: int, hi: int) -> Callable[[to
     The Jacobian of f at delta = 0 is d h_hi[-1] / d h_lo-input[-1] (other positions held fixed). The
     forward pass stops at block `hi`; blocks after the band never run."""
     (_, first), (_, last) = _resolve(model, [lo, hi])
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     x = torch.tensor([ids], device=dev)
 
     def f(delta: torch.Tensor) -> torch.Tensor:

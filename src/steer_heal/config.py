@@ -279,6 +279,10 @@ class RunConfig:
     """Model dtype; auto = float32 on CPU, bfloat16 on CUDA."""
     device: str = "auto"
     """torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps."""
+    device_map: Literal["auto"] | None = None
+    """auto = accelerate spreads a model too large for one GPU over all visible GPUs (and the CPU)."""
+    tokenizer: str | None = None
+    """Tokenizer (local dir or hub id) for tiny-random / random:<config> models; default the embedded SmolLM2's."""
     trust_remote_code: bool = False
     """Allow a hub model to run its own Python code (off: only the transformers library's code runs)."""
     n_rounds: Annotated[int, Range(1, 1000)] = 2
@@ -295,6 +299,11 @@ class RunConfig:
     """Continue the run in this directory after its last completed round."""
     fast_dev_run: bool = False
     """Same as --preset fast."""
+    plan: bool = False
+    """Print each stage's estimated peak GPU memory for this config and whether it fits, then exit (0 fits,
+    1 does not); no weights are loaded."""
+    plan_memory_gb: PosFloat | None = None
+    """The memory --plan checks against (default: the visible GPU's, else 24 GiB)."""
 
 
 def _fast() -> RunConfig:
@@ -506,7 +515,7 @@ def from_dict(d: dict, cls=RunConfig):
 
 
 # Flags that may differ between a run and its resume: where the run lives and how far it goes.
-RESUMABLE = {"n_rounds", "resume", "fast_dev_run", "out_dir", "run_name"}
+RESUMABLE = {"n_rounds", "resume", "fast_dev_run", "out_dir", "run_name", "plan", "plan_memory_gb"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from steer_heal.data import FOUNDATIONS, SHORT, Vignette
+from steer_heal.models import input_device
 from steer_heal.tokens import batches, chat_ids, pad
 
 # Wording chosen on SmolLM2-135M among four candidates for answer mass (0.71 vs 0.01-0.78) without
@@ -148,7 +149,7 @@ def answer_logprobs(
 ) -> dict:
     """Per vignette and order: log p of each of the 7 labels [N, 2, 7] and the prefill NLL [N, 2].
     `shared_prefix` computes the common prompt parts once (same numbers, about twice as fast)."""
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     labels = label_ids(tok)
     first = [ids[0] for ids in labels]
     distinct = len(set(first)) == len(first) and not force_full
@@ -234,7 +235,7 @@ def reference_nll(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, 
     The LM head runs in chunks of positions (losses.completion_terms): no [tokens, vocab] tensor is held."""
     from steer_heal.losses import completion_batch, completion_terms, selected_hidden
 
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))  # less padding
     out: list[list] = [[]] * len(pairs)
     for chunk in tqdm(list(batches(order, batch_size)), desc="reference nll", leave=False):

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from steer_heal.data import Persona
 from steer_heal.hooks import record
+from steer_heal.models import input_device
 from steer_heal.tokens import batches, chat_ids, pad
 
 
@@ -29,7 +30,7 @@ def last_token_acts(
     desc: str = "activations",
 ) -> dict[int, torch.Tensor]:
     """Block outputs at each prompt's last token: {L: [N, H] float32}."""
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     out: dict[int, list[torch.Tensor]] = {L: [] for L in layers}
     for chunk in tqdm(list(batches(prompts, batch_size)), desc=desc, leave=False):
         with record(model, layers) as acts:

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from steer_heal.errors import Starved
 from steer_heal.losses import completion_batch, selected_logprobs, token_logprob
+from steer_heal.models import input_device
 from steer_heal.tokens import batches
 
 _WORD = re.compile(r"[\w']+")
@@ -146,7 +147,7 @@ def tail_ppl(
     """exp(mean NLL over the last ceil(tail_frac * n) completion tokens), one per (prompt, completion).
 
     Call it on the ORIGINAL model (adapters disabled): the student that made the text would grade itself."""
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     out: list[float] = []
     for chunk in tqdm(list(batches(pairs, batch_size)), desc="score ppl", leave=False):
         batch = completion_batch(chunk, pad_id, dev)

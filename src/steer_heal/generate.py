@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from steer_heal.errors import halve_and_retry
 from steer_heal.hooks import steer
+from steer_heal.models import input_device
 from steer_heal.tokens import batches, pad
 
 
@@ -98,7 +99,7 @@ def generate(
     desc: str = "generate",
 ) -> list[Completion]:
     """One Completion per row, in order. Batch b is seeded with seed * 100003 + b."""
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     stops = stop_ids(model, tok)
     kw = dict(eos_token_id=stops, pad_token_id=tok.pad_token_id, **sampling.hf_kwargs())
 

@@ -56,7 +56,7 @@ from steer_heal.losses import (
     selected_hidden,
     spectral_norm_lowrank,
 )
-from steer_heal.models import unwrap
+from steer_heal.models import input_device, unwrap
 from steer_heal.tokens import batches
 
 
@@ -193,7 +193,7 @@ def prepare(student: Student, pairs, cfg: HealConfig, teacher: SteeredTeacher, p
         raise ValueError(f"{len(teacher.coeffs)} teacher coefficients for {len(pairs)} completions")
     if cfg.trust_kl_max is None and cfg.teacher_topk is None:
         return Prepared(teacher.coeffs, None, None, None)
-    model, dev = student.model, next(student.model.parameters()).device
+    model, dev = student.model, input_device(student.model)
     masks, topk = [], []
     for idx in batches(list(range(len(pairs))), cfg.heal_batch_size):
         batch = completion_batch([pairs[i] for i in idx], pad_id, dev)
@@ -389,7 +389,7 @@ def _train(job: Job) -> HealResult:
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     groups = plan(len(job.pairs), cfg, random.Random(job.seed * 31 + r))
     total, warm = len(groups), max(1, int(cfg.warmup_frac * len(groups)))
-    lam_r, dev = lam_at_round(cfg.lam, r, cfg.lam_round_pow), next(job.student.model.parameters()).device
+    lam_r, dev = lam_at_round(cfg.lam, r, cfg.lam_round_pow), input_device(job.student.model)
     safety, trace, t0 = Safety(r, cfg), Trace(), time.time()
     with training(job.student.model, cfg.grad_checkpoint), tqdm(total=total, desc=f"heal r{r}", leave=False) as bar:
         for step, group in enumerate(groups):

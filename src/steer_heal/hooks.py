@@ -38,12 +38,17 @@ def _replace_hidden(output, h):
 
 
 def add_steering(h: torch.Tensor, v: torch.Tensor, coeff: torch.Tensor | float) -> torch.Tensor:
-    """h + c * v with h [B, T, H], v [H], c a scalar or [B]; c = 0 returns h unchanged (exactly)."""
+    """h + c * v with h [B, T, H], v [H], c a scalar or [B]; c = 0 returns h unchanged (exactly).
+
+    The sum is formed in fp32 and rounded to h's dtype once: in a bf16 residual, c * v rounded to bf16 first
+    and then added would round twice (and bf16 -> fp32 -> bf16 is exact, so c = 0 stays the identity)."""
     if isinstance(coeff, torch.Tensor) and coeff.ndim == 1:
         if coeff.shape[0] != h.shape[0]:
             raise ValueError(f"per-row coefficients have {coeff.shape[0]} rows, the batch has {h.shape[0]}")
-        coeff = coeff.to(h.device, h.dtype)[:, None, None]
-    return h + coeff * v.to(h.device, h.dtype)
+        coeff = coeff.to(h.device, torch.float32)[:, None, None]
+    if h.dtype == torch.float32:
+        return h + coeff * v.to(h.device, torch.float32)
+    return (h.float() + coeff * v.to(h.device, torch.float32)).to(h.dtype)
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from torch import nn
 from steer_heal.generate import Row, Sampling, generate
 from steer_heal.hooks import steer
 from steer_heal.losses import KL, completion_batch, completion_terms, selected_hidden
+from steer_heal.models import input_device
 from steer_heal.tokens import batches
 
 
@@ -91,7 +92,7 @@ def steered_kl_p95(
         model, tok, rows, vectors, sampling=greedy, batch_size=batch_size, seed=seed, desc=f"iso-KL c={c:.3g}"
     )
     pairs = [(x.prompt_ids, x.ids) for x in comps if x.ids]
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     kls = []
     for rows_b in batches(pairs, batch_size):
         b = completion_batch(rows_b, tok.pad_token_id, dev)

