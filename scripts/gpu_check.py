@@ -153,8 +153,8 @@ def main(argv: list[str]) -> int:
         res["round"] = sub([py, "-m", "steer_heal.run", *round_flags(a, a.runs)], 300, a.out / "round.log")
         try:
             res["round"]["record"] = round_record(a.runs)
-        except (OSError, ValueError, ImportError) as e:
-            res["round"]["record"] = f"unreadable: {e}"
+        except Exception as e:  # noqa: BLE001 -- whatever went wrong, the check writes its JSON and goes on
+            res["round"]["record"] = f"unreadable: {type(e).__name__}: {e}"
         save()
     if "bench" not in a.skip:
         sizes = ["--batch", "64", "--single-rows", "4", "--heal-len", "1024", "--heal-batch", "2"]

@@ -20,34 +20,17 @@ from pathlib import Path
 
 from steer_heal import filters, stages
 from steer_heal.cli import cli
-from steer_heal.data import read_jsonl
-from steer_heal.errors import UserError
+from steer_heal.data import parse_jsonl, read_jsonl
 from steer_heal.session import Session
 from steer_heal.tokens import chat_ids
-
-
-def read_stdin() -> list[dict]:
-    rows = []
-    for i, line in enumerate(sys.stdin, 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"stdin:{i}: not valid JSON ({e.msg})") from e
-        if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or not isinstance(r.get("completion"), str):
-            raise UserError(f"stdin:{i}: each line needs string fields 'prompt' and 'completion'")
-        rows.append(r)
-    if not rows:
-        raise UserError("stdin: no lines; expected JSONL with 'prompt' and 'completion'")
-    return rows
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("input", help="JSONL file, or - for stdin")
     args, rest = ap.parse_known_args(argv)
-    rows = read_stdin() if args.input == "-" else read_jsonl(Path(args.input), ("prompt", "completion"))
+    need = ("prompt", "completion")
+    rows = parse_jsonl(sys.stdin, "stdin", need) if args.input == "-" else read_jsonl(Path(args.input), need)
     s = Session.from_argv(rest)
     ppl_max = s.cfg.filter.ppl_max
     if ppl_max is None:

@@ -62,6 +62,13 @@ def test_resume_takes_the_stored_config_and_only_n_rounds():
     assert merged.seed == 3 and merged.preset == "fast" and merged.n_rounds == 5 and str(merged.resume) == "x"
 
 
+def test_resume_with_agreeing_flags_keeps_the_stored_config():
+    stored = to_dict(parse_args(["--fast-dev-run", "--n-rounds", "5", "--lam", "0.7"]))
+    argv = ["--fast-dev-run", "--resume", "x", "--lam", "0.7"]
+    merged = resume_config(parse_args(argv), stored, argv, "x")
+    assert merged.n_rounds == 5 and merged.heal.lam == 0.7  # not the preset's n_rounds 2
+
+
 def test_resume_conflict_names_each_differing_key():
     stored = to_dict(parse_args(["--fast-dev-run"]))
     argv = ["--fast-dev-run", "--resume", "x", "--reg", "nll", "--lam", "0.1"]

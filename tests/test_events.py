@@ -55,3 +55,27 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
 def test_run_names_cannot_escape_the_out_dir(name):
     with pytest.raises(UserError, match="run name"):
         safe_name(name)
+
+
+def test_a_record_after_a_torn_write_starts_on_its_own_line(tmp_path):
+    """A full disk can cut a line short; the next record (e.g. a resume marker) must not be glued onto it."""
+    ev = events.Events(tmp_path / "events.jsonl")
+    ev.emit("round", 0)
+    with (tmp_path / "events.jsonl").open("a") as f:
+        f.write('{"schema": "1.2", "ts": "t", "stage": "ro')  # torn mid-record
+    ev.emit("resume", 1, completed=[0])
+    ev.emit("round", 1)
+    assert [(r["stage"], r["round"]) for r in events.read(tmp_path)] == [("round", 0), ("resume", 1), ("round", 1)]
+
+
+def test_remove_temps_deletes_half_written_files_and_restores_a_set_aside_directory(tmp_path):
+    from steer_heal.rundir import RunDir
+
+    (tmp_path / ".export.tmp999999").mkdir()  # a killed export
+    (tmp_path / ".events.jsonl.tmp999998").write_text("x")
+    kept = tmp_path / "rounds" / "r00"
+    (kept / ".adapter.old999997").mkdir(parents=True)  # killed between setting the old adapter aside and the swap
+    (kept / ".adapter.old999997" / "w").write_text("weights")
+    assert RunDir(tmp_path).remove_temps() == 3
+    assert not (tmp_path / ".export.tmp999999").exists() and not (tmp_path / ".events.jsonl.tmp999998").exists()
+    assert (kept / "adapter" / "w").read_text() == "weights"

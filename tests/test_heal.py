@@ -219,15 +219,36 @@ def test_masked_positions_contribute_nothing(fresh_tiny):
 
 
 def test_trust_mask_leaves_out_where_the_teacher_diverged(fresh_tiny):
+    from steer_heal.errors import Starved
+
     model, tok = fresh_tiny
     st = Student(model)
     teacher = _teacher(model, 3, c=30.0)  # a strong push: far from the original model everywhere
-    strict = heal_mod.prepare(st, _pairs(tok, 3), HealConfig(heal_target="kl_teacher", trust_kl_max=1e-3), teacher,
-                              tok.pad_token_id)  # fmt: skip
     loose = heal_mod.prepare(st, _pairs(tok, 3), HealConfig(heal_target="kl_teacher", trust_kl_max=1e6), teacher,
                              tok.pad_token_id)  # fmt: skip
-    assert strict.masked_share == 1.0 and loose.masked_share == 0.0
-    assert [len(m) for m in strict.mask] == [4, 4, 4]
+    assert loose.masked_share == 0.0 and [len(m) for m in loose.mask] == [4, 4, 4]
+    with pytest.raises(Starved, match="--trust-kl-max 0.001: .* exceeds it at every one of the 12"):
+        heal_mod.prepare(st, _pairs(tok, 3), HealConfig(heal_target="kl_teacher", trust_kl_max=1e-3), teacher,
+                         tok.pad_token_id)  # fmt: skip
+
+
+def test_a_micro_batch_with_nothing_trusted_teaches_nothing(fresh_tiny):
+    """kl_teacher: no distillation term and no gradient (skipped, not an error); mix: the SFT part remains."""
+    from steer_heal.losses import completion_batch
+
+    model, tok = fresh_tiny
+    st = Student(model)
+    name = st.add_adapter(0, lora_config(st, HealConfig(lora_r=4)))
+    b = completion_batch(_pairs(tok, 3), tok.pad_token_id, "cpu")
+    prep = heal_mod.Prepared([3.0] * 3, None, None, None)
+    targets, _ = heal_mod.teacher_targets(st, b, [0, 1, 2], _teacher(model, 3, 3.0), prep)
+    none = torch.zeros(len(b["targets"]), dtype=torch.bool)
+    t = heal_mod.loss_terms(st, name, b, HealConfig(reg="nll", heal_target="kl_teacher"), 1.0, (targets, none))
+    assert t.empty and float(t.kd) == 0.0
+    t = heal_mod.loss_terms(
+        st, name, b, HealConfig(reg="nll", heal_target="mix", mix_weight=0.25), 1.0, (targets, none)
+    )
+    assert not t.empty and float(t.main) == pytest.approx(0.75 * float(t.nll))
 
 
 def test_the_barrier_composes_with_distillation(fresh_tiny):

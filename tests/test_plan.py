@@ -21,8 +21,9 @@ def test_gemma_plan_counts_the_real_parameters_without_loading_weights():
 
 
 def test_plan_grows_with_what_it_should():
-    small, big = plan.estimate(parse_args(["--preset", "gemma"])), plan.estimate(
-        parse_args(["--preset", "gemma", "--heal-batch-size", "8", "--no-grad-checkpoint"])
+    small, big = (
+        plan.estimate(parse_args(["--preset", "gemma"])),
+        plan.estimate(parse_args(["--preset", "gemma", "--heal-batch-size", "8", "--no-grad-checkpoint"])),
     )
     assert big["parts"]["heal_blocks"] > 10 * small["parts"]["heal_blocks"]  # stored blocks vs checkpointed
     assert big["parts"]["kv_cache"] == small["parts"]["kv_cache"]

@@ -168,7 +168,7 @@ def test_scripts_refuse_bad_input_in_one_line(capsys, script, args, message):
 def test_score_completions_names_the_bad_stdin_line(capsys, monkeypatch):
     code, _, err = _command(capsys, "score_completions", "-", "--fast-dev-run", stdin='{"prompt": "a"}\n{oops\n',
                             monkeypatch=monkeypatch)  # fmt: skip
-    assert code == 2 and "stdin:1: each line needs string fields 'prompt' and 'completion'" in err
+    assert code == 2 and "stdin:1: missing field(s) ['completion']" in err
 
 
 def test_diag_scripts_on_a_run_with_no_finished_round(capsys, tmp_path):
@@ -233,7 +233,8 @@ def test_results_reads_the_frontier_advantages(fast_run, tmp_path):
     from steer_heal import ledger
 
     shutil.copytree(fast_run / "a", tmp_path / "a")
-    (tmp_path / "a" / "frontier.json").write_text(json.dumps({"advantage": [{"steer": {"est": 0.1}, "prompt": None}]}))
+    adv = [{"round": 0, "steer": {"est": 0.5}}, {"round": 1, "steer": {"est": 0.1}, "prompt": None}]
+    (tmp_path / "a" / "frontier.json").write_text(json.dumps({"x": "coherence", "advantage": adv}))
     ledger.append(tmp_path / "results.jsonl", ledger.read(fast_run / "results.jsonl")[0])
     rows = ledger.with_frontier(ledger.read(tmp_path / "results.jsonl"), tmp_path / "results.jsonl")
     assert rows[0]["A_steer"] == 0.1 and rows[0]["A_prompt"] is None

@@ -536,9 +536,10 @@ def resume_config(cfg: RunConfig, stored: dict, argv: list[str], where: Path) ->
     except UserError as e:
         raise UserError(f"--resume {where}: its stored config is invalid: {e}") from e
     given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+    n = cfg.n_rounds if "n_rounds" in given else merged.n_rounds
+    resumed = dataclasses.replace(merged, n_rounds=n, resume=cfg.resume)
     if given <= RESUMABLE:
-        n = cfg.n_rounds if "n_rounds" in given else merged.n_rounds
-        return dataclasses.replace(merged, n_rounds=n, resume=cfg.resume)
+        return resumed
     now, was = _flat(to_dict(cfg)), _flat(to_dict(merged))
     diff = [k for k in sorted(set(now) | set(was)) if k.split(".")[-1] not in RESUMABLE and now.get(k) != was.get(k)]
     if diff:
@@ -546,4 +547,4 @@ def resume_config(cfg: RunConfig, stored: dict, argv: list[str], where: Path) ->
             f"{flag(k.split('.')[-1])}: run has {was.get(k)!r}, command line gives {now.get(k)!r}" for k in diff
         )
         raise UserError(f"--resume {where}: config differs in {detail} (only --n-rounds may change)")
-    return cfg
+    return resumed  # every other flag given agrees with the run: its stored config is the one to continue

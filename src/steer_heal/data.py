@@ -26,39 +26,36 @@ SHORT = {
 }
 
 
-def foundation_of(trait_key: str) -> str:
-    """The foundation a trait key scores: auth_nats -> Authority."""
-    for f, short in SHORT.items():
-        if trait_key == f"{short}_nats":
-            return f
-    raise ValueError(f"{trait_key!r} is not a foundation score; valid: {[s + '_nats' for s in SHORT.values()]}")
+def parse_jsonl(lines, name: str, required: tuple[str, ...] = ()) -> list[dict]:
+    """JSON objects, one per non-blank line, each with non-empty `required` fields; errors name `name:line`."""
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{name}:{i}: not valid JSON ({e.msg})") from e
+        if not isinstance(row, dict):
+            raise UserError(f"{name}:{i}: expected a JSON object, got {type(row).__name__}")
+        missing = [k for k in required if not row.get(k)]
+        if missing:
+            raise UserError(f"{name}:{i}: missing field(s) {missing}; each line needs {list(required)}")
+        wrong = [k for k in required if not isinstance(row[k], (str, int))]
+        if wrong:
+            raise UserError(f"{name}:{i}: field(s) {wrong} must be text")
+        rows.append(row)
+    if not rows:
+        raise UserError(f"{name}: the file is empty; expected JSONL lines with fields {list(required)}")
+    return rows
 
 
 def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
-    rows = []
     with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{i}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in required if not row.get(k)]
-            if missing:
-                raise UserError(f"{path}:{i}: missing field(s) {missing}; each line needs {list(required)}")
-            wrong = [k for k in required if not isinstance(row[k], (str, int))]
-            if wrong:
-                raise UserError(f"{path}:{i}: field(s) {wrong} must be text")
-            rows.append(row)
-    if not rows:
-        raise UserError(f"{path}: the file is empty; expected JSONL lines with fields {list(required)}")
-    return rows
+        return parse_jsonl(f, str(path), required)
 
 
 def texts(path: Path | None, default: str) -> list[str]:

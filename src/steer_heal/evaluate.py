@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from steer_heal.data import FOUNDATIONS, SHORT, Vignette
-from steer_heal.models import input_device
+from steer_heal.models import input_device, unwrap
 from steer_heal.tokens import batches, chat_ids, pad
 
 # Wording chosen on SmolLM2-135M among four candidates for answer mass (0.71 vs 0.01-0.78) without
@@ -114,7 +114,12 @@ def _logits_shared_prefix(model, items: list[list[int]], keep: int, batch_size: 
     shared = [min(_lcp(items[i], items[i + 1]), len(items[i]) - keep, len(items[i + 1]) - keep)
               for i in range(0, len(items), 2)]  # fmt: skip
     common = min(common, *shared)
-    if common < 1:
+    # Padding inside the cached rows takes cache slots: a sliding-window layer (Gemma) must still see every
+    # real token of its window, so the tree is only used when the longest padded row fits in the window.
+    cfg = unwrap(model).config
+    window = getattr(cfg, "sliding_window", None) or getattr(getattr(cfg, "text_config", None), "sliding_window", None)
+    longest = max(shared) + max(len(x) - shared[i // 2] for i, x in enumerate(items))
+    if common < 1 or (window and longest > window):
         yield from _logits_plain(model, items, keep, batch_size, pad_id, dev, desc)
         return
     # Vignettes per batch: step 3 then runs 2 x batch_size rows, but of ~1/3 the plain rows' length, so it

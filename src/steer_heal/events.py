@@ -67,8 +67,19 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+def ends_mid_line(path: Path) -> bool:
+    """Whether a file's last byte is not a newline (a write torn by a crash or a full disk)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
 class Events:
-    """Append-only writer. Each record is one write of one line + fsync, so a crash leaves whole lines."""
+    """Append-only writer. Each record is one write of one line + fsync, so a crash leaves whole lines;
+    after a torn write (a kill or a full disk mid-line) the next record starts on a fresh line, so the
+    fragment stays alone (and is skipped on read) instead of gluing the next record onto itself."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -78,6 +89,8 @@ class Events:
             raise ValueError(f"unknown event stage {stage!r}; valid: {STAGES}")
         rec = {"schema": SCHEMA, "ts": now(), "stage": stage, "round": int(round), **finite(fields)}
         line = json.dumps(rec, allow_nan=False, ensure_ascii=False) + "\n"
+        if ends_mid_line(self.path):
+            line = "\n" + line
         with self.path.open("a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
@@ -114,7 +127,8 @@ def live(recs: list[dict]) -> list[dict]:
 
 def read(path: Path, stage: str | None = None, raw: bool = False) -> list[dict]:
     """All live records (or one stage's) in order; `raw` = every line as written, superseded ones too.
-    A torn last line from a crash is skipped."""
+    A record torn by a crash (the last line, or a partial record the next one was written after) is
+    skipped; any other unreadable line is an error."""
     path = Path(path)
     if path.is_dir():
         path = path / "events.jsonl"
@@ -128,8 +142,8 @@ def read(path: Path, stage: str | None = None, raw: bool = False) -> list[dict]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            if i == len(lines):
-                break  # torn final line of a killed run
+            if i == len(lines) or line.startswith('{"schema": "'):
+                continue  # a record torn by a crash or a full disk (the writer starts the next one afresh)
             raise UserError(f"{path}:{i}: corrupt event line ({e.msg})") from e
         major = str(rec.get("schema", "")).split(".")[0]
         if major != SCHEMA.split(".")[0]:

@@ -57,15 +57,18 @@ def row(p: Point, base: Scored, target: str, sign: int, idx: np.ndarray, null: l
     """The JSON row of one arm: the paired deltas with intervals, the capability tax, where the shift falls
     against the null, how surgical it is, and the shift of every foundation."""
     d = stats.paired_deltas(p.ev.arm, base.arm, target, idx)
-    out = {"arm": p.arm, "kind": p.kind, **p.extra}
-    for k, name in (("dTrait", "dTrait"), ("dCoh", "dCoh")):
-        out[name], out[f"{name}_lo"], out[f"{name}_hi"] = d[k]["est"], d[k]["lo"], d[k]["hi"]
+    out = {
+        "arm": p.arm,
+        "kind": p.kind,
+        **p.extra,
+        **stats.flat("dTrait", d["dTrait"]),
+        **stats.flat("dCoh", d["dCoh"]),
+    }
     out["coherence"] = p.ev.m["coherence"]
     out["ref_nll"] = p.ev.m.get("ref_nll")
     if null:
         out["null_pct"] = stats.null_position(out["dTrait"], null, sign)["percentile"]
-    spec = stats.specificity(p.ev.arm, base.arm, target, sign, idx)
-    out["specificity"], out["specificity_lo"], out["specificity_hi"] = spec["est"], spec["lo"], spec["hi"]
+    out |= stats.flat("specificity", stats.specificity(p.ev.arm, base.arm, target, sign, idx))
     out["anti_steerable"] = stats.anti_steerable(p.ev.arm, base.arm, target, sign)
     out["foundations"] = stats.foundation_shifts(p.ev.arm, base.arm, idx)
     out["labelled_split"] = stats.labelled_split(p.ev.arm, base.arm, target)

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from steer_heal import losses
 from steer_heal.bake import Student, lora_targets
 from steer_heal.config import HealConfig
-from steer_heal.errors import NonFiniteLoss, OutOfMemory, free_memory
+from steer_heal.errors import NonFiniteLoss, OutOfMemory, Starved, free_memory
 from steer_heal.hooks import steer
 from steer_heal.losses import (
     KL,
@@ -128,6 +128,7 @@ class Terms:
     d: torch.Tensor
     main: torch.Tensor | None = None
     kd: torch.Tensor | None = None
+    empty: bool = False  # kl_teacher with every position of the micro-batch outside --trust-kl-max
 
     def __post_init__(self):
         self.main = self.nll if self.main is None else self.main
@@ -179,8 +180,10 @@ def loss_terms(student: Student, name: str, batch: dict, cfg: HealConfig, lam: f
     nll = -pos.tok.mean()
     if pos.kd is None:
         return Terms(nll, barrier, spectral, d)
-    kd = pos.kd[mask].mean() if mask is not None and mask.any() else (zero if mask is not None else pos.kd.mean())
     w = target_weight(cfg)
+    if mask is not None and not mask.any():  # nothing trusted here: no distillation signal in this micro-batch
+        return Terms(nll, barrier, spectral, d, main=(1 - w) * nll, kd=zero, empty=w == 1.0)
+    kd = pos.kd[mask].mean() if mask is not None else pos.kd.mean()
     main = kd if w == 1.0 else (1 - w) * nll + w * kd
     return Terms(nll, barrier, spectral, d, main=main, kd=kd)
 
@@ -191,6 +194,8 @@ def prepare(student: Student, pairs, cfg: HealConfig, teacher: SteeredTeacher, p
     KL to the original model within --trust-kl-max) and, with --teacher-topk, the cached top-k targets."""
     if len(teacher.coeffs) != len(pairs):
         raise ValueError(f"{len(teacher.coeffs)} teacher coefficients for {len(pairs)} completions")
+    if not pairs:
+        raise Starved("no training completions to distil (every on-policy sample was rejected?)")
     if cfg.trust_kl_max is None and cfg.teacher_topk is None:
         return Prepared(teacher.coeffs, None, None, None)
     model, dev = student.model, input_device(student.model)
@@ -221,6 +226,11 @@ def prepare(student: Student, pairs, cfg: HealConfig, teacher: SteeredTeacher, p
             topk.append(None if parts is None else tuple(p[sel].cpu() for p in parts))
     n = sum(len(p[1]) for p in pairs)
     share = None if masks[0] is None else 1 - sum(int(m.sum()) for m in masks) / n
+    if share == 1.0:
+        raise Starved(
+            f"--trust-kl-max {cfg.trust_kl_max}: the steered teacher's KL to the original model exceeds it at "
+            f"every one of the {n} completion positions, so there is nothing to distil; raise it or lower the dose"
+        )
     return Prepared(teacher.coeffs, masks if masks[0] is not None else None,
                     topk if topk[0] is not None else None, share)  # fmt: skip
 
@@ -238,12 +248,12 @@ class Safety:
         if not bool(torch.isfinite(t.nll) and torch.isfinite(t.main) and torch.isfinite(t.spectral)):
             self.skip(f"non-finite loss ({t})", step)
             return False, t
-        if not torch.isfinite(t.barrier) or t.barrier.item() > self.max_ratio * t.main.item():
+        if not torch.isfinite(t.barrier) or t.barrier.item() > self.max_ratio * t.nll.item():
             self.barrier_dropped += 1
             if self.barrier_dropped == 1:
                 logger.warning(
                     f"heal r{self.round} step {step}: barrier dropped for this micro-batch ({t}; limit "
-                    f"{self.max_ratio:g} x the main term); counted in the round record, warned once"
+                    f"{self.max_ratio:g} x nll); counted in the round record, warned once"
                 )
             t = dataclasses.replace(t, barrier=torch.zeros_like(t.nll))
         return True, t
@@ -395,7 +405,10 @@ def _train(job: Job) -> HealResult:
         for step, group in enumerate(groups):
             lam, n_ok, ratio = lam_r * lam_ramp(step, total, cfg.lam_warmup_frac), 0, None
             for idx in group:
-                ok, t = safety.admit(_micro_batch(job, idx, lam, dev), step)
+                t = _micro_batch(job, idx, lam, dev)
+                if t.empty:  # every position beyond --trust-kl-max: nothing to learn, nothing wrong
+                    continue
+                ok, t = safety.admit(t, step)
                 fired = ok and bool(t.barrier.detach() > 0)
                 ratio = grad_ratio(t, params) if fired and step % job.log_every == 0 else None
                 if ok:  # a skipped micro-batch adds no gradient

@@ -10,6 +10,7 @@ headline figure n, mean, sd and a 95 % t-interval across the arm's seeds.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -18,7 +19,7 @@ from loguru import logger
 from tabulate import tabulate
 
 from steer_heal import stats
-from steer_heal.events import finite
+from steer_heal.events import ends_mid_line, finite
 from steer_heal.records import RunInfo, isfinite
 
 # What may differ between the seeds of one arm: the seed, and where / how the run was started.
@@ -87,14 +88,15 @@ def append(path: Path, rec: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(finite(rec), ensure_ascii=False, allow_nan=False) + "\n"
     with path.open("ab") as f:
-        if f.tell() > 0:
-            with path.open("rb") as g:
-                g.seek(-1, os.SEEK_END)
-                if g.read(1) != b"\n":
-                    line = "\n" + line
-        f.write(line.encode("utf-8"))
-        f.flush()
-        os.fsync(f.fileno())
+        fcntl.flock(f, fcntl.LOCK_EX)  # sweep cells append from many processes (on NFS, O_APPEND alone races)
+        try:
+            if ends_mid_line(path):
+                line = "\n" + line
+            f.write(line.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def read(path: Path) -> list[dict]:
@@ -117,15 +119,19 @@ def read(path: Path) -> list[dict]:
 
 
 def with_frontier(rows: list[dict], ledger_path: Path) -> list[dict]:
-    """Add each run's last-round A_steer / A_prompt from <run>/frontier.json, where the frontier was measured."""
+    """Add each run's A_steer / A_prompt from <run>/frontier.json for the run's last round, when that frontier
+    was measured on the coherence axis and covers that round (a frontier of an earlier, shorter state of a
+    resumed run, or on the ref_nll axis, is not mixed in)."""
     out = []
     for r in rows:
         path = Path(ledger_path).parent / str(r.get("run")) / "frontier.json"
         extra = {}
-        if path.is_file():
-            adv = json.loads(path.read_text(encoding="utf-8")).get("advantage") or []
-            if adv:
-                extra = {f"A_{k}": (adv[-1].get(k) or {}).get("est") for k in ("steer", "prompt")}
+        if path.is_file() and r.get("n_rounds_done"):
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            last = r["n_rounds_done"] - 1
+            adv = [a for a in doc.get("advantage") or [] if a.get("round") == last]
+            if adv and doc.get("x", "coherence") == "coherence":
+                extra = {f"A_{k}": (adv[0].get(k) or {}).get("est") for k in ("steer", "prompt")}
         out.append(r | extra)
     return out
 

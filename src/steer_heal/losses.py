@@ -178,11 +178,12 @@ def kl_topk(logp_s: torch.Tensor, idx: torch.Tensor, lp_t: torch.Tensor, tail_t:
 
         sum_{v in top-k} p_t(v) (log p_t(v) - log p_s(v)) + p_t(tail) (log p_t(tail) - log p_s(tail))
 
-    with log p(tail) = log(1 - sum_{v in top-k} p(v)). With k = V the tail is empty (p_t(tail) = 0, its
+    with log p(tail) = logsumexp of the log-probs outside the top-k (exact, unlike log(1 - sum)). With k = V
+    the tail is empty (p_t(tail) = 0, its
     term 0) and this is the full KL(teacher || student) = kl_fwd(logp_s, logp_t)."""
     lp_s = logp_s.gather(-1, idx)
     head = (lp_t.exp() * (lp_t - lp_s)).sum(-1)
-    tail_s = torch.log1p(-lp_s.exp().sum(-1).clamp(max=1 - 1e-6))
+    tail_s = torch.logsumexp(logp_s.scatter(-1, idx, -math.inf), -1)  # log of the student's mass elsewhere
     p_tail = tail_t.exp()
     tail = torch.where(p_tail > 0, p_tail * (tail_t - tail_s), torch.zeros_like(p_tail))
     return head + tail
@@ -192,10 +193,7 @@ def topk_targets(logp_t: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     """(idx [K, k], log-probs [K, k], log tail mass [K]) of a teacher's log-probs [K, V] (k >= V: all of it)."""
     k = min(k, logp_t.shape[-1])
     lp, idx = logp_t.topk(k, dim=-1)
-    tail = (
-        torch.log1p(-lp.exp().sum(-1).clamp(max=1.0)) if k < logp_t.shape[-1] else torch.full_like(lp[:, 0], -math.inf)
-    )
-    return idx, lp, tail
+    return idx, lp, torch.logsumexp(logp_t.scatter(-1, idx, -math.inf), -1)  # -inf when k = V: no tail
 
 
 def aggregate(kl: torch.Tensor, seg: torch.Tensor, n_seq: int, how: str) -> torch.Tensor:

@@ -112,11 +112,11 @@ def row(arm: str, ev: Scored, base: Scored, run: OpenRun, steered: Scored | None
     if ev.rows is not None:
         ci = stats.paired_deltas(ev.arm, base.arm, run.target, run.idx, steered.arm if steered else None)
         ci["specificity"] = stats.specificity(ev.arm, base.arm, run.target, sign, run.idx)
-        out["specificity"] = ci["specificity"]["est"]
         out["anti_steerable"] = stats.anti_steerable(ev.arm, base.arm, run.target, sign)
         for k in CI_KEYS:
-            if k in out and k in ci:
-                out[f"{k}_lo"], out[f"{k}_hi"] = ci[k]["lo"], ci[k]["hi"]
+            if k in ci and (k in out or k == "specificity"):
+                # the point estimates stay records.deltas' (blank below 0.05 nats); the intervals are stats'
+                out |= {**stats.flat(k, ci[k]), k: out.get(k, ci[k]["est"])}
     return out | extra
 
 

@@ -235,7 +235,8 @@ def verdict(
         return f"INCONCLUSIVE: {head}; its 95% interval [{lo:+.3f}, {hi:+.3f}] includes 0 or the wrong way{tail}"
     if not null:
         return f"INCONCLUSIVE: {head} [{lo:+.3f}, {hi:+.3f}]; no random null measured (--null-vectors 0){tail}"
-    nlo, nhi = float(np.quantile(null, 0.025)), float(np.quantile(null, 0.975))
+    pos = stats.null_position(dt, null, sign)
+    nlo, nhi = pos["null_lo"], pos["null_hi"]
     if worst <= max(sign * nlo, sign * nhi):
         return (
             f"INCONCLUSIVE: {head}; its 95% interval [{lo:+.3f}, {hi:+.3f}] overlaps the random null's 95% range "

@@ -53,9 +53,13 @@ def atomic_write(path: Path, write) -> None:
     _remove(tmp)
     try:
         write(tmp)
-        if path.is_dir():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        if path.is_dir():  # a directory cannot be replaced in one step: set the old one aside first
+            old = path.with_name(f".{path.name}.old{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         _remove(tmp)
         raise
@@ -93,7 +97,7 @@ def atomic_dir(target: Path, write) -> None:
     atomic_write(target, write)
 
 
-_TEMP = re.compile(r"^\..+\.tmp(\d+)$")
+_TEMP = re.compile(r"^\.(.+)\.(tmp|old)(\d+)$")
 
 
 def writable_dir(path: Path, flag: str) -> None:
@@ -180,11 +184,15 @@ class RunDir:
         return self.root / "export"
 
     def remove_temps(self) -> int:
-        """Delete what a killed process left half-written (`.<name>.tmp<pid>` files and directories, e.g. a
-        whole model copy from an export); returns how many. Files of this process are left alone."""
-        stale = [p for p in self.root.rglob(".*.tmp*") if (m := _TEMP.match(p.name)) and int(m[1]) != os.getpid()]
-        for p in stale:
-            _remove(p)
+        """Clean up after a killed process: delete what it left half-written (`.<name>.tmp<pid>`, e.g. a whole
+        model copy from an export), and put back a directory it had set aside to replace (`.<name>.old<pid>`)
+        if the replacement never arrived. Returns how many it handled; this process's own are left alone."""
+        stale = [(p, m) for p in self.root.rglob(".*") if (m := _TEMP.match(p.name)) and int(m[3]) != os.getpid()]
+        for p, m in stale:
+            if m[2] == "old" and not (p.parent / m[1]).exists():
+                os.replace(p, p.parent / m[1])
+            else:
+                _remove(p)
         return len(stale)
 
     def completed_rounds(self) -> list[int]:

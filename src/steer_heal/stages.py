@@ -22,7 +22,7 @@ from loguru import logger
 from steer_heal import collapse, extract, filters, isokl
 from steer_heal.clock import Clock
 from steer_heal.config import RunConfig
-from steer_heal.errors import UserError
+from steer_heal.errors import Starved, UserError
 from steer_heal.evaluate import Scored
 from steer_heal.generate import Completion, Row
 from steer_heal.heal import HealResult, SteeredTeacher, heal_with_retry
@@ -179,6 +179,14 @@ def heal_data(s: Session, r: int, col: Collected, ppl_max: float, clock: Clock) 
         scored = score(s, comps, s.thresholds(ppl_max))
     mine = [(x["prompt_ids"], x["ids"], x["coeff"]) for x in scored if x["keep"]]
     both = mine + steered[n_on:]
+    if len(both) < s.cfg.filter.min_train:
+        err = Starved(
+            f"only {len(both)} training completions after the on-policy samples were filtered ({len(mine)} of "
+            f"{len(scored)} kept; need >= --min-train {s.cfg.filter.min_train}); Q0 table:\n"
+            f"{filters.format_q0(filters.q0_table(scored))}"
+        )
+        err.scored, err.kappa = scored, col.kappa
+        raise err
     return HealData([p[:2] for p in both], [p[2] for p in both], len(steered) - n_on, scored)
 
 

@@ -24,6 +24,8 @@ from steer_heal.data import FOUNDATIONS, SHORT
 
 N_BOOT = 1000
 LEVEL = 0.95
+FLOOR = 1e-45  # the smallest profile probability a trait score is taken of (as in evaluate.metrics)
+MIN_DTRAIT = 0.05  # nats: below this a ratio (slope, retain) is noise and is left blank, interval too
 
 
 @dataclass
@@ -43,9 +45,10 @@ class Arm:
         return cls(p=p, mass=mass, labels=[r.get("label") for r in rows], ids=[str(r["id"]) for r in rows])
 
     def trait(self, f: str, idx: np.ndarray | None = None) -> np.ndarray | float:
-        """log mean p[:, f] over the vignettes (or over each resample's indices [B, N] -> [B])."""
+        """log mean p[:, f] over the vignettes (or over each resample's indices [B, N] -> [B]); floored at
+        1e-45 as evaluate.metrics floors it, so a collapsed model's -inf is a large finite number in both."""
         col = self.p[:, FOUNDATIONS.index(f)]
-        return math.log(col.mean()) if idx is None else np.log(col[idx].mean(-1))
+        return math.log(max(col.mean(), FLOOR)) if idx is None else np.log(np.maximum(col[idx].mean(-1), FLOOR))
 
     def coherence(self, idx: np.ndarray | None = None) -> np.ndarray | float:
         return float(self.mass.mean()) if idx is None else self.mass[idx].mean(-1)
@@ -77,21 +80,32 @@ def check_paired(arm: Arm, base: Arm) -> None:
         raise ValueError(f"arms are not paired: {len(arm.ids)} vs {len(base.ids)} vignettes, or in another order")
 
 
+def ratio(num: float, num_b: np.ndarray, den: float, den_b: np.ndarray, scale: float = 1.0) -> dict:
+    """scale * num / den with its interval; blank ({est: None}) when |den| < MIN_DTRAIT nats, where the ratio
+    and its draws are noise divided by noise."""
+    if abs(den) < MIN_DTRAIT:
+        return {"est": None, "lo": None, "hi": None}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return est(scale * num / den, scale * num_b / den_b)
+
+
 def paired_deltas(arm: Arm, base: Arm, trait: str, idx: np.ndarray, steered: Arm | None = None) -> dict:
-    """dTrait, dCoh (and retain against `steered`, slope) with paired bootstrap intervals."""
+    """dTrait, dCoh (and retain against `steered`, slope = 100 dCoh / dTrait) with paired bootstrap intervals."""
     check_paired(arm, base)
     dt = arm.trait(trait) - base.trait(trait)
     dt_b = arm.trait(trait, idx) - base.trait(trait, idx)
     dc = arm.coherence() - base.coherence()
     dc_b = arm.coherence(idx) - base.coherence(idx)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = {"dTrait": est(dt, dt_b), "dCoh": est(dc, dc_b), "slope": est(100 * dc / dt if dt else math.nan,
-                                                                          100 * dc_b / dt_b)}  # fmt: skip
-        if steered is not None:
-            ds = steered.trait(trait) - base.trait(trait)
-            ds_b = steered.trait(trait, idx) - base.trait(trait, idx)
-            out["retain"] = est(dt / ds if ds else math.nan, dt_b / ds_b)
+    out = {"dTrait": est(dt, dt_b), "dCoh": est(dc, dc_b), "slope": ratio(dc, dc_b, dt, dt_b, 100)}
+    if steered is not None:
+        ds = steered.trait(trait) - base.trait(trait)
+        out["retain"] = ratio(dt, dt_b, ds, steered.trait(trait, idx) - base.trait(trait, idx))
     return out
+
+
+def flat(name: str, e: dict) -> dict:
+    """{name: est, name_lo: lo, name_hi: hi}: an estimate as table / JSON columns."""
+    return {name: e["est"], f"{name}_lo": e["lo"], f"{name}_hi": e["hi"]}
 
 
 def foundation_shifts(arm: Arm, base: Arm, idx: np.ndarray) -> dict[str, dict]:

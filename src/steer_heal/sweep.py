@@ -71,7 +71,8 @@ class Spec:
             raise UserError(f"{path}: not valid TOML ({e})") from e
         known = {name for _, name, _, _ in config.leaves(config.RunConfig())}
         axes = d.get("axes", {})
-        bad = [k for k in axes if k.replace("-", "_") not in known or k in ("seed", "out_dir", "run_name", "resume")]
+        reserved = ("seed", "out_dir", "run_name", "resume", "plan", "plan_memory_gb")  # the sweep sets or forbids
+        bad = [k for k in axes if k.replace("-", "_") not in known or k.replace("-", "_") in reserved]
         if bad:
             raise UserError(f"{path}: axes {bad} are not run flags a sweep may vary (see --help of steer_heal.run)")
         if not all(isinstance(v, list) and v for v in axes.values()):
@@ -84,7 +85,7 @@ class Spec:
         return cls(Path(path), base, {k.replace("-", "_"): v for k, v in axes.items()}, seeds, hyp)
 
     def cells(self) -> list[Cell]:
-        """The grid: every combination of axis values, times every seed."""
+        """The grid: every combination of axis values, times every seed (ids unique, or a UserError)."""
         out = []
         names = list(self.axes)
         for values in itertools.product(*(self.axes[k] for k in names)):
@@ -95,6 +96,10 @@ class Spec:
                     flags += [config.flag(k), *(map(str, v) if isinstance(v, list) else [str(v)])]
                 flags += ["--seed", str(seed)]
                 out.append(Cell(cell_id(arm, seed), flags, arm, seed))
+        ids = [c.id for c in out]
+        clash = sorted({i for i in ids if ids.count(i) > 1})
+        if clash:
+            raise UserError(f"{self.path}: cells {clash} would share a run directory; make the axis values distinct")
         return out
 
 
@@ -193,9 +198,14 @@ def launch_local(cells: list[Cell], out: Path, jobs: int, frontier: bool) -> Non
     pending, running = list(cells), []
     while pending or running:
         while pending and len(running) < jobs:
-            running.append(ex.submit(run_cell, pending.pop(0), out, frontier))
+            cell = pending.pop(0)
+            running.append((cell, ex.submit(run_cell, cell, out, frontier)))
         time.sleep(1)
-        running = [j for j in running if not j.done()]
+        for cell, job in [x for x in running if x[1].done()]:
+            if job.exception() is not None:  # the job itself died (not the run): say so in the cell's state
+                st = read_state(out, cell.id) | {"state": "failed", "reason": f"job error: {job.exception()}"}
+                atomic_write_json(state_path(out, cell.id), st)
+        running = [x for x in running if not x[1].done()]
 
 
 def slurm_params(a) -> dict:
