@@ -10,6 +10,7 @@ Measures, on the configured model (default: the smol preset):
   decode_frac_of_bound   decode-only tokens/s / (batch x copy bandwidth / weight bytes), the memory limit
   batch_speedup          one mixed-strength batch / the same rows generated one at a time (tokens/s)
   filter_speedup         tail-ppl scoring completions/s, batched / one at a time
+  kd_mem_ratio           (--kd) peak memory of one kl_teacher heal step / one sft step, same shape
   heal_mem_ratio         peak memory of one heal step (forward + backward of NLL + kl_rev): heal.py's
                          completion-only chunked loss / the full [B, L, V] log-softmax, at L = --heal-len
                          (half prompt, half completion), block gradient checkpointing on for both; each
@@ -75,12 +76,15 @@ def copy_bandwidth(dev: torch.device, nbytes: int = 1 << 28, reps: int = 5) -> f
     return 2 * nbytes * reps / (time.perf_counter() - t0)
 
 
-def heal_step_peak(argv: list[str], lean: bool, length: int, batch: int, ckpt: bool) -> int:
+def heal_step_peak(argv: list[str], mode: str, length: int, batch: int, ckpt: bool) -> int:
     """Peak extra bytes of one heal step, forward + backward of NLL + kl_rev (run in a fresh process).
 
     lean = what heal.py does (hidden states at completion positions, chunked + checkpointed LM head and
     log-softmax, reference rebuilt from its hidden states); naive = full [B, L, V] log-softmax for the
-    student and the reference, then select. `ckpt` turns on block-level gradient checkpointing for both."""
+    student and the reference, then select; kd = heal.py's step for --heal-target kl_teacher (the steered
+    teacher's hidden states too, its log-probs rebuilt per chunk). `ckpt` turns on block-level gradient
+    checkpointing."""
+    from steer_heal import heal
     from steer_heal.config import HealConfig
     from steer_heal.heal import lora_config
     from steer_heal.losses import (
@@ -107,8 +111,14 @@ def heal_step_peak(argv: list[str], lean: bool, length: int, batch: int, ckpt: b
     pairs = [(rand(), rand()) for _ in range(batch)]  # half prompt, half completion
     b = completion_batch(pairs, s.tok.pad_token_id, dev)
 
+    teacher = heal.SteeredTeacher({L: torch.randn(st.model.config.hidden_size) for L in s.layers}, [2.0] * batch)
+    prep = heal.Prepared(teacher.coeffs, None, None, None)
+
     def step():
-        if lean:
+        if mode == "kd":
+            distill = heal.teacher_targets(st, b, list(range(batch)), teacher, prep)
+            loss = heal.loss_terms(st, "r00", b, HealConfig(heal_target="kl_teacher", tau=0.0), 1.0, distill).total()
+        elif mode == "lean":
             with torch.no_grad(), st.base():
                 h_ref = selected_hidden(st.model, b)
             tok, kl, _ = completion_terms(st.model, selected_hidden(st.model, b), b["targets"], h_ref, kl_rev)
@@ -240,21 +250,27 @@ class Bench:
             f"eval with --eval-think-tokens {tokens}, {len(vigs)} vignettes", f"{len(vigs) / t1:.2f} vignettes/s", cost
         )
 
-    def heal_memory(self, rest: list[str], length: int, batch: int) -> None:
+    def heal_memory(self, rest: list[str], length: int, batch: int, kd: bool = False) -> None:
         """Heal-step peak memory, each variant in a fresh process: with the blocks' activations stored (the
-        smol default) and with gradient checkpointing (gemma preset), where the LM head's share shows."""
+        smol default) and with gradient checkpointing (gemma preset), where the LM head's share shows. With
+        `kd`, also the kl_teacher step against the sft one (kd_mem_ratio, goal <= 1.2)."""
+
+        def peak(mode: str, ckpt: bool) -> int:
+            flags = ["--_heal-peak", mode, "--heal-len", str(length), "--heal-batch", str(batch)]
+            cmd = [sys.executable, __file__, *flags, *(["--_ckpt"] if ckpt else []), *rest]
+            return int(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+
         for ckpt in (False, True):
-            peaks = {}
-            for mode in ("lean", "naive"):
-                flags = ["--_heal-peak", mode, "--heal-len", str(length), "--heal-batch", str(batch)]
-                cmd = [sys.executable, __file__, *flags, *(["--_ckpt"] if ckpt else []), *rest]
-                p = subprocess.run(cmd, capture_output=True, text=True, check=True)
-                peaks[mode] = int(p.stdout.strip().splitlines()[-1])
+            peaks = {mode: peak(mode, ckpt) for mode in ("lean", "naive", *(("kd",) if kd else ()))}
             key = "heal_mem_ratio" if ckpt else "heal_mem_ratio_no_ckpt"
             self.res[key] = peaks["lean"] / peaks["naive"]
             self.res[f"heal_peak_mib{'' if ckpt else '_no_ckpt'}"] = {m: round(v / 2**20) for m, v in peaks.items()}
-            for mode in ("lean", "naive"):
+            if kd:
+                self.res[f"kd_mem_ratio{'' if ckpt else '_no_ckpt'}"] = peaks["kd"] / peaks["lean"]
+            for mode in peaks:
                 ratio = f"{key} {self.res[key]:.3f}" if mode == "naive" else ""
+                if mode == "kd":
+                    ratio = f"kd_mem_ratio {peaks['kd'] / peaks['lean']:.3f} (kl_teacher / sft step)"
                 what = f"heal step peak, {mode}, B={batch} L={length}, grad ckpt {'on' if ckpt else 'off'}"
                 self.add(what, f"{peaks[mode] / 2**20:.0f} MiB", ratio)
 
@@ -270,11 +286,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--think-tokens", type=nonneg_int, default=32, help="think budget to cost (0 = skip)")
     ap.add_argument("--think-vignettes", type=positive_int, default=28, help="vignettes for the think cost")
     ap.add_argument("--only", nargs="+", choices=["generate", "filter", "eval", "think", "heal"], help="a subset")
-    ap.add_argument("--_heal-peak", choices=["lean", "naive"], help=argparse.SUPPRESS)
+    ap.add_argument("--kd", action="store_true", help="also the kl_teacher heal step's memory (vs sft)")
+    ap.add_argument("--_heal-peak", choices=["lean", "naive", "kd"], help=argparse.SUPPRESS)
     ap.add_argument("--_ckpt", action="store_true", help=argparse.SUPPRESS)
     a, rest = ap.parse_known_args(argv)
     if a._heal_peak:
-        print(heal_step_peak(rest, a._heal_peak == "lean", a.heal_len, a.heal_batch, a._ckpt))
+        print(heal_step_peak(rest, a._heal_peak, a.heal_len, a.heal_batch, a._ckpt))
         return 0
     last_round = last_round_seconds(Path(a.run_dir)) if a.run_dir else None  # a bad --run-dir fails now, not later
     want = set(a.only or ["generate", "filter", "eval", "think", "heal"])
@@ -289,7 +306,7 @@ def main(argv: list[str]) -> int:
     if "think" in want and a.think_tokens:
         b.think(a.think_tokens, a.think_vignettes)
     if "heal" in want:
-        b.heal_memory(rest, a.heal_len, a.heal_batch)
+        b.heal_memory(rest, a.heal_len, a.heal_batch, a.kd)
     b.res["round_seconds"] = None
     if last_round:
         r, secs = last_round

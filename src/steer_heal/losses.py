@@ -115,12 +115,14 @@ def completion_terms(
         logp = F.log_softmax(lm_logits(model, hc), dim=-1)
         tok = token_logprob(logp, tc)
         k = d = None
-        with torch.no_grad():
-            logp_ref = None if rc is None else F.log_softmax(lm_logits(model, rc), dim=-1)
-            logp_t = None if th is None else F.log_softmax(lm_logits(model, th), dim=-1)
-        if rc is not None:
+        if rc is not None:  # one other [chunk, V] distribution at a time: built, used, released
+            with torch.no_grad():
+                logp_ref = F.log_softmax(lm_logits(model, rc), dim=-1)
             k = kl(logp, logp_ref)
+            del logp_ref
         if th is not None:
+            with torch.no_grad():
+                logp_t = F.log_softmax(lm_logits(model, th), dim=-1)
             d = kl_fwd(logp, logp_t)  # KL(teacher || student): mass-covering, as in distillation
         elif ti is not None:
             d = kl_topk(logp, ti, tl, tt)
