@@ -18,8 +18,9 @@ Every dTrait / dCoh is paired against base, with a paired-bootstrap 95 % interva
 Headline: A_steer and A_prompt per healed round = the healed point's trait (in the persona's direction)
 minus what the steering curve / the prompt ladder reaches at the healed point's coherence (positive = the
 loop buys more trait than the alternative at that coherence), with intervals that resample the vignettes
-and recompute every curve. Writes <run>/frontier.json (rows, advantage) and <run>/frontier.png unless
---out names another JSON path (the figure goes beside it).
+and recompute every curve; computed on both coherence axes, answer mass and the capability tax ref_nll
+(`advantage_by_axis`; `advantage` is the --x one). Writes <run>/frontier.json (rows, advantage) and
+<run>/frontier.png unless --out names another JSON path (the figure goes beside it).
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--cs", nargs="+", type=nonneg_float, help="steering strengths (default: 7, 0 to the run's max)")
     ap.add_argument("--n-null", type=nonneg_int, default=8, help="random directions for the null (>= 8)")
     ap.add_argument("--ladder", type=Path, help="system prompts of rising force (default: the persona's ladder)")
-    ap.add_argument("--x", choices=AXES, default="coherence", help="the coherence axis of the frontier")
+    ap.add_argument("--x", choices=AXES, default="coherence", help="the axis of the figure and of `advantage`")
     ap.add_argument("--n-vignettes", type=positive_int, help="score only the first N vignettes (balanced order)")
     ap.add_argument("--eval-vignettes", help="score on these vignettes instead of the run's")
     ap.add_argument("--out", type=Path, help="the JSON to write (default <run>/frontier.json)")
@@ -132,18 +133,20 @@ def main(argv: list[str]) -> int:
     print(f"{run.rd.root.name}: {len(s.vigs)} vignettes; steer at {cs}; {len(ladder)} prompts; {a.n_null} random "
           f"directions at c={run.steered_c(0):g}", file=sys.stderr)  # fmt: skip
     points = measure(run, cs, ladder, a.n_null, a.fresh)
-    rows, adv = compare(points, points[0].ev, s.persona.trait, sign, run.idx, a.x, s.cfg.seed)
+    rows, by_axis = compare(points, points[0].ev, s.persona.trait, sign, run.idx, s.cfg.seed)
+    adv = by_axis.get(a.x) or []
     cols = ["arm", tk, "coherence", "ref_nll", "dTrait", "dCoh", "null_pct", "specificity", "anti_steerable"]
     for r in rows:
         r[tk] = next(p.ev.m[tk] for p in points if p.arm == r["arm"])
     print(paired.table(rows, cols))
     print("\nevery foundation's shift (nats, 95% CI):")
     print(tabulate(foundation_table(rows), headers="keys", tablefmt="github"))
-    print("\n" + "\n".join(verdict_lines(adv, tk)))
+    for axis, lines in by_axis.items():
+        print("\n" + "\n".join(verdict_lines(lines, tk, axis)))
     out = a.out or run.rd.root / "frontier.json"
     doc = {"run": run.rd.root.name, "trait_key": tk, "sign": sign, "x": a.x, "vignettes": s.vig_source,
            "n": len(s.vigs), "n_boot": int(run.idx.shape[0]), "cs": cs, "ladder": ladder, "rows": rows,
-           "advantage": adv, "seconds": time.time() - t0}  # fmt: skip
+           "advantage": adv, "advantage_by_axis": by_axis, "seconds": time.time() - t0}  # fmt: skip
     atomic_write_json(out, doc)
     png = out.with_suffix(".png")
     frontier_png(rows, png, tk, a.x, f"{run.rd.root.name}: {len(s.vigs)} vignettes, x = {a.x}")

@@ -213,7 +213,7 @@ def test_frontier_on_a_fast_run(fast_run, tmp_path):
         assert len(r["per_vignette"]) == d["n"] and set(r["foundations"]) >= {"Authority", "Care"}
     base = next(r for r in d["rows"] if r["kind"] == "base")
     assert base["dTrait"] == 0 and base["dTrait_lo"] == base["dTrait_hi"] == 0  # base against itself
-    assert [a["round"] for a in d["advantage"]] == [0, 1]
+    assert [a["round"] for a in d["advantage"]] == [0, 1] and set(d["advantage_by_axis"]) == {"coherence", "ref_nll"}
     for a in d["advantage"]:
         for k in ("steer", "prompt"):
             assert a[k]["lo"] <= a[k]["est"] <= a[k]["hi"]

@@ -101,21 +101,23 @@ def advantages(
     return out
 
 
-def compare(points: list[Point], base: Scored, target: str, sign: int, idx: np.ndarray, x: str = "coherence",
-            n_ref_boot_seed: int = 0) -> tuple[list[dict], list[dict]]:  # fmt: skip
-    """Every arm's row, and every healed arm's advantage over steering and over prompting."""
-    if x not in AXES:
-        raise ValueError(f"x axis {x!r}; valid: {AXES}")
+def compare(points: list[Point], base: Scored, target: str, sign: int, idx: np.ndarray,
+            n_ref_boot_seed: int = 0) -> tuple[list[dict], dict[str, list[dict]]]:  # fmt: skip
+    """Every arm's row, and every healed arm's advantage over steering and over prompting on each coherence
+    axis ({"coherence": [...], "ref_nll": [...]}; ref_nll only where every arm has its reference items)."""
     n_ref = len(base.m.get("ref_items") or [])
-    idx_r = stats.resamples(n_ref, idx.shape[0], n_ref_boot_seed + 1) if n_ref else np.zeros((idx.shape[0], 0), int)
     null = [p.ev.arm.trait(target) - base.arm.trait(target) for p in points if p.kind == "random"]
     rows = [row(p, base, target, sign, idx, null or None) for p in points]
-    return rows, advantages(points, base, target, sign, idx, idx_r, x)
+    adv = {"coherence": advantages(points, base, target, sign, idx, np.zeros((idx.shape[0], 0), int), "coherence")}
+    if n_ref and all(len(p.ev.m.get("ref_items") or []) == n_ref for p in points):
+        idx_r = stats.resamples(n_ref, idx.shape[0], n_ref_boot_seed + 1)
+        adv["ref_nll"] = advantages(points, base, target, sign, idx, idx_r, "ref_nll")
+    return rows, adv
 
 
-def verdict_lines(adv: list[dict], trait_key: str) -> list[str]:
+def verdict_lines(adv: list[dict], trait_key: str, axis: str = "coherence") -> list[str]:
     """Does the loop beat steering and prompting at matched coherence? One line per healed round."""
-    lines = []
+    lines, matched = [], "matched coherence" if axis == "coherence" else "matched capability tax (ref_nll)"
     for a in adv:
         for k, name in (("steer", "steering"), ("prompt", "prompting")):
             e = a.get(k)
@@ -130,7 +132,7 @@ def verdict_lines(adv: list[dict], trait_key: str) -> list[str]:
             else:
                 word = "is not distinguishable from"
             ext = " (outside the measured curve: extrapolated)" if e.get("extrapolated") else ""
-            lines.append(f"{a['arm']} {word} {name} at matched coherence: A_{k} {ci} of {trait_key}{ext}")
+            lines.append(f"{a['arm']} {word} {name} at {matched}: A_{k} {ci} of {trait_key}{ext}")
     return lines
 
 
