@@ -20,12 +20,20 @@ minus what the steering curve / the prompt ladder reaches at the healed point's 
 loop buys more trait than the alternative at that coherence), with intervals that resample the vignettes
 and recompute every curve; computed on both coherence axes, answer mass and the capability tax ref_nll
 (`advantage_by_axis`; `advantage` is the --x one). Writes <run>/frontier.json (rows, advantage) and
-<run>/frontier.png unless --out names another JSON path (the figure goes beside it).
+<run>/frontier.png unless --out names another JSON path (the figure goes beside it), and the per-vignette
+rows of every arm but the healed ones to <run>/frontier_arms.jsonl.
+
+Comparing heal variants of one teacher vector (e.g. --heal-target sft vs kl_teacher at the same seed)?
+--arms-from OTHER_RUN reuses that run's base, steer, prompt and random arms instead of measuring them
+again; it refuses unless both runs share the model, the eval settings, the vignettes, the null's strength
+and the round-0 teacher vector (compared by content), so only the healed rounds are this run's own.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -40,7 +48,9 @@ from steer_heal.errors import UserError
 from steer_heal.evaluate import Scored
 from steer_heal.figures import frontier_png
 from steer_heal.frontier import AXES, Point, compare, foundation_table, verdict_lines
-from steer_heal.rundir import atomic_write_json
+from steer_heal.rundir import atomic_write_json, atomic_write_jsonl
+
+ARMS = "frontier_arms.jsonl"  # beside the default frontier.json
 
 
 def ladder_from(path: Path | None, default: tuple[str, ...]) -> list[str]:
@@ -83,8 +93,8 @@ def run_null(run: paired.OpenRun, base: Scored, n: int) -> list[Scored]:
 
 
 def measure(run: paired.OpenRun, cs: list[float], ladder: list[str], n_null: int, fresh: bool) -> list[Point]:
-    """Every arm on the run's vignettes. The run's own evals of the base, of its random null and of each
-    healed round are reused when they were made on exactly these vignettes (unless `fresh`); the steering
+    """Every arm but the healed rounds on the run's vignettes. The run's own evals of the base and of its
+    random null are reused when they were made on exactly these vignettes (unless `fresh`); the steering
     grid and the prompt ladder are always evaluated now."""
     s, v0, c_run, info = run.s, run.rd.vectors(0), run.steered_c(0), run.info
     base = (None if fresh else saved(run, -1, "base", info.base)) or s.evaluate(desc="eval base")
@@ -100,8 +110,52 @@ def measure(run: paired.OpenRun, cs: list[float], ladder: list[str], n_null: int
     for i, seed in enumerate(seeds[:n_null]):
         ev = null[i] if null else s.evaluate(extract.random_like(v0, seed), c_run, desc=f"eval random {seed}")
         points.append(Point(f"random {i}", "random", ev, {"c": c_run, "seed": seed}))
+    return points
+
+
+def arms_key(run: paired.OpenRun) -> dict:
+    """What the base, steer, prompt and random arms depend on; two runs with equal keys have equal arms.
+    The vector is compared by content (sha256 of its layers' float32 bytes), the vignettes by their ids."""
+    cfg = run.s.cfg
+    per_run = ("null_vectors", "n_boot", "eval_batch_size")  # these change no arm's numbers
+    digest = hashlib.sha256()
+    for layer, v in sorted(run.rd.vectors(0).items()):
+        digest.update(f"{layer}:".encode() + v.float().numpy().tobytes())
+    return {"model": cfg.model, "dtype": cfg.dtype, "tokenizer": cfg.tokenizer,
+            "reference_file": str(cfg.filter.reference_file), "persona": cfg.extract.persona,
+            "eval": {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k not in per_run},
+            "vignettes": [v.id for v in run.s.vigs], "c_null": run.steered_c(0),
+            "vector": digest.hexdigest()}  # fmt: skip
+
+
+def save_arms(path: Path, key: dict, points: list[Point]) -> None:
+    """Every arm but the healed ones, with its metrics and per-vignette rows, under `key`."""
+    lines = [{"key": key}] + [{"arm": p.arm, "kind": p.kind, "extra": p.extra, "m": p.ev.m, "rows": p.ev.rows}
+                              for p in points if p.kind != "healed"]  # fmt: skip
+    atomic_write_jsonl(path, lines)
+
+
+def load_arms(src: Path, key: dict) -> list[Point]:
+    """Another run's saved arms (its run directory or its frontier_arms.jsonl), if it measured them under the
+    same key; a UserError naming what differs otherwise."""
+    path = src / ARMS if src.is_dir() else src
+    if not path.is_file():
+        raise UserError(f"--arms-from {src}: no {ARMS} there; run diag_frontier.py on that run first")
+    head, *arms = read_jsonl(path)
+    theirs = head.get("key", {})
+    differ = sorted(k for k in set(key) | set(theirs) if key.get(k) != theirs.get(k))
+    if differ:
+        raise UserError(f"--arms-from {src}: measured under another {', '.join(differ)} than this run "
+                        "(the arms are only comparable with the same model, eval settings, vignettes, null "
+                        "strength and round-0 teacher vector)")  # fmt: skip
+    return [Point(a["arm"], a["kind"], Scored(a["m"], a["rows"]), a["extra"]) for a in arms]
+
+
+def healed_points(run: paired.OpenRun, fresh: bool) -> list[Point]:
+    """The student after each completed round: the run's own eval when it is on these vignettes."""
+    s, points = run.s, []
     for r in run.require_rounds():
-        ev = None if fresh else saved(run, r, "healed", info.healed_eval(r))
+        ev = None if fresh else saved(run, r, "healed", run.info.healed_eval(r))
         if ev is None:
             for k in range(len(s.student.baked), r + 1):  # the adapters up to round r, once each
                 s.student.load_adapter(k, run.rd.adapter(k))
@@ -121,18 +175,30 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--eval-vignettes", help="score on these vignettes instead of the run's")
     ap.add_argument("--out", type=Path, help="the JSON to write (default <run>/frontier.json)")
     ap.add_argument("--fresh", action="store_true", help="evaluate base, null and healed anew (not the run's)")
+    ap.add_argument("--arms-from", type=Path, help="reuse this run's base/steer/prompt/random arms (same vector)")
     a = ap.parse_args(argv)
+    if a.arms_from and (a.cs or a.ladder or a.fresh):
+        raise UserError("--arms-from takes the steering grid, the ladder and the null from that run: drop --cs, "
+                        "--ladder and --fresh")  # fmt: skip
     t0 = time.time()
     run = paired.open_run(a.run_dir, a.eval_vignettes, a.n_vignettes)
     run.require_rounds()
-    c_max = max((q["c"] for f in run.info.filters for q in f.get("q0", [])), default=run.steered_c(0))
-    cs = a.cs or [round(x, 3) for x in np.linspace(0, c_max, 7)]
-    cs = sorted(set(cs) | {0.0})
-    ladder = ladder_from(a.ladder, run.s.persona.prompt_ladder())
     s, tk, sign = run.s, run.trait_key, run.s.persona.sign
-    print(f"{run.rd.root.name}: {len(s.vigs)} vignettes; steer at {cs}; {len(ladder)} prompts; {a.n_null} random "
-          f"directions at c={run.steered_c(0):g}", file=sys.stderr)  # fmt: skip
-    points = measure(run, cs, ladder, a.n_null, a.fresh)
+    key, out = arms_key(run), a.out or run.rd.root / "frontier.json"
+    if a.arms_from:
+        points = load_arms(a.arms_from, key)
+        cs = [p.extra["c"] for p in points if p.kind == "steer"]
+        ladder = [p.extra["system"] for p in points if p.kind == "prompt"]
+        print(f"{run.rd.root.name}: base, steer, prompt and random arms from {a.arms_from}", file=sys.stderr)
+    else:
+        c_max = max((q["c"] for f in run.info.filters for q in f.get("q0", [])), default=run.steered_c(0))
+        cs = sorted(set(a.cs or [round(x, 3) for x in np.linspace(0, c_max, 7)]) | {0.0})
+        ladder = ladder_from(a.ladder, run.s.persona.prompt_ladder())
+        print(f"{run.rd.root.name}: {len(s.vigs)} vignettes; steer at {cs}; {len(ladder)} prompts; {a.n_null} "
+              f"random directions at c={run.steered_c(0):g}", file=sys.stderr)  # fmt: skip
+        points = measure(run, cs, ladder, a.n_null, a.fresh)
+        save_arms(out.with_name(f"{out.stem}_arms.jsonl"), key, points)
+    points += healed_points(run, a.fresh)
     rows, by_axis = compare(points, points[0].ev, s.persona.trait, sign, run.idx, s.cfg.seed)
     adv = by_axis.get(a.x) or []
     cols = ["arm", tk, "coherence", "ref_nll", "dTrait", "dCoh", "null_pct", "specificity", "anti_steerable"]
@@ -143,10 +209,10 @@ def main(argv: list[str]) -> int:
     print(tabulate(foundation_table(rows), headers="keys", tablefmt="github"))
     for axis, lines in by_axis.items():
         print("\n" + "\n".join(verdict_lines(lines, tk, axis)))
-    out = a.out or run.rd.root / "frontier.json"
     doc = {"run": run.rd.root.name, "trait_key": tk, "sign": sign, "x": a.x, "vignettes": s.vig_source,
            "n": len(s.vigs), "n_boot": int(run.idx.shape[0]), "cs": cs, "ladder": ladder, "rows": rows,
-           "advantage": adv, "advantage_by_axis": by_axis, "seconds": time.time() - t0}  # fmt: skip
+           "advantage": adv, "advantage_by_axis": by_axis, "arms_from": str(a.arms_from or ""),
+           "seconds": time.time() - t0}  # fmt: skip
     atomic_write_json(out, doc)
     png = out.with_suffix(".png")
     frontier_png(rows, png, tk, a.x, f"{run.rd.root.name}: {len(s.vigs)} vignettes, x = {a.x}")

@@ -219,6 +219,20 @@ def test_frontier_on_a_fast_run(fast_run, tmp_path):
             assert a[k]["lo"] <= a[k]["est"] <= a[k]["hi"]
     assert "at matched coherence: A_steer" in text and out.with_suffix(".png").stat().st_size > 10_000
     print(f"diag_frontier on the fast run: {seconds:.0f} s")
+    # --arms-from: another heal of the same vector reuses these arms; here the run itself, so all numbers agree
+    arms, again = tmp_path / "frontier_arms.jsonl", tmp_path / "again.json"
+    _script("diag_frontier.py", fast_run / "a", "--arms-from", arms, "--out", again)
+    d2 = json.loads(again.read_text())
+    assert [r["arm"] for r in d2["rows"]] == [r["arm"] for r in d["rows"]] and d2["cs"] == d["cs"]
+    assert [r["dTrait"] for r in d2["rows"]] == pytest.approx([r["dTrait"] for r in d["rows"]], abs=1e-9)
+    assert d2["advantage_by_axis"] == d["advantage_by_axis"]
+    lines = arms.read_text().splitlines()
+    head = json.loads(lines[0])
+    head["key"]["vector"] = "0" * 64  # a different teacher vector: its arms are not this run's
+    arms.write_text("\n".join([json.dumps(head), *lines[1:]]) + "\n")
+    p = subprocess.run([sys.executable, "scripts/diag_frontier.py", fast_run / "a", "--arms-from", arms],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 2 and "another vector" in p.stderr and "Traceback" not in p.stderr
     # --n-null 2: the run's own null (2 directions, rows saved) is reused, not measured again
     _script("diag_frontier.py", fast_run / "a", "--n-null", "2", "--cs", "0", "1", "--out", out)
     null = events.read(fast_run / "a", "null")[0]
