@@ -63,11 +63,12 @@ frontier RUN *ARGS:
 results *ARGS:
     uv run python scripts/results.py {{ARGS}}
 
-# Build .gpu/ (git-ignored): wheels of the pure-Python packages a bare GPU machine lacks (Python 3.12) and
+# Build .gpu/ (git-ignored): wheels of the pure-Python packages a bare GPU machine lacks (Python 3.12; peft at
+# our locked version, which the check puts ahead of any older one there) and
 # SmolLM2's tokenizer files, which the random-weight models use. The device call carries .gpu.
 gpu-wheels:
     rm -rf .gpu && mkdir -p .gpu/wheels
-    uvx pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .gpu/wheels tyro==1.0.17 loguru==0.7.3 docstring-parser==0.18.0 typeguard==4.6.0
+    uvx pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .gpu/wheels tyro==1.0.17 loguru==0.7.3 docstring-parser==0.18.0 typeguard==4.6.0 peft==0.21.2 submitit==1.5.4 cloudpickle==3.1.3
     HF_HUB_OFFLINE=1 uv run python -c "from steer_heal import models; models.load('tiny-random')[1].save_pretrained('.gpu/tokenizer')"
     du -sh .gpu
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steer_heal import evaluate, losses, models
+from steer_heal import evaluate, extract, losses, models
 from steer_heal.bake import Student
 from steer_heal.config import HealConfig
 from steer_heal.data import balanced, vignettes
@@ -46,6 +46,19 @@ def test_steering_hooks_on_the_device(model_on):
     with steer(model, v, torch.tensor([0.0, 2.0])):  # per-row: row 0 unsteered, row 1 steered
         out = model(**enc).logits
     assert torch.equal(out[0], ref[0]) and not torch.equal(out[1], ref[1])
+
+
+@torch.no_grad()
+def test_the_random_null_follows_the_vector_to_its_device(model_on):
+    model, tok, device, dtype = model_on
+    v = {1: torch.randn(model.config.hidden_size, device=device, dtype=getattr(torch, dtype))}  # as extracted
+    r = extract.random_like(v, seed=7)
+    assert r[1].device.type == device and r[1].dtype == v[1].dtype
+    cpu = extract.random_like({1: v[1].cpu()}, seed=7)  # the same direction for a seed on every device
+    assert torch.allclose(r[1].cpu().float(), cpu[1].float(), rtol=0, atol=1e-6)
+    enc = pad([chat_ids(tok, "Hi there")], tok.pad_token_id, "left", device)
+    with steer(model, r, 2.0):
+        assert torch.isfinite(model(**enc).logits).all()
 
 
 def test_generate_eval_and_losses_on_the_device(model_on):

@@ -122,6 +122,18 @@ def test_chunked_completion_terms_equal_the_full_log_softmax(fresh_tiny, chunk):
     assert torch.allclose(grads(-tok_lp.mean() + kl.mean()), g_full, atol=1e-5)
 
 
+def test_token_nlls_in_chunks_equal_the_full_log_softmax_per_pair(tiny):
+    model, tok = tiny
+    pairs = [([1, 5, 9], [4, 4, 7, 2]), ([3], [8, 6]), ([2, 2, 2, 2, 2], [5, 1, 1, 9, 3, 3])]
+    b = losses.completion_batch(pairs, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        full = -losses.token_logprob(losses.naive_logprobs(model, b), b["targets"])
+    got = losses.token_nlls(model, pairs, tok.pad_token_id, batch_size=2, desc="t", chunk=3)  # 3 < 12 positions
+    assert [len(x) for x in got] == [4, 2, 6]  # one NLL per completion token, pairs in their given order
+    for i, x in enumerate(got):
+        assert torch.allclose(x, full[b["seg"] == i], atol=1e-5)
+
+
 def test_top_k_with_k_equal_to_the_vocabulary_is_the_full_kl():
     s, t = _logp(seed=3), _logp(seed=4)
     idx, lp, tail = losses.topk_targets(t, t.shape[-1])

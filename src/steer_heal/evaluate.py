@@ -234,22 +234,11 @@ def metrics(logp: torch.Tensor, prefill_nll: torch.Tensor, vigs: list[Vignette])
     return out, rows
 
 
-@torch.no_grad()
 def reference_nll(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> list[list]:
-    """Per reference answer: [sum of -log p(token) over its tokens, token count], given its question.
-    The LM head runs in chunks of positions (losses.completion_terms): no [tokens, vocab] tensor is held."""
-    from steer_heal.losses import completion_batch, completion_terms, selected_hidden
+    """Per reference answer: [sum of -log p(token) over its tokens, token count], given its question."""
+    from steer_heal.losses import token_nlls
 
-    dev = input_device(model)
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))  # less padding
-    out: list[list] = [[]] * len(pairs)
-    for chunk in tqdm(list(batches(order, batch_size)), desc="reference nll", leave=False):
-        b = completion_batch([pairs[i] for i in chunk], pad_id, dev)
-        tok_lp = completion_terms(model, selected_hidden(model, b), b["targets"]).tok
-        for j, i in enumerate(chunk):
-            x = -tok_lp[b["seg"] == j]
-            out[i] = [float(x.sum()), int(x.numel())]
-    return out
+    return [[float(x.sum()), int(x.numel())] for x in token_nlls(model, pairs, pad_id, batch_size, "reference nll")]
 
 
 def ref_nll(items: list[list]) -> float:

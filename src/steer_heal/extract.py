@@ -76,10 +76,11 @@ def norm(v: dict[int, torch.Tensor]) -> float:
 
 
 def random_like(v: dict[int, torch.Tensor], seed: int) -> dict[int, torch.Tensor]:
-    """A Gaussian random direction per layer, scaled to that layer's norm in v: the null for v."""
+    """A Gaussian random direction per layer, scaled to that layer's norm in v: the null for v. Drawn on the
+    CPU (the same directions for a seed on every device), returned on v's device and in its dtype."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for L in sorted(v):
         x = torch.randn(v[L].shape, generator=g, dtype=torch.float32)
-        out[L] = (x / x.norm() * v[L].float().norm()).to(v[L].dtype)
+        out[L] = (x / x.norm() * v[L].float().norm().cpu()).to(v[L])
     return out

@@ -30,12 +30,9 @@ from dataclasses import dataclass
 
 import torch
 from tabulate import tabulate
-from tqdm.auto import tqdm
 
 from steer_heal.errors import Starved
-from steer_heal.losses import completion_batch, selected_logprobs, token_logprob
-from steer_heal.models import input_device
-from steer_heal.tokens import batches
+from steer_heal.losses import token_nlls
 
 _WORD = re.compile(r"[\w']+")
 
@@ -140,23 +137,16 @@ def refusal(text: str) -> bool:
     return bool(_REFUSAL.search(text))
 
 
-@torch.no_grad()
 def tail_ppl(
     model, pairs: list[tuple[list[int], list[int]]], tail_frac: float, pad_id: int, batch_size: int
 ) -> list[float]:
     """exp(mean NLL over the last ceil(tail_frac * n) completion tokens), one per (prompt, completion).
 
     Call it on the ORIGINAL model (adapters disabled): the student that made the text would grade itself."""
-    dev = input_device(model)
     out: list[float] = []
-    for chunk in tqdm(list(batches(pairs, batch_size)), desc="score ppl", leave=False):
-        batch = completion_batch(chunk, pad_id, dev)
-        lp = token_logprob(selected_logprobs(model, batch), batch["targets"]).cpu()
-        seg = batch["seg"].cpu()
-        for i in range(len(chunk)):
-            x = -lp[seg == i]
-            k = max(1, int(-(-len(x) * tail_frac // 1)))
-            out.append(float(torch.exp(x[-k:].mean())))
+    for x in token_nlls(model, pairs, pad_id, batch_size, desc="score ppl"):
+        k = max(1, int(-(-len(x) * tail_frac // 1)))
+        out.append(float(torch.exp(x[-k:].mean())))
     return out
 
 

@@ -14,9 +14,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
-from steer_heal.models import unwrap
-from steer_heal.tokens import pad
+from steer_heal.models import input_device, unwrap
+from steer_heal.tokens import batches, pad
 
 # ---------------------------------------------------------------- batches of (prompt, completion)
 
@@ -136,6 +137,32 @@ def completion_terms(
         out.append(checkpoint(terms, *args, use_reentrant=False) if torch.is_grad_enabled() else terms(*args))
     cat = lambda xs: None if xs[0] is None else torch.cat(xs)  # noqa: E731
     return Positions(*(cat([o[j] for o in out]) for j in range(3)))
+
+
+@torch.no_grad()
+def token_nlls(
+    model: nn.Module,
+    pairs: list[tuple[list[int], list[int]]],
+    pad_id: int,
+    batch_size: int,
+    desc: str,
+    chunk: int = 256,
+) -> list[torch.Tensor]:
+    """-log p(token) of every completion token of each (prompt ids, completion ids) pair, [n_i] on the CPU.
+
+    Batched in length order (less padding); the LM head runs in chunks of `chunk` positions
+    (completion_terms), so no [tokens, vocab] tensor is held: scoring 64 completions of 256 tokens under
+    gemma's 262k vocabulary at once would otherwise need a 17 GB fp32 [K, V] log-softmax."""
+    dev = input_device(model)
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    out: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
+    for idx in tqdm(list(batches(order, batch_size)), desc=desc, leave=False):
+        b = completion_batch([pairs[i] for i in idx], pad_id, dev)
+        lp = completion_terms(model, selected_hidden(model, b), b["targets"], chunk=chunk).tok.cpu()
+        seg = b["seg"].cpu()
+        for j, i in enumerate(idx):
+            out[i] = -lp[seg == j]
+    return out
 
 
 def naive_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -103,17 +103,23 @@ def estimate(cfg: RunConfig) -> dict:
     extra = 2 if h.reg != "nll" else 0
     extra += 2 if h.heal_target != "sft" else 0
     loss = min(h.loss_chunk, B * g.max_new_tokens) * V * 4 * (4 + extra)
+    # the filter scores a generation batch under the original model: one forward, no KV cache, the LM head
+    # in chunks of loss_chunk positions (losses.token_nlls), logits and log-softmax in fp32
+    score_act = g.gen_batch_size * L * (2 * inter + 4 * H) * nbytes
+    score_chunk = h.loss_chunk * V * 4 * 2
     T = 110  # an eval row: instruction, scenario, options, prefill
     eval_act = e.eval_batch_size * 2 * T * (2 * inter + 4 * H) * nbytes + e.eval_batch_size * 2 * 3 * V * 4
     return {
         "weights": weights,
         "stages": {
             "generate": weights + kv_cache + prefill + gen_logits,
+            "filter": weights + score_act + score_chunk,
             "heal": weights + lora + blocks + hidden + loss,
             "eval": weights + eval_act,
         },
         "parts": {"kv_cache": kv_cache, "prefill": prefill, "gen_logits": gen_logits, "lora_and_adam": lora,
-                  "heal_blocks": blocks, "heal_hidden": hidden, "loss_chunk": loss, "eval_activations": eval_act},
+                  "heal_blocks": blocks, "heal_hidden": hidden, "loss_chunk": loss, "filter_activations": score_act,
+                  "filter_chunk": score_chunk, "eval_activations": eval_act},
         "sizes": {"params": weights // nbytes, "bytes_per_param": nbytes, "prompt_tokens": P, "heal_len": L,
                   "layers": nl, "hidden": H, "intermediate": inter, "vocab": V, "lora_modules": len(names)},
     }  # fmt: skip
