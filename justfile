@@ -64,7 +64,7 @@ results *ARGS:
     uv run python scripts/results.py {{ARGS}}
 
 # Build .gpu/ (git-ignored): wheels of the pure-Python packages a bare GPU machine lacks (Python 3.12; peft at
-# our locked version, which the check puts ahead of any older one there) and
+# our locked version, ahead of the machine's own whenever the check installs the wheels, i.e. tyro is missing) and
 # SmolLM2's tokenizer files, which the random-weight models use. The device call carries .gpu.
 gpu-wheels:
     rm -rf .gpu && mkdir -p .gpu/wheels

@@ -194,6 +194,7 @@ class Bench:
         self.add(f"generate, unsteered, batch {batch}", f"{tok_plain:.1f} tok/s")
         self.add(f"generate, mixed-strength steered, batch {batch}", f"{tok_steer:.1f} tok/s",
                  f"steer_overhead_ratio {self.res['steer_overhead_ratio']:.3f}")  # fmt: skip
+        gen(s, rows[:1], v, 1, 2)  # warm-up at batch 1
         single, t_single = timed(lambda: gen(s, rows[:single_rows], v, 1, n))  # tok/s: a few rows are enough
         tok_single = sum(len(c.ids) for c in single) / t_single
         self.res["batch_speedup"] = tok_steer / tok_single

@@ -21,12 +21,13 @@ loop buys more trait than the alternative at that coherence), with intervals tha
 and recompute every curve; computed on both coherence axes, answer mass and the capability tax ref_nll
 (`advantage_by_axis`; `advantage` is the --x one). Writes <run>/frontier.json (rows, advantage) and
 <run>/frontier.png unless --out names another JSON path (the figure goes beside it), and the per-vignette
-rows of every arm but the healed ones to <run>/frontier_arms.jsonl.
+rows of every arm but the healed ones to <run>/frontier_arms.jsonl (<stem>_arms.jsonl beside --out).
 
 Comparing heal variants of one teacher vector (e.g. --heal-target sft vs kl_teacher at the same seed)?
 --arms-from OTHER_RUN reuses that run's base, steer, prompt and random arms instead of measuring them
-again; it refuses unless both runs share the model, the eval settings, the vignettes, the null's strength
-and the round-0 teacher vector (compared by content), so only the healed rounds are this run's own.
+again; it refuses unless both runs share the model (and the dtype and device it ran in), the persona, the
+think budget, the vignettes and reference answers, the null's strength and the round-0 teacher vector
+(compared by content), so only the healed rounds are this run's own.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -113,19 +115,24 @@ def measure(run: paired.OpenRun, cs: list[float], ladder: list[str], n_null: int
     return points
 
 
+def digest(obj) -> str:
+    """sha256 of a JSON-able value: compares content, not the path it was read from."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def arms_key(run: paired.OpenRun) -> dict:
-    """What the base, steer, prompt and random arms depend on; two runs with equal keys have equal arms.
-    The vector is compared by content (sha256 of its layers' float32 bytes), the vignettes by their ids."""
-    cfg = run.s.cfg
-    per_run = ("null_vectors", "n_boot", "eval_batch_size")  # these change no arm's numbers
-    digest = hashlib.sha256()
+    """What the base, steer, prompt and random arms depend on; two runs with equal keys measured the same
+    arms (up to the run-to-run float noise of the device). Vector, vignettes and reference answers are
+    compared by content; the model by its name and the dtype and device it actually ran in."""
+    s, cfg = run.s, run.s.cfg
+    vec = hashlib.sha256()
     for layer, v in sorted(run.rd.vectors(0).items()):
-        digest.update(f"{layer}:".encode() + v.float().numpy().tobytes())
-    return {"model": cfg.model, "dtype": cfg.dtype, "tokenizer": cfg.tokenizer,
-            "reference_file": str(cfg.filter.reference_file), "persona": cfg.extract.persona,
-            "eval": {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k not in per_run},
-            "vignettes": [v.id for v in run.s.vigs], "c_null": run.steered_c(0),
-            "vector": digest.hexdigest()}  # fmt: skip
+        vec.update(f"{layer}:".encode() + v.float().numpy().tobytes())
+    param = next(s.model.parameters())
+    return {"model": cfg.model, "dtype": str(param.dtype), "device": param.device.type, "tokenizer": cfg.tokenizer,
+            "persona": cfg.extract.persona, "think_tokens": cfg.eval.eval_think_tokens,
+            "vignettes": digest([dataclasses.astuple(v) for v in s.vigs]), "references": digest(s.reference_pairs()),
+            "c_null": run.steered_c(0), "vector": vec.hexdigest()}  # fmt: skip
 
 
 def save_arms(path: Path, key: dict, points: list[Point]) -> None:
@@ -141,13 +148,15 @@ def load_arms(src: Path, key: dict) -> list[Point]:
     path = src / ARMS if src.is_dir() else src
     if not path.is_file():
         raise UserError(f"--arms-from {src}: no {ARMS} there; run diag_frontier.py on that run first")
-    head, *arms = read_jsonl(path)
-    theirs = head.get("key", {})
+    lines = read_jsonl(path)
+    if not lines or not isinstance(lines[0].get("key"), dict):
+        raise UserError(f"--arms-from {path}: no key line at its top; write it again with diag_frontier.py")
+    theirs, arms = lines[0]["key"], lines[1:]
     differ = sorted(k for k in set(key) | set(theirs) if key.get(k) != theirs.get(k))
     if differ:
         raise UserError(f"--arms-from {src}: measured under another {', '.join(differ)} than this run "
-                        "(the arms are only comparable with the same model, eval settings, vignettes, null "
-                        "strength and round-0 teacher vector)")  # fmt: skip
+                        "(the arms are only comparable with the same model, dtype, device, vignettes, "
+                        "reference answers, null strength and round-0 teacher vector)")  # fmt: skip
     return [Point(a["arm"], a["kind"], Scored(a["m"], a["rows"]), a["extra"]) for a in arms]
 
 
@@ -168,7 +177,7 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--cs", nargs="+", type=nonneg_float, help="steering strengths (default: 7, 0 to the run's max)")
-    ap.add_argument("--n-null", type=nonneg_int, default=8, help="random directions for the null (>= 8)")
+    ap.add_argument("--n-null", type=nonneg_int, help="random directions for the null (default and at least 8)")
     ap.add_argument("--ladder", type=Path, help="system prompts of rising force (default: the persona's ladder)")
     ap.add_argument("--x", choices=AXES, default="coherence", help="the axis of the figure and of `advantage`")
     ap.add_argument("--n-vignettes", type=positive_int, help="score only the first N vignettes (balanced order)")
@@ -177,9 +186,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--fresh", action="store_true", help="evaluate base, null and healed anew (not the run's)")
     ap.add_argument("--arms-from", type=Path, help="reuse this run's base/steer/prompt/random arms (same vector)")
     a = ap.parse_args(argv)
-    if a.arms_from and (a.cs or a.ladder or a.fresh):
+    if a.arms_from and (a.cs or a.ladder or a.fresh or a.n_null is not None):
         raise UserError("--arms-from takes the steering grid, the ladder and the null from that run: drop --cs, "
-                        "--ladder and --fresh")  # fmt: skip
+                        "--ladder, --n-null and --fresh")  # fmt: skip
+    a.n_null = 8 if a.n_null is None else a.n_null
     t0 = time.time()
     run = paired.open_run(a.run_dir, a.eval_vignettes, a.n_vignettes)
     run.require_rounds()
@@ -197,7 +207,7 @@ def main(argv: list[str]) -> int:
         print(f"{run.rd.root.name}: {len(s.vigs)} vignettes; steer at {cs}; {len(ladder)} prompts; {a.n_null} "
               f"random directions at c={run.steered_c(0):g}", file=sys.stderr)  # fmt: skip
         points = measure(run, cs, ladder, a.n_null, a.fresh)
-        save_arms(out.with_name(f"{out.stem}_arms.jsonl"), key, points)
+    save_arms(out.with_name(f"{out.stem}_arms.jsonl"), key, points)  # so a third run can point here too
     points += healed_points(run, a.fresh)
     rows, by_axis = compare(points, points[0].ev, s.persona.trait, sign, run.idx, s.cfg.seed)
     adv = by_axis.get(a.x) or []

@@ -5,7 +5,7 @@
 #
 # It runs under the machine's own python3 (its torch, transformers, peft, ...) with src/ on the path. The
 # pure-Python packages such a machine lacks (tyro, loguru and theirs) and SmolLM2's tokenizer files come
-# from .gpu/, which `just gpu-wheels` builds here (about 0.6 MiB) and the device call carries.
+# from .gpu/, which `just gpu-wheels` builds here (about 4.7 MiB) and the device call carries.
 #   here:   just gpu-check --device cpu --shrink      (the dry run: the same steps at tiny sizes)
 set -uo pipefail
 cd "$(dirname "$0")/.."

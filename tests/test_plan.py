@@ -19,7 +19,7 @@ def test_gemma_plan_counts_the_real_parameters_without_loading_weights():
     assert est["parts"]["kv_cache"] == 64 * 34 * 2 * 4 * 256 * (s["prompt_tokens"] + 256) * 2
     assert all(v > est["weights"] for v in est["stages"].values())
     # the filter scores a 64-completion batch with the LM head in chunks: no fp32 [64 x 256, 262k] log-softmax
-    # (17 GiB alone; the unchunked scorer peaked at 38.9 GiB on an H100, docs/benchmarks.md)
+    # (17 GB alone; the unchunked scorer peaked at 38.9 GiB on an H100, docs/benchmarks.md)
     assert est["stages"]["filter"] - est["weights"] < 4 * 2**30
 
 

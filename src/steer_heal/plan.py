@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from steer_heal import data, models
+from steer_heal import data, losses, models
 from steer_heal.config import RunConfig
 from steer_heal.errors import UserError
 
@@ -103,10 +103,10 @@ def estimate(cfg: RunConfig) -> dict:
     extra = 2 if h.reg != "nll" else 0
     extra += 2 if h.heal_target != "sft" else 0
     loss = min(h.loss_chunk, B * g.max_new_tokens) * V * 4 * (4 + extra)
-    # the filter scores a generation batch under the original model: one forward, no KV cache, the LM head
-    # in chunks of loss_chunk positions (losses.token_nlls), logits and log-softmax in fp32
+    # the filter scores a generation batch under the original model: one decoder forward (no KV cache, no
+    # per-layer hidden states kept), the LM head in chunks of positions (losses.token_nlls), fp32
     score_act = g.gen_batch_size * L * (2 * inter + 4 * H) * nbytes
-    score_chunk = h.loss_chunk * V * 4 * 2
+    score_chunk = losses.SCORE_CHUNK * V * 4 * 2
     T = 110  # an eval row: instruction, scenario, options, prefill
     eval_act = e.eval_batch_size * 2 * T * (2 * inter + 4 * H) * nbytes + e.eval_batch_size * 2 * 3 * V * 4
     return {
