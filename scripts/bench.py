@@ -11,6 +11,7 @@ Measures, on the configured model (default: the smol preset):
   batch_speedup          one mixed-strength batch / the same rows generated one at a time (tokens/s)
   filter_speedup         tail-ppl scoring completions/s, batched / one at a time
   kd_mem_ratio           (--kd) peak memory of one kl_teacher heal step / one sft step, same shape
+  kd_time_ratio          (--kd) seconds of one kl_teacher heal step / one sft step (teacher forward included)
   heal_mem_ratio         peak memory of one heal step (forward + backward of NLL + kl_rev): heal.py's
                          completion-only chunked loss / the full [B, L, V] log-softmax, at L = --heal-len
                          (half prompt, half completion), block gradient checkpointing on for both; each
@@ -76,8 +77,9 @@ def copy_bandwidth(dev: torch.device, nbytes: int = 1 << 28, reps: int = 5) -> f
     return 2 * nbytes * reps / (time.perf_counter() - t0)
 
 
-def heal_step_peak(argv: list[str], mode: str, length: int, batch: int, ckpt: bool) -> int:
-    """Peak extra bytes of one heal step, forward + backward of NLL + kl_rev (run in a fresh process).
+def heal_step_peak(argv: list[str], mode: str, length: int, batch: int, ckpt: bool) -> tuple[int, float]:
+    """Peak extra bytes of one heal step, forward + backward of NLL + kl_rev (run in a fresh process), and
+    the seconds of the fastest of three more, unprofiled steps (gradients accumulate; only time matters).
 
     lean = what heal.py does (hidden states at completion positions, chunked + checkpointed LM head and
     log-softmax, reference rebuilt from its hidden states); naive = full [B, L, V] log-softmax for the
@@ -136,8 +138,12 @@ def heal_step_peak(argv: list[str], mode: str, length: int, batch: int, ckpt: bo
         before = torch.cuda.memory_allocated()
         step()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    return cpu_peak_live_bytes(step)
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = cpu_peak_live_bytes(step)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
+    seconds = min(timed(lambda: (step(), sync()))[1] for _ in range(3))  # the fastest of 3: less noise
+    return peak, seconds
 
 
 def cpu_peak_live_bytes(fn) -> int:
@@ -262,24 +268,28 @@ class Bench:
         smol default) and with gradient checkpointing (gemma preset), where the LM head's share shows. With
         `kd`, also the kl_teacher step against the sft one (kd_mem_ratio, goal <= 1.2)."""
 
-        def peak(mode: str, ckpt: bool) -> int:
+        def peak(mode: str, ckpt: bool) -> tuple[int, float]:
             flags = ["--_heal-peak", mode, "--heal-len", str(length), "--heal-batch", str(batch)]
             cmd = [sys.executable, __file__, *flags, *(["--_ckpt"] if ckpt else []), *rest]
-            return int(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+            nbytes, secs = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-2:]
+            return int(nbytes), float(secs)
 
         for ckpt in (False, True):
-            peaks = {mode: peak(mode, ckpt) for mode in ("lean", "naive", *(("kd",) if kd else ()))}
+            got = {mode: peak(mode, ckpt) for mode in ("lean", "naive", *(("kd",) if kd else ()))}
+            peaks = {mode: v[0] for mode, v in got.items()}
             key = "heal_mem_ratio" if ckpt else "heal_mem_ratio_no_ckpt"
             self.res[key] = peaks["lean"] / peaks["naive"]
             self.res[f"heal_peak_mib{'' if ckpt else '_no_ckpt'}"] = {m: round(v / 2**20) for m, v in peaks.items()}
             if kd:
                 self.res[f"kd_mem_ratio{'' if ckpt else '_no_ckpt'}"] = peaks["kd"] / peaks["lean"]
+                self.res[f"kd_time_ratio{'' if ckpt else '_no_ckpt'}"] = got["kd"][1] / got["lean"][1]
             for mode in peaks:
                 ratio = f"{key} {self.res[key]:.3f}" if mode == "naive" else ""
                 if mode == "kd":
-                    ratio = f"kd_mem_ratio {peaks['kd'] / peaks['lean']:.3f} (kl_teacher / sft step)"
+                    ratio = (f"kd_mem_ratio {peaks['kd'] / peaks['lean']:.3f}, kd_time_ratio "
+                             f"{got['kd'][1] / got['lean'][1]:.2f} (kl_teacher / sft step)")  # fmt: skip
                 what = f"heal step peak, {mode}, B={batch} L={length}, grad ckpt {'on' if ckpt else 'off'}"
-                self.add(what, f"{peaks[mode] / 2**20:.0f} MiB", ratio)
+                self.add(what, f"{peaks[mode] / 2**20:.0f} MiB, {got[mode][1]:.2f} s", ratio)
 
 
 def main(argv: list[str]) -> int:
@@ -298,7 +308,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--_ckpt", action="store_true", help=argparse.SUPPRESS)
     a, rest = ap.parse_known_args(argv)
     if a._heal_peak:
-        print(heal_step_peak(rest, a._heal_peak, a.heal_len, a.heal_batch, a._ckpt))
+        print(*heal_step_peak(rest, a._heal_peak, a.heal_len, a.heal_batch, a._ckpt))
         return 0
     last_round = last_round_seconds(Path(a.run_dir)) if a.run_dir else None  # a bad --run-dir fails now, not later
     want = set(a.only or ["generate", "filter", "eval", "think", "heal"])
