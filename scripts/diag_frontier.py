@@ -202,7 +202,7 @@ def main(argv: list[str]) -> int:
         print(f"{run.rd.root.name}: base, steer, prompt and random arms from {a.arms_from}", file=sys.stderr)
     else:
         c_max = max((q["c"] for f in run.info.filters for q in f.get("q0", [])), default=run.steered_c(0))
-        cs = sorted(set(a.cs or [round(x, 3) for x in np.linspace(0, c_max, 7)]) | {0.0})
+        cs = sorted({float(c) for c in a.cs or np.linspace(0, c_max, 7).round(3)} | {0.0})
         ladder = ladder_from(a.ladder, run.s.persona.prompt_ladder())
         print(f"{run.rd.root.name}: {len(s.vigs)} vignettes; steer at {cs}; {len(ladder)} prompts; {a.n_null} "
               f"random directions at c={run.steered_c(0):g}", file=sys.stderr)  # fmt: skip
