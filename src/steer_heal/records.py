@@ -234,7 +234,10 @@ def verdict(
     if worst <= 0:
         return f"INCONCLUSIVE: {head}; its 95% interval [{lo:+.3f}, {hi:+.3f}] includes 0 or the wrong way{tail}"
     if not null:
-        return f"INCONCLUSIVE: {head} [{lo:+.3f}, {hi:+.3f}]; no random null measured (--null-vectors 0){tail}"
+        return (
+            f"INCONCLUSIVE: {head}; its 95% interval [{lo:+.3f}, {hi:+.3f}] excludes 0, but no random null was "
+            f"measured (--null-vectors 0){tail}"
+        )
     pos = stats.null_position(dt, null, sign)
     nlo, nhi = pos["null_lo"], pos["null_hi"]
     if worst <= max(sign * nlo, sign * nhi):
