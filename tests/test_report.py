@@ -49,8 +49,12 @@ def test_deltas_retain_and_slope():
         ([(-5.02, 0.69)], {}, "INCONCLUSIVE"),  # the interval includes 0
         ([(-4.5, 0.69)], {}, "INCONCLUSIVE"),  # moved the wrong way
         ([(-5.08, 0.69)], {}, "INCONCLUSIVE"),  # beyond 0, but inside the null's 95% range (down to -0.09)
-        ([(-5.5, 0.65)], {"null": None}, "INCONCLUSIVE: auth_nats -0.500 nats vs base (expected sign -1), "
-         "coherence 0.650; its 95% interval [-0.520, -0.480] excludes 0, but no random null"),  # no null: no claim
+        (
+            [(-5.5, 0.65)],
+            {"null": None},
+            "INCONCLUSIVE: auth_nats -0.500 nats vs base (expected sign -1), "
+            "coherence 0.650; its 95% interval [-0.520, -0.480] excludes 0, but no random null",
+        ),  # no null: no claim
         ([(-5.5, 0.65)], {"half_width": 0.6}, "INCONCLUSIVE"),  # the interval is too wide to exclude 0
         ([(-6.5, 0.3)], {}, "FAIL: coherence 0.300 below the floor"),
         ([(-math.inf, 0.6)], {}, "FAIL: non-finite metrics"),  # a collapsed trait is not a success
