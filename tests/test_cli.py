@@ -301,11 +301,12 @@ def test_ctrl_c_ends_with_one_line_a_stop_event_and_a_resumable_run(tmp_path):
     root = tmp_path / "i"
     cmd = [sys.executable, "-m", "steer_heal.run", *fast_args(tmp_path, "i", rounds=3)]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline:  # wait until round 1 has started: round 0 is then complete on disk
-        if (root / "rounds" / "r00" / "DONE").exists() and (root / "rounds" / "r01").exists():
+    deadline, started = time.time() + 900, False  # generous: a loaded 2-core machine runs the fast run slowly
+    while time.time() < deadline and p.poll() is None:  # wait until round 1 has started: round 0 is then on disk
+        if started := (root / "rounds" / "r00" / "DONE").exists() and (root / "rounds" / "r01").exists():
             break
         time.sleep(0.05)
+    assert started, f"round 1 never started (exit {p.poll()})"
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err[-2000:]
