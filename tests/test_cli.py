@@ -300,7 +300,10 @@ def test_resume_of_a_finished_run_keeps_one_ledger_row_and_removes_stale_temps(c
 def test_ctrl_c_ends_with_one_line_a_stop_event_and_a_resumable_run(tmp_path):
     root = tmp_path / "i"
     cmd = [sys.executable, "-m", "steer_heal.run", *fast_args(tmp_path, "i", rounds=3)]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT at its default in the child even when this test runs in a background job (which ignores it, and a
+    # Python started with SIGINT ignored never raises KeyboardInterrupt)
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     deadline, started = time.time() + 900, False  # generous: a loaded 2-core machine runs the fast run slowly
     while time.time() < deadline and p.poll() is None:  # wait until round 1 has started: round 0 is then on disk
         if started := (root / "rounds" / "r00" / "DONE").exists() and (root / "rounds" / "r01").exists():
