@@ -54,6 +54,8 @@ def test_barrier_sweep_reproduces_the_runs_own_heal(fast_run, tmp_path):
     same = [r for r in rows if r.get("reg") == "kl_rev"][0]
     assert same["auth_nats"] == pytest.approx(run_healed["auth_nats"], abs=1e-5)
     assert same["coherence"] == pytest.approx(run_healed["coherence"], abs=1e-6)
+    run_heal = next(x for x in events.read(fast_run / "a", "heal") if x["round"] == 1)
+    assert same["steps"] == run_heal["steps"] and 0 < same["heal_s"] < same["seconds"]  # heal timed apart from eval
 
 
 def test_stages_table_reproduces_the_runs_own_evals(fast_run, tmp_path):
