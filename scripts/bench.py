@@ -276,20 +276,19 @@ class Bench:
 
         for ckpt in (False, True):
             got = {mode: peak(mode, ckpt) for mode in ("lean", "naive", *(("kd",) if kd else ()))}
-            peaks = {mode: v[0] for mode, v in got.items()}
-            key = "heal_mem_ratio" if ckpt else "heal_mem_ratio_no_ckpt"
-            self.res[key] = peaks["lean"] / peaks["naive"]
-            self.res[f"heal_peak_mib{'' if ckpt else '_no_ckpt'}"] = {m: round(v / 2**20) for m, v in peaks.items()}
+            peaks, secs = {m: v[0] for m, v in got.items()}, {m: v[1] for m, v in got.items()}
+            sfx = "" if ckpt else "_no_ckpt"
+            self.res[f"heal_mem_ratio{sfx}"] = peaks["lean"] / peaks["naive"]
+            self.res[f"heal_peak_mib{sfx}"] = {m: round(v / 2**20) for m, v in peaks.items()}
+            ratio = {"naive": f"heal_mem_ratio{sfx} {self.res[f'heal_mem_ratio{sfx}']:.3f}"}
             if kd:
-                self.res[f"kd_mem_ratio{'' if ckpt else '_no_ckpt'}"] = peaks["kd"] / peaks["lean"]
-                self.res[f"kd_time_ratio{'' if ckpt else '_no_ckpt'}"] = got["kd"][1] / got["lean"][1]
+                self.res[f"kd_mem_ratio{sfx}"] = peaks["kd"] / peaks["lean"]
+                self.res[f"kd_time_ratio{sfx}"] = secs["kd"] / secs["lean"]
+                ratio["kd"] = (f"kd_mem_ratio {self.res[f'kd_mem_ratio{sfx}']:.3f}, kd_time_ratio "
+                               f"{self.res[f'kd_time_ratio{sfx}']:.2f} (kl_teacher / sft step)")  # fmt: skip
             for mode in peaks:
-                ratio = f"{key} {self.res[key]:.3f}" if mode == "naive" else ""
-                if mode == "kd":
-                    ratio = (f"kd_mem_ratio {peaks['kd'] / peaks['lean']:.3f}, kd_time_ratio "
-                             f"{got['kd'][1] / got['lean'][1]:.2f} (kl_teacher / sft step)")  # fmt: skip
                 what = f"heal step peak, {mode}, B={batch} L={length}, grad ckpt {'on' if ckpt else 'off'}"
-                self.add(what, f"{peaks[mode] / 2**20:.0f} MiB, {got[mode][1]:.2f} s", ratio)
+                self.add(what, f"{peaks[mode] / 2**20:.0f} MiB, {secs[mode]:.2f} s", ratio.get(mode, ""))
 
 
 def main(argv: list[str]) -> int:

@@ -155,7 +155,7 @@ def token_nlls(
     pad_id: int,
     batch_size: int,
     desc: str,
-    chunk: int = 256,
+    chunk: int = SCORE_CHUNK,
 ) -> list[torch.Tensor]:
     """-log p(token) of every completion token of each (prompt ids, completion ids) pair, [n_i] on the CPU.
 
