@@ -163,7 +163,36 @@ def test_out_dir_must_be_a_writable_directory(capsys, tmp_path):
     code, last = _main(capsys, "--fast-dev-run", "--out-dir", str(afile))
     assert code == 2 and f"--out-dir {afile} is a file" in last
     code, last = _main(capsys, "--fast-dev-run", "--out-dir", "/proc/steer_heal_out")
-    assert code == 2 and "--out-dir /proc/steer_heal_out: cannot write there" in last
+    assert code == 2 and "--out-dir /proc/steer_heal_out: inside /proc, a kernel pseudo-filesystem" in last
+
+
+@pytest.mark.parametrize("fault", ["write fails", "write vanishes"])
+def test_an_unwritable_out_dir_leaves_no_directory_behind(tmp_path, monkeypatch, fault):
+    """A write that fails (a read-only mount) or that is swallowed (it does not read back) refuses the
+    directory and removes the parents this check created."""
+    from pathlib import Path
+
+    from steer_heal.errors import UserError
+    from steer_heal.rundir import writable_dir
+
+    def read_only(self, data):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    if fault == "write fails":
+        monkeypatch.setattr(Path, "write_bytes", read_only)
+    else:
+        monkeypatch.setattr(Path, "read_bytes", lambda self: b"")
+    with pytest.raises(UserError, match=r"--out-dir .*/a/b: cannot write there"):
+        writable_dir(tmp_path / "a" / "b", "--out-dir")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_proc_version_out_dir_is_refused_in_one_line_leaving_nothing(tmp_path):
+    """/proc/version is a kernel file that some sandboxes let a process "write into": the run must not start."""
+    p = _cli("--fast-dev-run", "--out-dir", "/proc/version", "--run-name", "x", cwd=tmp_path)
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --out-dir /proc/version"), p.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_files_name_file_and_line(tmp_path, capsys):

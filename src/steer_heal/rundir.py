@@ -100,17 +100,38 @@ def atomic_dir(target: Path, write) -> None:
 _TEMP = re.compile(r"^\.(.+)\.(tmp|old)(\d+)$")
 
 
+# Kernel pseudo-filesystems: what looks like a file or directory there is a view of the kernel, and some
+# sandboxes accept writes there that go nowhere, so a run would "finish" and keep nothing.
+PSEUDO_FS = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
 def writable_dir(path: Path, flag: str) -> None:
-    """Create `path` if needed and check a file can be written in it; a UserError naming `flag` if not."""
+    """Create `path` if needed and check a file written in it reads back; a UserError naming `flag` if not.
+    Nothing is left behind on failure: directories this call created are removed again."""
     path = Path(path)
+    real = path.resolve()
+    fs = next((p for p in PSEUDO_FS if real == p or p in real.parents), None)
+    if fs is not None:
+        raise UserError(f"{flag} {path}: inside {fs}, a kernel pseudo-filesystem, not storage; choose a directory "
+                        "on a disk")  # fmt: skip
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path} is a file; it must be a directory (it is created if missing)")
+    missing = [p for p in (path, *path.parents) if not p.exists()]  # deepest first: what mkdir will create
+    probe = path / f".write-probe.tmp{os.getpid()}"
+    token = os.urandom(8).hex().encode()
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-probe.tmp{os.getpid()}"
-        probe.write_bytes(b"")
+        probe.write_bytes(token)
+        back = probe.read_bytes()
         probe.unlink()
+        if back != token:
+            raise OSError(f"a file written there read back as {len(back)} other bytes")
     except OSError as e:
+        for p in missing:
+            try:
+                p.rmdir()
+            except OSError:
+                break
         raise UserError(f"{flag} {path}: cannot write there ({e.strerror or e}); choose a writable directory") from e
 
 
