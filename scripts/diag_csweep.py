@@ -1,5 +1,6 @@
 """Gate 1 c-sweep: does the teacher vector move the trait while the model stays coherent?
-Every dTrait / dCoh is paired against c = 0 on the same vignettes, with a 95 % bootstrap interval.
+Every shift is paired against c = 0 on the same vignettes, with a 95 % bootstrap interval: the trait raw
+(dTrait), calibrated by the content-free prior (dCal) and item-discriminative (dDisc), and coherence (dCoh).
 
     uv run python scripts/diag_csweep.py --cs 0 0.5 1 2 3 4 [--out csweep.json] [run flags: --preset, --model,
         --persona, --steer-layers, --n-vignettes, --eval-vignettes ...]
@@ -48,6 +49,8 @@ def main(argv: list[str]) -> int:
                 **{k: m[k] for k in m if k.endswith("_nats")},
                 "coherence": m["coherence"],
                 "dTrait [95% CI]": stats.fmt_ci(d["dTrait"]),
+                "dCal [95% CI]": stats.fmt_ci(d["dTrait_cal"]),
+                "dDisc [95% CI]": stats.fmt_ci(d["dTrait_disc"]),
                 "dCoh [95% CI]": stats.fmt_ci(d["dCoh"]),
                 "ref_nll": m["ref_nll"],
                 "frac_unscorable": m["frac_unscorable"],
@@ -57,8 +60,8 @@ def main(argv: list[str]) -> int:
                 "completion": comp.text,
             }
         )
-    cols = ["c", tk, "coherence", "dTrait [95% CI]", "dCoh [95% CI]", "ref_nll", "care_nats", "auth_nats",
-            "frac_unscorable", "completion_tail_ppl"]  # fmt: skip
+    cols = ["c", tk, "coherence", "dTrait [95% CI]", "dCal [95% CI]", "dDisc [95% CI]", "dCoh [95% CI]", "ref_nll",
+            "care_nats", "auth_nats", "frac_unscorable", "completion_tail_ppl"]  # fmt: skip
     cols = list(dict.fromkeys(cols))
     print(
         f"\nGate 1 c-sweep: {s.cfg.model}, persona {s.persona.name} (trait {tk}, expected sign {s.persona.sign:+d}), "

@@ -12,14 +12,20 @@ rounds are reused when they were made on exactly these vignettes, --fresh evalua
   prompt    the original model with the persona's prompt ladder as system prompt: prompts of rising force
             (data/personas.json `ladder`, or --ladder FILE: one prompt per line, or JSONL with `system`)
   random    the original model steered by --n-null random directions with the teacher's per-layer norms,
-            at the run's round-0 eval strength: the null (the run measured 8 of them)
+            at the run's round-0 eval strength, on the run's null subset of the vignettes (--null-vignettes,
+            seeded): the null (the run measured --null-vectors of them, 32 by default)
   healed    the student after each completed round, unsteered
-Every dTrait / dCoh is paired against base, with a paired-bootstrap 95 % interval over the vignettes.
+Every shift is paired against base (on the random arm's own subset for the null), with a paired-bootstrap
+95 % interval over the vignettes, three ways: raw (dTrait), calibrated by the content-free prior
+(dTrait_cal) and item-discriminative (dTrait_disc: the shift on target-labelled vignettes minus the shift
+on the rest; ~0 when only the answer word's prior moved). dPrior is the shift of the target answer's
+content-free prior itself.
 Headline: A_steer and A_prompt per healed round = the healed point's trait (in the persona's direction)
 minus what the steering curve / the prompt ladder reaches at the healed point's coherence (positive = the
 loop buys more trait than the alternative at that coherence), with intervals that resample the vignettes
-and recompute every curve; computed on both coherence axes, answer mass and the capability tax ref_nll
-(`advantage_by_axis`; `advantage` is the --x one). Writes <run>/frontier.json (rows, advantage) and
+and recompute every curve; computed for each trait kind on both coherence axes, answer mass and the
+capability tax ref_nll (`advantage_by_trait[kind][axis]`; `advantage_by_axis` is the raw trait's, and
+`advantage` its --x axis). Writes <run>/frontier.json (rows, advantage) and
 <run>/frontier.png unless --out names another JSON path (the figure goes beside it), and the per-vignette
 rows of every arm but the healed ones to <run>/frontier_arms.jsonl (<stem>_arms.jsonl beside --out).
 
@@ -42,14 +48,16 @@ from pathlib import Path
 
 import numpy as np
 from tabulate import tabulate
+from tqdm.auto import tqdm
 
-from steer_heal import extract, paired
+from steer_heal import extract, paired, stages
 from steer_heal.cli import cli, nonneg_float, nonneg_int, positive_int
 from steer_heal.data import read_jsonl
 from steer_heal.errors import UserError
 from steer_heal.evaluate import Scored
 from steer_heal.figures import frontier_png
 from steer_heal.frontier import AXES, Point, compare, foundation_table, verdict_lines
+from steer_heal.records import prior_key
 from steer_heal.rundir import atomic_write_json, atomic_write_jsonl
 
 ARMS = "frontier_arms.jsonl"  # beside the default frontier.json
@@ -69,25 +77,34 @@ def ladder_from(path: Path | None, default: tuple[str, ...]) -> list[str]:
     return lines
 
 
-def saved(run: paired.OpenRun, r: int, model: str, m: dict | None) -> Scored | None:
-    """An eval the run already made (its event and per-vignette rows), if it was on these vignettes."""
+def saved(run: paired.OpenRun, r: int, model: str, m: dict | None, ids: list[str] | None = None) -> Scored | None:
+    """An eval the run already made (its event and per-vignette rows), if it was on these vignettes (`ids`,
+    default the run's)."""
     path = run.rd.eval_rows(r, model)
     if m is None or not path.is_file():
         return None
     rows = read_jsonl(path)
-    return Scored(m, rows) if [str(x["id"]) for x in rows] == [v.id for v in run.s.vigs] else None
+    want = ids if ids is not None else [v.id for v in run.s.vigs]
+    return Scored(m, rows) if [str(x["id"]) for x in rows] == want else None
 
 
 def run_null(run: paired.OpenRun, base: Scored, n: int) -> list[Scored]:
-    """The run's own random null (round 0, base model, at its eval strength), when it has n directions saved."""
+    """The run's own random null (round 0, base model, at its eval strength), when it has n directions saved
+    on the subset these vignettes give."""
     null, tk = run.info.null, run.trait_key
-    if not null or len(null["dtrait"]) < n:
+    if not null or len(null["seeds"]) < n:
         return []
     out = []
     for i in range(n):
-        m = {tk: base.m[tk] + null["dtrait"][i], "coherence": base.m["coherence"] + null["dcoh"][i],
-             "ref_nll": null["ref_nll"][i], "ref_items": null["ref_items"][i]}  # fmt: skip
-        ev = saved(run, null["round"], f"null{i}", m)
+        if "trait" in null:  # schema 1.3: a subset of the vignettes, no ref_nll
+            m, ids = {tk: null["trait"][i], "coherence": null["coherence"][i]}, null["vignette_ids"]
+            if ids != [v.id for v in stages.null_vignettes(run.s)]:
+                return []
+        else:  # before: every vignette, with ref_nll
+            m = {tk: base.m[tk] + null["dtrait"][i], "coherence": base.m["coherence"] + null["dcoh"][i],
+                 "ref_nll": null["ref_nll"][i], "ref_items": null["ref_items"][i]}  # fmt: skip
+            ids = None
+        ev = saved(run, null["round"], f"null{i}", m, ids)
         if ev is None:
             return []
         out.append(ev)
@@ -95,9 +112,9 @@ def run_null(run: paired.OpenRun, base: Scored, n: int) -> list[Scored]:
 
 
 def measure(run: paired.OpenRun, cs: list[float], ladder: list[str], n_null: int, fresh: bool) -> list[Point]:
-    """Every arm but the healed rounds on the run's vignettes. The run's own evals of the base and of its
-    random null are reused when they were made on exactly these vignettes (unless `fresh`); the steering
-    grid and the prompt ladder are always evaluated now."""
+    """Every arm but the healed rounds on the run's vignettes (the null on its subset). The run's own evals of
+    the base and of its random null are reused when they were made on exactly these vignettes (unless
+    `fresh`); the steering grid and the prompt ladder are always evaluated now."""
     s, v0, c_run, info = run.s, run.rd.vectors(0), run.steered_c(0), run.info
     base = (None if fresh else saved(run, -1, "base", info.base)) or s.evaluate(desc="eval base")
     points = [Point("base", "base", base)]
@@ -109,8 +126,10 @@ def measure(run: paired.OpenRun, cs: list[float], ladder: list[str], n_null: int
                             {"force": k, "system": system}))  # fmt: skip
     null = [] if fresh else run_null(run, base, n_null)
     seeds = info.null["seeds"] if null else [s.cfg.seed * 1000 + i for i in range(n_null)]
-    for i, seed in enumerate(seeds[:n_null]):
-        ev = null[i] if null else s.evaluate(extract.random_like(v0, seed), c_run, desc=f"eval random {seed}")
+    vigs = stages.null_vignettes(s)
+    for i, seed in enumerate(tqdm(seeds[:n_null], desc="random directions", leave=False)):
+        ev = null[i] if null else s.evaluate(extract.random_like(v0, seed), c_run, desc=f"eval random {seed}",
+                                             vigs=vigs, references=False)  # fmt: skip
         points.append(Point(f"random {i}", "random", ev, {"c": c_run, "seed": seed}))
     return points
 
@@ -132,7 +151,8 @@ def arms_key(run: paired.OpenRun) -> dict:
     return {"model": cfg.model, "dtype": str(param.dtype), "device": param.device.type, "tokenizer": cfg.tokenizer,
             "persona": cfg.extract.persona, "think_tokens": cfg.eval.eval_think_tokens,
             "vignettes": digest([dataclasses.astuple(v) for v in s.vigs]), "references": digest(s.reference_pairs()),
-            "c_null": run.steered_c(0), "vector": vec.hexdigest()}  # fmt: skip
+            "null_vignettes": digest([v.id for v in stages.null_vignettes(s)]), "c_null": run.steered_c(0),
+            "vector": vec.hexdigest()}  # fmt: skip
 
 
 def save_arms(path: Path, key: dict, points: list[Point]) -> None:
@@ -177,7 +197,7 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--cs", nargs="+", type=nonneg_float, help="steering strengths (default: 7, 0 to the run's max)")
-    ap.add_argument("--n-null", type=nonneg_int, help="random directions for the null (default and at least 8)")
+    ap.add_argument("--n-null", type=nonneg_int, help="random directions for the null (default: the run's own number)")
     ap.add_argument("--ladder", type=Path, help="system prompts of rising force (default: the persona's ladder)")
     ap.add_argument("--x", choices=AXES, default="coherence", help="the axis of the figure and of `advantage`")
     ap.add_argument("--n-vignettes", type=positive_int, help="score only the first N vignettes (balanced order)")
@@ -189,9 +209,9 @@ def main(argv: list[str]) -> int:
     if a.arms_from and (a.cs or a.ladder or a.fresh or a.n_null is not None):
         raise UserError("--arms-from takes the steering grid, the ladder and the null from that run: drop --cs, "
                         "--ladder, --n-null and --fresh")  # fmt: skip
-    a.n_null = 8 if a.n_null is None else a.n_null
     t0 = time.time()
     run = paired.open_run(a.run_dir, a.eval_vignettes, a.n_vignettes)
+    a.n_null = (run.s.cfg.eval.null_vectors or 32) if a.n_null is None else a.n_null
     run.require_rounds()
     s, tk, sign = run.s, run.trait_key, run.s.persona.sign
     key, out = arms_key(run), a.out or run.rd.root / "frontier.json"
@@ -205,24 +225,30 @@ def main(argv: list[str]) -> int:
         cs = sorted({float(c) for c in a.cs or np.linspace(0, c_max, 7).round(3)} | {0.0})
         ladder = ladder_from(a.ladder, run.s.persona.prompt_ladder())
         print(f"{run.rd.root.name}: {len(s.vigs)} vignettes; steer at {cs}; {len(ladder)} prompts; {a.n_null} "
-              f"random directions at c={run.steered_c(0):g}", file=sys.stderr)  # fmt: skip
+              f"random directions at c={run.steered_c(0):g} on {len(stages.null_vignettes(s))} vignettes",
+              file=sys.stderr)  # fmt: skip
         points = measure(run, cs, ladder, a.n_null, a.fresh)
     save_arms(out.with_name(f"{out.stem}_arms.jsonl"), key, points)  # so a third run can point here too
     points += healed_points(run, a.fresh)
-    rows, by_axis = compare(points, points[0].ev, s.persona.trait, sign, run.idx, s.cfg.seed)
+    rows, by_trait = compare(points, points[0].ev, s.persona.trait, sign, run.idx, s.cfg.seed, prior_key(tk))
+    by_axis = by_trait["raw"]
     adv = by_axis.get(a.x) or []
-    cols = ["arm", tk, "coherence", "ref_nll", "dTrait", "dCoh", "null_pct", "specificity", "anti_steerable"]
+    cols = ["arm", tk, "coherence", "ref_nll", "dTrait", "dTrait_cal", "dTrait_disc", "dPrior", "dCoh", "null_pct",
+            "null_pct_disc", "specificity"]  # fmt: skip
     for r in rows:
         r[tk] = next(p.ev.m[tk] for p in points if p.arm == r["arm"])
     print(paired.table(rows, cols))
     print("\nevery foundation's shift (nats, 95% CI):")
     print(tabulate(foundation_table(rows), headers="keys", tablefmt="github"))
-    for axis, lines in by_axis.items():
-        print("\n" + "\n".join(verdict_lines(lines, tk, axis)))
+    for kind, axes in by_trait.items():
+        for axis, lines in axes.items():
+            print("\n" + "\n".join(verdict_lines(lines, tk, axis, kind)))
+    null = [r for r in rows if r["kind"] == "random"]
     doc = {"run": run.rd.root.name, "trait_key": tk, "sign": sign, "x": a.x, "vignettes": s.vig_source,
            "n": len(s.vigs), "n_boot": int(run.idx.shape[0]), "cs": cs, "ladder": ladder, "rows": rows,
-           "advantage": adv, "advantage_by_axis": by_axis, "arms_from": str(a.arms_from or ""),
-           "seconds": time.time() - t0}  # fmt: skip
+           "advantage": adv, "advantage_by_axis": by_axis, "advantage_by_trait": by_trait,
+           "null": {"n": len(null), "n_vignettes": null[0]["n_vignettes"] if null else None},
+           "arms_from": str(a.arms_from or ""), "seconds": time.time() - t0}  # fmt: skip
     atomic_write_json(out, doc)
     png = out.with_suffix(".png")
     frontier_png(rows, png, tk, a.x, f"{run.rd.root.name}: {len(s.vigs)} vignettes, x = {a.x}")

@@ -48,14 +48,29 @@ def test_fast_run_records_every_stage_in_order(fast_run):
 def test_fast_run_records_intervals_the_null_and_the_capability_tax(fast_run):
     recs = events.read(fast_run / "a")
     (null,) = [x for x in recs if x["stage"] == "null"]
-    assert null["round"] == 0 and len(null["dtrait"]) == 2 and null["c"] > 0  # fast preset: 2 directions
+    assert null["round"] == 0 and len(null["seeds"]) == 2 and null["c"] > 0  # fast preset: 2 directions
+    base_rows = [json.loads(x) for x in (fast_run / "a" / "base" / "eval_base.jsonl").read_text().splitlines()]
+    labels = {r["id"]: r["label"] for r in base_rows}
+    # the null's subset: 7 of the 14 vignettes, one per foundation, in the run's order
+    assert null["n_vignettes"] == 7 and sorted(labels[i] for i in null["vignette_ids"]) == sorted(set(labels.values()))
+    assert null["vignette_ids"] == [r["id"] for r in base_rows if r["id"] in null["vignette_ids"]]
+    for key in ("dtrait", "dtrait_cal", "dtrait_disc"):
+        assert len(null[key]) == 2 and all(math.isfinite(v) for v in null[key])
+    for kind in ("raw", "cal", "disc"):
+        r = null["range"][kind]
+        assert r["lo"] <= r["hi"] and r["n"] == 2
+    assert len([json.loads(x) for x in (fast_run / "a" / "rounds" / "r00" / "eval_null1.jsonl").open()]) == 7
     for x in events.find(recs, "eval"):
         assert x["ref_nll"] > 0 and len(x["ref_items"]) == 8
+        assert math.isfinite(x["auth_nats_cal"]) and len(x["prior_logp"]) == 3  # the three content-free inputs
     for x in events.find(recs, "round"):
-        for k in ("dtrait_steered", "dtrait_healed", "dcoh_healed"):
+        for k in ("dtrait_steered", "dtrait_healed", "dcoh_healed", "dtrait_cal_healed", "dtrait_disc_healed",
+                  "dtrait_disc_steered"):  # fmt: skip
             lo, hi = x["ci"][k]
             assert lo <= x[k] <= hi, (k, lo, x[k], hi)
-        assert 0 <= x["null_pct"] <= 1 and 0 <= x["anti_steerable"] <= 1 and x["healed_ref_nll"] > 0
+        assert x["dtrait_cal_healed"] == pytest.approx(x["healed_trait_cal"] - x["base_trait_cal"], abs=1e-6)
+        assert 0 <= x["null_pct"] <= 1 and 0 <= x["null_pct_disc"] <= 1 and x["healed_ref_nll"] > 0
+        assert 0 <= x["anti_steerable"] <= 1
 
 
 def test_fast_run_artifacts(fast_run):
@@ -71,7 +86,7 @@ def test_fast_run_artifacts(fast_run):
         assert all({"tail_ppl", "rep", "compress", "keep", "reason", "ids", "hit_eos"} <= set(x) for x in rows)
     assert (root / "trajectory.png").stat().st_size > 10_000
     summary = (root / "summary.md").read_text()
-    assert any(word in summary for word in ("PASS", "NULL", "INCONCLUSIVE"))
+    assert any(word in summary for word in ("PASS", "PRIOR ONLY", "INCONCLUSIVE")) and "dDisc [95% CI]" in summary
     assert AutoModelForCausalLM.from_pretrained(root / "export") is not None
     for r in (0, 1):
         assert (root / "export" / "adapters" / f"r{r:02d}" / "adapter_model.safetensors").is_file()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -158,3 +159,82 @@ def test_reference_nll_is_the_mean_token_nll_of_the_answers(tiny):
         nll = -token_logprob(naive_logprobs(model, b), b["targets"])
     assert [n for _, n in items] == [len(a) for _, a in pairs]
     assert evaluate.ref_nll(items) == pytest.approx(float(nll.mean()), rel=1e-5)
+
+
+def _labelled_logp(n_per: int = 6, seed: int = 0) -> tuple[torch.Tensor, list[data.Vignette]]:
+    """Answer log-probs [N, 2, 7] (answer mass < 1) for n_per vignettes of each foundation."""
+    g = torch.Generator().manual_seed(seed)
+    vigs = [data.Vignette(f"{f}{i}", "t", f) for i in range(n_per) for f in data.FOUNDATIONS]
+    return torch.randn(len(vigs), 2, 7, generator=g) - 2.0, vigs
+
+
+def test_calibration_divides_out_the_content_free_prior():
+    """p_cal = p / q renormalised per order: a vignette answered exactly like the content-free prompt comes
+    out uniform, and a logit bias the same on every input leaves p_cal unchanged."""
+    prior = torch.randn(3, 2, 7, generator=torch.Generator().manual_seed(1))
+    q = evaluate.content_free_prior(prior).float()  # [2, 7]
+    like_prior = q.log()[None] - 1.0  # answers in the prior's proportions, mass e^-1
+    assert torch.allclose(evaluate.calibrate(like_prior, prior), torch.full((1, 7), 1 / 7), atol=1e-6)
+    logp, _ = _labelled_logp()
+    bias = torch.zeros(7)
+    bias[data.FOUNDATIONS.index("Authority")] = -1.5
+    assert torch.allclose(evaluate.calibrate(logp + bias, prior + bias), evaluate.calibrate(logp, prior), atol=1e-6)
+
+
+def _arms(logp, prior, vigs):
+    from steer_heal.stats import Arm
+
+    m, rows = evaluate.metrics(logp, torch.zeros(logp.shape[:2]), vigs, prior)
+    return m, Arm.from_rows(rows)
+
+
+def test_a_prior_shift_moves_the_raw_trait_only_and_a_judgement_shift_moves_the_discriminative_one():
+    """The answer word's prior falls by 1.5 nats on every input: raw shift ~ -1.5, calibrated and discriminative
+    exactly 0. The model instead blames Authority less only on the Authority-labelled vignettes (the content-free
+    prompt unchanged): the discriminative shift is negative with an interval that excludes 0."""
+    from steer_heal import stats
+
+    logp, vigs = _labelled_logp()
+    prior = torch.randn(3, 2, 7, generator=torch.Generator().manual_seed(2)) - 2.0
+    j = data.FOUNDATIONS.index("Authority")
+    bias = torch.zeros(7)
+    bias[j] = -1.5
+    m0, base = _arms(logp, prior, vigs)
+    m1, moved_prior = _arms(logp + bias, prior + bias, vigs)
+    idx = stats.resamples(len(vigs), 500, 0)
+    raw, cal, disc = (stats.shift(k, moved_prior, base, "Authority", idx) for k in stats.TRAITS)
+    assert raw[0] < -0.8 and abs(cal[0]) < 1e-6 and abs(disc[0]) < 1e-6
+    assert m1["auth_prior_nats"] - m0["auth_prior_nats"] < -0.8  # the prior itself is what moved
+    assert np.nanmax(np.abs(disc[1])) < 1e-6  # on every resample (NaN: one drew no Authority vignette)
+    on = torch.tensor([v.label == "Authority" for v in vigs])
+    judged = logp.clone()
+    judged[on, :, j] -= 1.5
+    _, moved_judgement = _arms(judged, prior, vigs)
+    e = stats.shift_est("disc", moved_judgement, base, "Authority", idx)
+    assert e["est"] < -0.5 and e["hi"] < 0
+
+
+def test_a_model_whose_answer_word_prior_shifts_has_no_discriminative_shift(tiny):
+    """End to end through the eval: a bias on the " Authority" logit at every position (the prior moves, no
+    judgement does) shifts the raw trait, while the calibrated and discriminative traits stay ~0."""
+    from steer_heal import stats
+
+    model, tok = tiny
+    _, vigs = data.vignettes(None)
+    vigs = data.balanced(vigs, 21)
+    tid = evaluate.label_ids(tok)[data.FOUNDATIONS.index("Authority")][0]
+
+    def bias(module, args, out):
+        out[..., tid] -= 2.0
+        return out
+
+    base = evaluate.Scored(*evaluate.evaluate(model, tok, vigs, 8))
+    handle = model.get_output_embeddings().register_forward_hook(bias)
+    try:
+        moved = evaluate.Scored(*evaluate.evaluate(model, tok, vigs, 8))
+    finally:
+        handle.remove()
+    idx = stats.resamples(len(vigs), 200, 0)
+    raw, cal, disc = (stats.shift_est(k, moved.arm, base.arm, "Authority", idx) for k in stats.TRAITS)
+    assert raw["est"] < -1.0 and raw["hi"] < 0
+    assert abs(cal["est"]) < 1e-3 and abs(disc["est"]) < 1e-3

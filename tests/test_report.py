@@ -10,9 +10,11 @@ from steer_heal import events, ledger, report
 from steer_heal.records import RoundRecord, RunInfo, deltas, run_verdict, slope
 
 
-def _run(tmp_path, rounds, base=(-5.0, 0.7), stop=None, floor=0.5, half_width=0.02, null=(0.2, -0.1, 0.3, 0.0)):
+def _run(tmp_path, rounds, base=(-5.0, 0.7), stop=None, floor=0.5, half_width=0.02, null=(0.2, -0.1, 0.3, 0.0),
+         disc="same", null_disc=(0.05, -0.05, 0.1, 0.0)):  # fmt: skip
     """A run directory whose events hold a config, a base eval, a random null and one round record per
-    (trait, coherence), its healed shift with a +-half_width interval."""
+    (trait, coherence), its healed shift with a +-half_width interval, and its discriminative shift `disc`
+    ("same" = the raw shift, None = not measured) with a +-0.05 interval."""
     root = tmp_path / "run"
     root.mkdir()
     ev = events.Events(root / "events.jsonl")
@@ -21,12 +23,16 @@ def _run(tmp_path, rounds, base=(-5.0, 0.7), stop=None, floor=0.5, half_width=0.
     b = {"auth_nats": base[0], "coherence": base[1]}
     ev.emit("eval", -1, model="base", **b)
     if null is not None:
-        ev.emit("null", 0, c=2.0, dtrait=list(null))
+        ev.emit("null", 0, c=2.0, dtrait=list(null), dtrait_disc=list(null_disc or []))
     for r, (trait, coh) in enumerate(rounds):
         steered = {"auth_nats": trait - 1.0, "coherence": coh - 0.2}
         d = trait - base[0]
+        dd = d if disc == "same" else disc
         ci = {"dtrait_healed": [d - half_width, d + half_width]}
-        rec = RoundRecord.build(r, b, steered, {"auth_nats": trait, "coherence": coh}, "auth_nats", kappa=1.0, ci=ci)
+        if dd is not None:
+            ci["dtrait_disc_healed"] = [dd - 0.05, dd + 0.05]
+        rec = RoundRecord.build(r, b, steered, {"auth_nats": trait, "coherence": coh}, "auth_nats", kappa=1.0, ci=ci,
+                                dtrait_disc_healed=dd)  # fmt: skip
         ev.emit("round", r, **rec.fields())
     if stop:
         ev.emit("stop", len(rounds), reason=stop, code=3)
@@ -45,7 +51,13 @@ def test_deltas_retain_and_slope():
 @pytest.mark.parametrize(
     "rounds, kw, starts",
     [
-        ([(-5.5, 0.65)], {}, "PASS: auth_nats -0.500 nats [-0.520, -0.480] vs base"),
+        ([(-5.5, 0.65)], {}, "PASS: auth_nats -0.500 [-0.520, -0.480] nats vs base"),
+        # the answer word's prior moved, not the judgement: never a PASS
+        ([(-5.5, 0.65)], {"disc": 0.01}, "PRIOR ONLY: auth_nats -0.500 [-0.520, -0.480] nats vs base"),
+        ([(-5.5, 0.65)], {"disc": 0.3}, "PRIOR ONLY"),  # the judgement moved the wrong way
+        ([(-5.5, 0.65)], {"disc": -0.1, "null_disc": (0.0, -0.2, 0.1)}, "INCONCLUSIVE"),  # inside the disc null
+        ([(-5.5, 0.65)], {"disc": -0.1, "null_disc": None}, "PASS"),  # no disc null recorded: 0 is the bar
+        ([(-5.5, 0.65)], {"disc": None}, "INCONCLUSIVE"),  # no discriminative shift measured: no claim
         ([(-5.02, 0.69)], {}, "INCONCLUSIVE"),  # the interval includes 0
         ([(-4.5, 0.69)], {}, "INCONCLUSIVE"),  # moved the wrong way
         ([(-5.08, 0.69)], {}, "INCONCLUSIVE"),  # beyond 0, but inside the null's 95% range (down to -0.09)
@@ -70,6 +82,7 @@ def test_report_builds_tables_and_figure(tmp_path):
     root = _run(tmp_path, [(-5.5, 0.65), (-6.0, 0.6)])
     rep = report.build(root)
     assert rep.verdict.startswith("PASS: auth_nats -1.000")
+    assert "discriminative -1.000 [-1.050, -0.950] excludes 0, beyond the null's" in rep.verdict
     assert "-1.000 [-1.020, -0.980]" in rep.table  # the interval printed next to the estimate
     rows = report.summary_rows(rep.info)
     assert [(r["round"], r["model"]) for r in rows] == [("base", "base"), (0, "steered"), (0, "healed"),

@@ -211,15 +211,25 @@ def test_frontier_on_a_fast_run(fast_run, tmp_path):
     assert kinds.count("base") == 1 and kinds.count("steer") == 7 and kinds.count("random") == 3
     assert kinds.count("prompt") == 5 and kinds.count("healed") == 2  # the persona's 5-step ladder, 2 rounds
     for r in d["rows"]:
-        assert r["dTrait_lo"] <= r["dTrait"] <= r["dTrait_hi"] and r["dCoh_lo"] <= r["dCoh"] <= r["dCoh_hi"]
-        assert len(r["per_vignette"]) == d["n"] and set(r["foundations"]) >= {"Authority", "Care"}
+        for k in ("dTrait", "dCoh", "dTrait_cal", "dTrait_disc"):
+            assert r[f"{k}_lo"] <= r[k] <= r[f"{k}_hi"], (r["arm"], k)
+        # the null is measured on the run's 7-vignette subset (one per foundation), every other arm on all 14
+        assert len(r["per_vignette"]) == r["n_vignettes"] == (7 if r["kind"] == "random" else d["n"])
+        assert set(r["foundations"]) >= {"Authority", "Care"}
     base = next(r for r in d["rows"] if r["kind"] == "base")
-    assert base["dTrait"] == 0 and base["dTrait_lo"] == base["dTrait_hi"] == 0  # base against itself
+    for k in ("dTrait", "dTrait_cal", "dTrait_disc"):
+        assert base[k] == 0 and base[f"{k}_lo"] == base[f"{k}_hi"] == 0  # base against itself
     assert [a["round"] for a in d["advantage"]] == [0, 1] and set(d["advantage_by_axis"]) == {"coherence", "ref_nll"}
-    for a in d["advantage"]:
-        for k in ("steer", "prompt"):
-            assert a[k]["lo"] <= a[k]["est"] <= a[k]["hi"]
-    assert "at matched coherence: A_steer" in text and out.with_suffix(".png").stat().st_size > 10_000
+    assert (
+        set(d["advantage_by_trait"]) == {"raw", "cal", "disc"}
+        and d["advantage_by_trait"]["raw"] == d["advantage_by_axis"]
+    )
+    for kind in ("raw", "cal", "disc"):
+        for a in d["advantage_by_trait"][kind]["coherence"]:
+            for k in ("steer", "prompt"):
+                assert a[k]["lo"] <= a[k]["est"] <= a[k]["hi"]
+    assert "at matched coherence: A_steer" in text and "of discriminative auth_nats" in text
+    assert out.with_suffix(".png").stat().st_size > 10_000
     print(f"diag_frontier on the fast run: {seconds:.0f} s")
     # --arms-from: another heal of the same vector reuses these arms; here the run itself, so all numbers agree
     arms, again = tmp_path / "frontier_arms.jsonl", tmp_path / "again.json"
@@ -253,4 +263,9 @@ def test_results_reads_the_frontier_advantages(fast_run, tmp_path):
     (tmp_path / "a" / "frontier.json").write_text(json.dumps({"x": "coherence", "advantage": adv}))
     ledger.append(tmp_path / "results.jsonl", ledger.read(fast_run / "results.jsonl")[0])
     rows = ledger.with_frontier(ledger.read(tmp_path / "results.jsonl"), tmp_path / "results.jsonl")
-    assert rows[0]["A_steer"] == 0.1 and rows[0]["A_prompt"] is None
+    assert rows[0]["A_steer"] == 0.1 and rows[0]["A_prompt"] is None and "A_steer_disc" not in rows[0]
+    disc = [{"round": 1, "steer": {"est": -0.2}, "prompt": {"est": 0.05}}]
+    doc = {"x": "ref_nll", "advantage_by_trait": {"raw": {"coherence": adv}, "disc": {"coherence": disc}}}
+    (tmp_path / "a" / "frontier.json").write_text(json.dumps(doc))
+    rows = ledger.with_frontier(ledger.read(tmp_path / "results.jsonl"), tmp_path / "results.jsonl")
+    assert rows[0]["A_steer"] == 0.1 and rows[0]["A_steer_disc"] == -0.2 and rows[0]["A_prompt_disc"] == 0.05

@@ -85,3 +85,47 @@ def test_specificity_and_anti_steerable():
     assert stats.specificity(arm, base, "Authority", -1, idx)["est"] == pytest.approx(-math.log(0.3))
     assert stats.anti_steerable(arm, base, "Authority", -1) == 0.0
     assert stats.anti_steerable(base, arm, "Authority", -1) == 1.0  # the reverse move is the wrong way everywhere
+
+
+def _calibrated(arm: stats.Arm) -> stats.Arm:
+    return stats.Arm(arm.p, arm.mass, arm.labels, arm.ids, p_cal=arm.p.copy())
+
+
+def test_discriminative_shift_is_the_difference_in_differences():
+    """Halving p(Authority) on the Authority-labelled vignettes only: disc = log 0.5 exactly (on every resample
+    holding such a vignette); halving it everywhere: disc = 0 while the calibrated shift is log 0.5."""
+    base = _calibrated(_arm(3, n=70))
+    on = np.array([lab == "Authority" for lab in base.labels])
+    j = FOUNDATIONS.index("Authority")
+    only_on = base.p.copy()
+    only_on[on, j] *= 0.5
+    everywhere = base.p.copy()
+    everywhere[:, j] *= 0.5
+    idx = stats.resamples(70, 300, 1)
+    d = stats.shift("disc", _calibrated(stats.Arm(only_on, base.mass, base.labels, base.ids)), base, "Authority", idx)
+    assert d[0] == pytest.approx(math.log(0.5)) and np.nanmax(np.abs(d[1] - math.log(0.5))) < 1e-9
+    arm = _calibrated(stats.Arm(everywhere, base.mass, base.labels, base.ids))
+    assert stats.shift("disc", arm, base, "Authority", idx)[0] == pytest.approx(0.0, abs=1e-12)
+    assert stats.shift("cal", arm, base, "Authority", idx)[0] == pytest.approx(math.log(0.5))
+    assert stats.shift("disc", _arm(3, n=70), _arm(3, n=70), "Authority", idx) is None  # not calibrated: None
+    unlabelled = stats.Arm(base.p, base.mass, [None] * 70, base.ids, base.p)
+    assert stats.shift("disc", unlabelled, unlabelled, "Authority", idx) is None
+
+
+def test_take_keeps_the_named_vignettes_in_order():
+    a = _calibrated(_arm(4, n=10))
+    sub = a.take(["7", "2"])
+    assert sub.ids == ["7", "2"] and (sub.p == a.p[[7, 2]]).all() and (sub.p_cal == a.p_cal[[7, 2]]).all()
+    with pytest.raises(ValueError, match="not in this arm"):
+        a.take(["99"])
+
+
+def test_null_range_interval_covers_the_range_and_narrows_with_more_directions():
+    g = np.random.default_rng(0)
+    few, many = g.normal(size=8), g.normal(size=128)
+    draws = lambda v: v[:, None] + 0.02 * g.normal(size=(v.size, 500))  # noqa: E731  # small vignette noise
+    r8, r128 = stats.null_range(few, draws(few)), stats.null_range(many, draws(many))
+    for r in (r8, r128):
+        assert r["lo_ci"][0] <= r["lo"] <= r["lo_ci"][1] and r["hi_ci"][0] <= r["hi"] <= r["hi_ci"][1]
+    width = lambda r: r["hi_ci"][1] - r["hi_ci"][0]  # noqa: E731
+    assert width(r128) < width(r8) and r128["n"] == 128

@@ -241,9 +241,13 @@ class EvalConfig:
     """Strength for the steered eval; default = median of --alphas x kappa (x c* under --iso-kl)."""
     n_references: PosInt | None = None
     """Use only the first N reference answers (--reference-file) for ref_nll and calibration; None = all."""
-    null_vectors: NonNegInt = 8
+    null_vectors: NonNegInt = 32
     """Random directions with the teacher's per-layer norms, evaluated once (round 0, base model, at the
     steered-eval strength): the null a PASS must leave behind (0 = none; the verdict is then inconclusive)."""
+    null_vignettes: PosInt | None = 35
+    """Vignettes the null is measured on: a fixed subset balanced across labels, drawn by --seed (None = all
+    of them). The spread between directions dominates the null, so many directions on a subset beat a few
+    on every vignette at the same cost."""
     n_boot: Annotated[int, Range(100, 100000)] = 1000
     """Paired bootstrap resamples of the vignettes for every 95 % interval."""
 
@@ -327,6 +331,7 @@ def _fast() -> RunConfig:
     c.heal.heal_batch_size = 4
     c.eval.n_vignettes = 14
     c.eval.null_vectors = 2
+    c.eval.null_vignettes = 7
     c.eval.n_references = 8
     c.collapse.pr_contexts = 16
     c.collapse.entropy_prompts = 4

@@ -6,6 +6,7 @@ Every loader checks its input and raises UserError naming the file and line of t
 from __future__ import annotations
 
 import json
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,6 +205,21 @@ def _hub_vignettes(spec: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_jsonl(path, rows)
     return path
+
+
+def seeded_subset(vigs: list[Vignette], n: int | None, seed: int) -> list[Vignette]:
+    """A fixed subset of n vignettes, balanced across labels as `balanced` is (each label's vignettes drawn in
+    an order shuffled by `seed`), returned in the order of `vigs`; all of them when n is None or >= len."""
+    if n is None or n >= len(vigs):
+        return list(vigs)
+    by: dict[str | None, list[Vignette]] = {}
+    for v in vigs:
+        by.setdefault(v.label, []).append(v)
+    rng = random.Random(seed)
+    for group in by.values():
+        rng.shuffle(group)
+    chosen = {v.id for v in balanced([v for group in by.values() for v in group], n)}
+    return [v for v in vigs if v.id in chosen]
 
 
 def balanced(vigs: list[Vignette], n: int | None) -> list[Vignette]:

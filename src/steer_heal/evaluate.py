@@ -16,6 +16,20 @@ Metrics (direction in brackets):
   ref_nll          mean NLL per token (nats) of held-out human-written reference answers given their
                    questions (data/reference_answers.jsonl): the capability tax, a coherence axis that
                    does not saturate the way answer mass does on strong models     [lower = better]
+
+Contextual calibration (Zhao et al. 2021, "Calibrate Before Use", ICML): the same question is also asked
+about content-free scenarios (CONTENT_FREE: "N/A", an empty one, "[MASK]"), under the same model, system
+prompt and steering. Their mean choice distribution q_o (per option order o) is the model's prior over the
+seven answer words; each vignette's choice is divided by it and renormalised,
+
+    p_cal[i, o, f] = p[i, o, f] / q_o[f]  /  sum_g p[i, o, g] / q_o[g],     p_cal[i] = mean_o p_cal[i, o]
+
+(q_o: the normalised geometric mean of the content-free inputs' choice distributions), so a shift that only
+moves the answer word's prior (a logit bias the same on every input) leaves p_cal exactly unchanged.
+Reported beside the raw metrics:
+  <f>_nats_cal     log(mean over vignettes of p_cal[:, f])                          [calibrated trait]
+  <f>_prior_nats   log(mean over orders of q_o[f]): the content-free prior itself
+  acc_cal          top-1 agreement of p_cal with the labels                         [higher = better]
 """
 
 from __future__ import annotations
@@ -30,6 +44,7 @@ from tqdm.auto import tqdm
 
 from steer_heal.data import FOUNDATIONS, SHORT, Vignette
 from steer_heal.models import input_device, unwrap
+from steer_heal.stats import cal_key
 from steer_heal.tokens import batches, chat_ids, pad
 
 # Wording chosen on SmolLM2-135M among four candidates for answer mass (0.71 vs 0.01-0.78) without
@@ -40,6 +55,8 @@ QUESTION = (
 )
 PREFILL = "Answer:"
 UNSCORABLE = 0.5
+# Zhao et al.'s three content-free inputs, put where the scenario goes.
+CONTENT_FREE = ("N/A", "", "[MASK]")
 
 
 def options(reverse: bool) -> tuple[str, ...]:
@@ -151,9 +168,25 @@ def answer_logprobs(
     force_full: bool = False,
     system: str | None = None,
     shared_prefix: bool = True,
+    prior: bool = True,
 ) -> dict:
-    """Per vignette and order: log p of each of the 7 labels [N, 2, 7] and the prefill NLL [N, 2].
-    `shared_prefix` computes the common prompt parts once (same numbers, about twice as fast)."""
+    """Per vignette and order: log p of each of the 7 labels [N, 2, 7] and the prefill NLL [N, 2]; with
+    `prior`, the same log-probs for the CONTENT_FREE scenarios [K, 2, 7] under `prior` (scored in batches of
+    their own, so the vignettes' numbers do not depend on it). `shared_prefix` computes the common prompt
+    parts once (same numbers, about twice as fast)."""
+    kw = dict(think_tokens=think_tokens, force_full=force_full, system=system, shared_prefix=shared_prefix)
+    out = _scenario_logprobs(model, tok, [v.text for v in vigs], batch_size, desc=desc, **kw)
+    if prior:
+        cf = _scenario_logprobs(model, tok, list(CONTENT_FREE), batch_size, desc=f"{desc} prior", **kw)
+        out["prior"] = cf["logp"]
+    return out
+
+
+def _scenario_logprobs(
+    model, tok, texts: list[str], batch_size: int, think_tokens: int, desc: str, force_full: bool,
+    system: str | None, shared_prefix: bool,
+) -> dict:  # fmt: skip
+    """{"logp": [N, 2, 7], "prefill_nll": [N, 2]} for the question asked about each scenario text."""
     dev = input_device(model)
     labels = label_ids(tok)
     first = [ids[0] for ids in labels]
@@ -161,7 +194,7 @@ def answer_logprobs(
     prefill_ids = tok(PREFILL, add_special_tokens=False).input_ids
     n_pre = len(prefill_ids)
     # The prefill is appended as its own ids so its positions are known exactly (the last n_pre tokens).
-    heads = [chat_ids(tok, prompt_text(v.text, rev), system) for v in vigs for rev in (False, True)]
+    heads = [chat_ids(tok, prompt_text(text, rev), system) for text in texts for rev in (False, True)]
     if think_tokens > 0:
         items = _think(model, tok, heads, think_tokens, batch_size)
     else:
@@ -179,7 +212,7 @@ def answer_logprobs(
         else:
             lp[idx] = torch.stack([_full_label(model, tok, items[i], labels, dev) for i in idx]).cpu()
     # Labels are always scored in FOUNDATIONS order, whatever order the prompt listed them in.
-    return {"logp": lp.view(len(vigs), 2, len(FOUNDATIONS)), "prefill_nll": pre.view(len(vigs), 2)}
+    return {"logp": lp.view(len(texts), 2, len(FOUNDATIONS)), "prefill_nll": pre.view(len(texts), 2)}
 
 
 def _full_label(model, tok, prompt: list[int], labels: list[list[int]], dev) -> torch.Tensor:
@@ -194,22 +227,47 @@ def _full_label(model, tok, prompt: list[int], labels: list[list[int]], dev) -> 
     return torch.stack(out)
 
 
-def metrics(logp: torch.Tensor, prefill_nll: torch.Tensor, vigs: list[Vignette]) -> tuple[dict, list[dict]]:
-    """Aggregate [N, 2, 7] answer log-probs into the metrics above; also return per-vignette rows."""
+def content_free_prior(prior: torch.Tensor) -> torch.Tensor:
+    """The prior per option order [2, 7] from the content-free log-probs [K, 2, 7]: q_o = softmax(mean_k
+    log_softmax(prior[k, o])), the normalised geometric mean over the K inputs. (Zhao et al. average the
+    probabilities; the geometric mean makes the identity in `calibrate` exact rather than approximate.)"""
+    return F.softmax(F.log_softmax(prior.double(), -1).mean(0), -1)
+
+
+def calibrate(logp: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """Contextual calibration of [N, 2, 7] answer log-probs by the content-free ones [K, 2, 7], -> [N, 7]:
+    p_cal[i, o] = softmax(log_softmax(logp[i, o]) - log q_o) with q_o = content_free_prior(prior), then the
+    mean over the two orders o. Identity: adding the same bias b to one label's logit in every row (vignettes
+    and content-free alike) leaves p_cal exactly unchanged."""
+    q = content_free_prior(prior)
+    return F.softmax(F.log_softmax(logp.double(), -1) - q.clamp_min(1e-300).log(), -1).mean(1).float()
+
+
+def metrics(
+    logp: torch.Tensor, prefill_nll: torch.Tensor, vigs: list[Vignette], prior: torch.Tensor | None = None
+) -> tuple[dict, list[dict]]:
+    """Aggregate [N, 2, 7] answer log-probs into the metrics above (the calibrated ones when the content-free
+    log-probs `prior` [K, 2, 7] are given); also return per-vignette rows."""
     p = F.softmax(logp, -1).mean(1)  # [N, 7]: choice distribution, averaged over the two orders
     mass = logp.exp().sum(-1).mean(1)  # [N]: answer mass, averaged over orders
     profile = p.mean(0)
-    out = {f"{SHORT[f]}_nats": math.log(max(float(profile[i]), 1e-45)) for i, f in enumerate(FOUNDATIONS)}
+    out = {f"{SHORT[f]}_nats": _nats(profile[i]) for i, f in enumerate(FOUNDATIONS)}
     out["profile"] = {f: float(profile[i]) for i, f in enumerate(FOUNDATIONS)}
     out["p_ans_any"] = float(mass.mean())
     out["coherence"] = out["p_ans_any"]
     out["frac_unscorable"] = float((mass < UNSCORABLE).float().mean())
     out["prefill_nll"] = float(prefill_nll.mean())
-    top = p.argmax(-1)
-    labelled = [i for i, v in enumerate(vigs) if v.label is not None]
-    out["acc"] = (
-        (sum(FOUNDATIONS[int(top[i])] == vigs[i].label for i in labelled) / len(labelled)) if labelled else None
-    )
+    out["acc"] = _accuracy(p, vigs)
+    pc = None
+    if prior is not None:
+        pc = calibrate(logp, prior)
+        q = content_free_prior(prior).mean(0)  # [7]: the prior, both orders
+        prof_c = pc.mean(0)
+        out |= {cal_key(f"{SHORT[f]}_nats"): _nats(prof_c[i]) for i, f in enumerate(FOUNDATIONS)}
+        out |= {f"{SHORT[f]}_prior_nats": _nats(q[i]) for i, f in enumerate(FOUNDATIONS)}
+        out["profile_cal"] = {f: float(prof_c[i]) for i, f in enumerate(FOUNDATIONS)}
+        out["acc_cal"] = _accuracy(pc, vigs)
+        out["prior_logp"] = prior.tolist()  # [K, 2, 7], CONTENT_FREE order: enough to recompute p_cal
     humans = [i for i, v in enumerate(vigs) if v.human]
     if humans:
         tv = []
@@ -219,6 +277,7 @@ def metrics(logp: torch.Tensor, prefill_nll: torch.Tensor, vigs: list[Vignette])
             tv.append(0.5 * float((p[i] - h).abs().sum()))
         out["human_agree"] = 1 - sum(tv) / len(tv)
     out["n_vignettes"] = len(vigs)
+    top = p.argmax(-1)
     rows = [
         {
             "id": v.id,
@@ -227,11 +286,23 @@ def metrics(logp: torch.Tensor, prefill_nll: torch.Tensor, vigs: list[Vignette])
             "p_ans_any": float(mass[i]),
             "prefill_nll": float(prefill_nll[i].mean()),
             **{f"p_{SHORT[f]}": float(p[i, j]) for j, f in enumerate(FOUNDATIONS)},
+            **({f"pc_{SHORT[f]}": float(pc[i, j]) for j, f in enumerate(FOUNDATIONS)} if pc is not None else {}),
             **{f"logp_{SHORT[f]}": [float(logp[i, 0, j]), float(logp[i, 1, j])] for j, f in enumerate(FOUNDATIONS)},
         }
         for i, v in enumerate(vigs)
     ]
     return out, rows
+
+
+def _nats(x) -> float:
+    return math.log(max(float(x), 1e-45))
+
+
+def _accuracy(p: torch.Tensor, vigs: list[Vignette]) -> float | None:
+    """Share of labelled vignettes whose most likely answer is their label (None without labels)."""
+    top = p.argmax(-1)
+    labelled = [i for i, v in enumerate(vigs) if v.label is not None]
+    return sum(FOUNDATIONS[int(top[i])] == vigs[i].label for i in labelled) / len(labelled) if labelled else None
 
 
 def reference_nll(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> list[list]:
@@ -272,4 +343,4 @@ def evaluate(
 ) -> tuple[dict, list[dict]]:
     """Metrics and per-vignette rows; `system` replaces the default system prompt (prompting baseline)."""
     r = answer_logprobs(model, tok, vigs, batch_size, think_tokens, desc, system=system)
-    return metrics(r["logp"], r["prefill_nll"], vigs)
+    return metrics(r["logp"], r["prefill_nll"], vigs, r["prior"])

@@ -10,6 +10,9 @@ plus stage-specific fields. Non-finite floats (NaN, inf) are written as null.
 `eval` records carry `model` = base | steered | healed (and, from 1.2, `ref_nll`); `collapse` records
 (schema 1.1+) carry `model` = base (round -1) | healed; the `null` record (1.2+, round 0) holds the
 random-direction shifts a verdict compares against, and `round` records (1.2+) carry 95 % intervals.
+From 1.3, `eval` records carry the calibrated trait (`<trait>_cal`, `<f>_prior_nats`, `prior_logp`), `round`
+records the calibrated and discriminative shifts (`dtrait_cal_*`, `dtrait_disc_*`) with intervals, and the
+`null` record is measured on a vignette subset (`vignette_ids`) with shifts of all three kinds and their ranges.
 
 The file is append-only. A resumed run does not rewrite it: it appends a `resume` record whose
 `round` is the round it restarts at, which supersedes every earlier record of that round or later
@@ -27,7 +30,7 @@ from pathlib import Path
 
 from steer_heal.errors import UserError
 
-SCHEMA = "1.2"  # 1.1: `collapse`, `isokl`, heal safety counts; 1.2: `null`, intervals, ref_nll
+SCHEMA = "1.3"  # 1.1: `collapse`, `isokl`, heal safety counts; 1.2: `null`, intervals, ref_nll; 1.3: cal, disc
 STAGES = (
     "config",
     "extract",

@@ -66,13 +66,36 @@ def _precursors(ax, rows: list[dict]) -> None:
     ax.set(xlabel="round (-1 = base)", ylabel="value / base", title="collapse precursors")
 
 
+def _shifts(ax, info: RunInfo) -> None:
+    """Each round's healed (and steered) shift against base, raw / calibrated / discriminative, with 95 %
+    intervals: did the judgement move, or only the answer word's prior?"""
+    rs = [r.round for r in info.rounds]
+    styles = {"dtrait": ("raw", "tab:blue"), "dtrait_cal": ("calibrated", "tab:green"),
+              "dtrait_disc": ("discriminative", "tab:red")}  # fmt: skip
+    for key, (name, color) in styles.items():
+        for m, style, dx in (("healed", "s-", 0.0), ("steered", "o:", 0.12)):
+            ys = [getattr(r, f"{key}_{m}") for r in info.rounds]
+            if not any(isfinite(y) for y in ys):
+                continue
+            cis = [r.ci.get(f"{key}_{m}") or [None, None] for r in info.rounds]
+            err = [[y - c[0] if isfinite(y) and isfinite(c[0]) else 0 for y, c in zip(ys, cis)],
+                   [c[1] - y if isfinite(y) and isfinite(c[1]) else 0 for y, c in zip(ys, cis)]]  # fmt: skip
+            ys = [y if isfinite(y) else float("nan") for y in ys]
+            ax.errorbar([x + dx for x in rs], ys, yerr=err, fmt=style, color=color, capsize=2,
+                        label=f"{name} ({m})", alpha=1.0 if m == "healed" else 0.5)  # fmt: skip
+    ax.axhline(0, color="gray", lw=0.6)
+    ax.set(xlabel="round", ylabel=f"d{info.trait_key} vs base (nats)", title="shift: raw, calibrated, discriminative")
+
+
 def trajectory_png(info: RunInfo, collapse_rows: list[dict], path: Path) -> None:
-    """Four panels: trait vs round, coherence vs round, trait vs coherence, collapse precursors."""
-    fig, ax = plt.subplots(1, 4, figsize=(20, 4.2))
+    """Five panels: trait vs round, coherence vs round, trait vs coherence, the shift per round three ways
+    (raw, calibrated, discriminative), collapse precursors."""
+    fig, ax = plt.subplots(1, 5, figsize=(25, 4.2))
     _per_round(ax[0], ax[1], info)
     _map(ax[2], info)
-    _precursors(ax[3], collapse_rows)
-    for a in (ax[0], ax[1], ax[3]):
+    _shifts(ax[3], info)
+    _precursors(ax[4], collapse_rows)
+    for a in (ax[0], ax[1], ax[3], ax[4]):
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
     for a in ax:
         a.grid(alpha=0.3)
@@ -88,38 +111,21 @@ STYLE = {"steer": ("tab:blue", "o-"), "prompt": ("tab:green", "^-"), "random": (
 
 
 def frontier_png(rows: list[dict], path: Path, trait_key: str, x: str, title: str) -> None:
-    """Three panels: the frontier plane (each arm's dTrait against coherence or ref_nll, 95 % intervals as
-    error bars; steering and prompting as curves, the random null as a cloud, healed rounds joined in
-    order), the per-vignette shift of the target for each arm, and every foundation's shift for the
-    steered, strongest-prompt and last healed arms."""
-    fig, ax = plt.subplots(1, 3, figsize=(21, 5.2), gridspec_kw={"width_ratios": [1.3, 1.2, 1]})
-    xkey = "coherence" if x == "coherence" else "ref_nll"
-    for kind, (color, style) in STYLE.items():
-        pts = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r.get("c", r.get("round", 0)) or 0)
-        if not pts:
-            continue
-        xs = [r[xkey] for r in pts]
-        ys = [r["dTrait"] for r in pts]
-        err = [[r["dTrait"] - r["dTrait_lo"] for r in pts], [r["dTrait_hi"] - r["dTrait"] for r in pts]]
-        if xkey == "coherence":
-            xerr = [[r["dCoh"] - r["dCoh_lo"] for r in pts], [r["dCoh_hi"] - r["dCoh"] for r in pts]]
-        else:
-            xerr = None
-        ax[0].errorbar(xs, ys, yerr=err, xerr=xerr, fmt=style, color=color, label=kind, capsize=2, ms=6,
-                       alpha=0.6 if kind == "random" else 1.0)  # fmt: skip
-        for r in pts:
-            ax[0].annotate(r["arm"], (r[xkey], r["dTrait"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax[0].axhline(0, color="gray", lw=0.6)
-    xlabel = "coherence (answer mass)" if xkey == "coherence" else "capability tax: reference NLL (nats/token)"
-    ax[0].set(xlabel=xlabel, ylabel=f"d{trait_key} vs base (nats)", title="trait vs coherence, 95% intervals")
-    if xkey == "ref_nll":
-        ax[0].invert_xaxis()  # better to the right on both axes
+    """Four panels: the frontier plane for the raw trait and for the discriminative trait (each arm's shift
+    against coherence or ref_nll, 95 % intervals as error bars; steering and prompting as curves, the random
+    null as a cloud, healed rounds joined in order), the per-vignette shift of the target for each arm, and
+    every foundation's shift for the steered, strongest-prompt and last healed arms."""
+    fig, ax = plt.subplots(2, 2, figsize=(17, 10.5))
+    ax = ax.ravel()
+    _plane(ax[0], rows, x, "dTrait", f"d{trait_key} vs base (nats)", "raw trait vs coherence, 95% intervals")
+    _plane(ax[1], rows, x, "dTrait_disc", f"discriminative d{trait_key}: target-labelled minus the rest (nats)",
+           "item-discriminative trait (0 = only the answer word's prior moved)")  # fmt: skip
     shown = [r for r in rows if r["kind"] != "base"]
-    ax[1].boxplot([r["per_vignette"] for r in shown], showfliers=False)
-    ax[1].set_xticks(range(1, len(shown) + 1), [r["arm"] for r in shown], rotation=60, fontsize=7)
-    ax[1].axhline(0, color="gray", lw=0.6)
-    ax[1].set(ylabel=f"per-vignette shift of log p({trait_key[:-5]}) (nats)", title="per-vignette shifts")
-    _foundation_bars(ax[2], rows)
+    ax[2].boxplot([r["per_vignette"] for r in shown], showfliers=False)
+    ax[2].set_xticks(range(1, len(shown) + 1), [r["arm"] for r in shown], rotation=60, fontsize=7)
+    ax[2].axhline(0, color="gray", lw=0.6)
+    ax[2].set(ylabel=f"per-vignette shift of log p({trait_key[:-5]}) (nats)", title="per-vignette shifts")
+    _foundation_bars(ax[3], rows)
     for a in ax:
         a.grid(alpha=0.3)
         if a.get_legend_handles_labels()[0]:
@@ -127,6 +133,39 @@ def frontier_png(rows: list[dict], path: Path, trait_key: str, x: str, title: st
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     save(fig, path)
+
+
+def _plane(ax, rows: list[dict], x: str, key: str, ylabel: str, title: str) -> None:
+    """Each arm's `key` shift (with its interval) against coherence or ref_nll, one style per kind. An arm
+    measured on a subset of the vignettes (the null) sits at base coherence + its paired dCoh."""
+    xkey = "coherence" if x == "coherence" else "ref_nll"
+    base = next((r for r in rows if r["kind"] == "base"), None)
+    for kind, (color, style) in STYLE.items():
+        pts = [r for r in rows if r["kind"] == kind and r.get(key) is not None]
+        pts = sorted(pts, key=lambda r: r.get("c", r.get("round", 0)) or 0)
+        if xkey == "coherence" and base:
+            xs = [base["coherence"] + r["dCoh"] for r in pts]
+        else:
+            pts = [r for r in pts if r.get(xkey) is not None]
+            xs = [r[xkey] for r in pts]
+        if not pts:
+            continue
+        ys = [r[key] for r in pts]
+        err = [[r[key] - r[f"{key}_lo"] for r in pts], [r[f"{key}_hi"] - r[key] for r in pts]]
+        if xkey == "coherence":
+            xerr = [[r["dCoh"] - r["dCoh_lo"] for r in pts], [r["dCoh_hi"] - r["dCoh"] for r in pts]]
+        else:
+            xerr = None
+        ax.errorbar(xs, ys, yerr=err, xerr=xerr, fmt=style, color=color, label=kind, capsize=2, ms=6,
+                    alpha=0.5 if kind == "random" else 1.0)  # fmt: skip
+        for r, xv, yv in zip(pts, xs, ys):
+            if kind != "random":
+                ax.annotate(r["arm"], (xv, yv), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(0, color="gray", lw=0.6)
+    xlabel = "coherence (answer mass)" if xkey == "coherence" else "capability tax: reference NLL (nats/token)"
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if xkey == "ref_nll":
+        ax.invert_xaxis()  # better to the right on both axes
 
 
 def _foundation_bars(ax, rows: list[dict]) -> None:
@@ -149,7 +188,7 @@ def _foundation_bars(ax, rows: list[dict]) -> None:
     ax.set(ylabel="shift vs base (nats)", title="every foundation's shift")
 
 
-ARM_FIGURES = ("final_dtrait", "final_coh", "A_steer", "A_prompt")
+ARM_FIGURES = ("final_dtrait", "final_dtrait_disc", "final_coh", "A_steer", "A_prompt", "A_steer_disc")
 
 
 def arms_png(agg: list[dict], path: Path, title: str) -> None:

@@ -24,8 +24,9 @@ from steer_heal.records import RunInfo, isfinite
 
 # What may differ between the seeds of one arm: the seed, and where / how the run was started.
 NOT_ARM = ("seed", "run_name", "out_dir", "resume", "fast_dev_run", "plan", "plan_memory_gb")
-HEADLINE = ("final_dtrait", "final_coh", "final_retain", "final_ref_nll", "final_null_pct", "best_dtrait",
-            "A_steer", "A_prompt", "n_rounds_done")  # fmt: skip
+HEADLINE = ("final_dtrait", "final_dtrait_cal", "final_dtrait_disc", "final_coh", "final_retain", "final_ref_nll",
+            "final_null_pct", "final_null_pct_disc", "best_dtrait", "A_steer", "A_prompt", "A_steer_disc",
+            "A_prompt_disc", "n_rounds_done")  # fmt: skip
 
 
 def arm_config(config: dict) -> dict:
@@ -70,6 +71,10 @@ def row(info: RunInfo, verdict_line: str) -> dict:
         "final_coh": of(last, "healed_coh"),
         "final_retain": of(last, "retain"),
         "final_dtrait_ci": (last.ci.get("dtrait_healed") if last else None),
+        "final_dtrait_cal": of(last, "dtrait_cal_healed"),
+        "final_dtrait_disc": of(last, "dtrait_disc_healed"),
+        "final_dtrait_disc_ci": (last.ci.get("dtrait_disc_healed") if last else None),
+        "final_null_pct_disc": of(last, "null_pct_disc"),
         "final_ref_nll": of(last, "healed_ref_nll"),
         "final_null_pct": of(last, "null_pct"),
         "best_round": of(best, "round"),
@@ -119,9 +124,9 @@ def read(path: Path) -> list[dict]:
 
 
 def with_frontier(rows: list[dict], ledger_path: Path) -> list[dict]:
-    """Add each run's A_steer / A_prompt from <run>/frontier.json for the run's last round, when that frontier
-    was measured on the coherence axis and covers that round (a frontier of an earlier, shorter state of a
-    resumed run, or on the ref_nll axis, is not mixed in)."""
+    """Add each run's A_steer / A_prompt (raw trait) and A_steer_disc / A_prompt_disc (discriminative trait)
+    at matched answer mass from <run>/frontier.json for the run's last round, when that frontier covers that
+    round (a frontier of an earlier, shorter state of a resumed run is not mixed in)."""
     out = []
     for r in rows:
         path = Path(ledger_path).parent / str(r.get("run")) / "frontier.json"
@@ -129,9 +134,13 @@ def with_frontier(rows: list[dict], ledger_path: Path) -> list[dict]:
         if path.is_file() and r.get("n_rounds_done"):
             doc = json.loads(path.read_text(encoding="utf-8"))
             last = r["n_rounds_done"] - 1
-            adv = [a for a in doc.get("advantage") or [] if a.get("round") == last]
-            if adv and doc.get("x", "coherence") == "coherence":
-                extra = {f"A_{k}": (adv[0].get(k) or {}).get("est") for k in ("steer", "prompt")}
+            by_trait = doc.get("advantage_by_trait") or {}
+            if not by_trait and doc.get("x", "coherence") == "coherence":  # frontiers written before the traits
+                by_trait = {"raw": {"coherence": doc.get("advantage") or []}}
+            for kind, suffix in (("raw", ""), ("disc", "_disc")):
+                adv = [a for a in (by_trait.get(kind) or {}).get("coherence") or [] if a.get("round") == last]
+                if adv:
+                    extra |= {f"A_{k}{suffix}": (adv[0].get(k) or {}).get("est") for k in ("steer", "prompt")}
         out.append(r | extra)
     return out
 

@@ -27,8 +27,9 @@ from steer_heal.records import RunInfo, deltas
 from steer_heal.rundir import RunDir, atomic_write_json
 from steer_heal.session import Session
 
-PAIRED_COLS = ["arm", "coherence", "ref_nll", "dTrait", "dCoh", "slope", "retain", "anti_steerable"]
-CI_KEYS = ("dTrait", "dCoh", "retain", "specificity")  # reported as est with _lo / _hi
+PAIRED_COLS = ["arm", "coherence", "ref_nll", "dTrait", "dTrait_cal", "dTrait_disc", "dCoh", "slope", "retain",
+               "anti_steerable"]  # fmt: skip
+CI_KEYS = ("dTrait", "dTrait_cal", "dTrait_disc", "dCoh", "retain", "specificity")  # est with _lo / _hi
 
 
 @dataclass
@@ -114,7 +115,7 @@ def row(arm: str, ev: Scored, base: Scored, run: OpenRun, steered: Scored | None
         ci["specificity"] = stats.specificity(ev.arm, base.arm, run.target, sign, run.idx)
         out["anti_steerable"] = stats.anti_steerable(ev.arm, base.arm, run.target, sign)
         for k in CI_KEYS:
-            if k in ci and (k in out or k == "specificity"):
+            if ci.get(k) and (k in out or k in ("specificity", "dTrait_cal", "dTrait_disc")):
                 # the point estimates stay records.deltas' (blank below 0.05 nats); the intervals are stats'
                 out |= {**stats.flat(k, ci[k]), k: out.get(k, ci[k]["est"])}
     return out | extra

@@ -22,6 +22,7 @@ from steer_heal.heal import HealResult
 from steer_heal.records import RoundRecord
 from steer_heal.rundir import RunDir, atomic_write_json, atomic_write_jsonl, atomic_write_text, save_tensors
 from steer_heal.stages import Collected, HealData
+from steer_heal.stats import cal_key
 
 
 def near_threshold(scored: list[dict], ppl_max: float, k: int = 2) -> dict:
@@ -52,8 +53,9 @@ class Recorder:
     def eval(self, r: int, which: str, ev: Scored, c: float, vignettes: str, seconds: float) -> None:
         atomic_write_jsonl(self.rd.eval_rows(r, which), ev.rows)
         m = ev.m
+        cal = m.get(cal_key(self.tk))
         logger.info(
-            f"eval r{r} {which}: {self.tk} {m[self.tk]:+.3f}, coherence {m['coherence']:.3f}, "
+            f"eval r{r} {which}: {self.tk} {m[self.tk]:+.3f} (calibrated {cal:+.3f}), coherence {m['coherence']:.3f}, "
             f"ref_nll {m['ref_nll']:.3f}, acc {m['acc']}"
         )
         self.emit("eval", r, model=which, c=c, vignettes=vignettes, seconds=seconds, **m)
@@ -63,8 +65,9 @@ class Recorder:
         for i, ev in enumerate(evs):
             atomic_write_jsonl(self.rd.eval_rows(r, f"null{i}"), ev.rows)
         self.emit("null", r, **null, seconds=seconds)
-        shifts = ", ".join(f"{x:+.3f}" for x in null["dtrait"])
-        logger.info(f"random null at c {null['c']:.3g} ({len(null['dtrait'])} directions): {self.tk} shifts {shifts}")
+        ranges = "; ".join(f"{k} [{x['lo']:+.3f}, {x['hi']:+.3f}]" for k, x in null["range"].items())
+        logger.info(f"random null at c {null['c']:.3g} ({len(null['seeds'])} directions on {null['n_vignettes']} "
+                    f"vignettes, {seconds:.0f} s): 95% range of the {self.tk} shift: {ranges}")  # fmt: skip
 
     def calibration(self, cal: dict, seconds: float) -> None:
         self.emit("calibrate", -1, **cal, seconds=seconds)
@@ -144,7 +147,9 @@ class Recorder:
         """The round record, then the DONE marker: the round is complete."""
         ev = self.emit("round", rec.round, **rec.fields())
         atomic_write_text(self.rd.done(rec.round), json.dumps({"round": rec.round, "ts": ev["ts"]}) + "\n")
+        d = lambda x: "n/a" if x is None else f"{x:+.3f}"  # noqa: E731
         logger.info(
             f"round {rec.round}: {self.tk} steered {rec.steered_trait:+.3f} healed {rec.healed_trait:+.3f} "
-            f"(base {rec.base_trait:+.3f}), coherence {rec.healed_coh:.3f}, retain {rec.retain}"
+            f"(base {rec.base_trait:+.3f}), coherence {rec.healed_coh:.3f}, retain {rec.retain}; healed shift raw "
+            f"{d(rec.dtrait_healed)}, calibrated {d(rec.dtrait_cal_healed)}, discriminative {d(rec.dtrait_disc_healed)}"
         )

@@ -6,6 +6,11 @@ defines these keys.
 
     dTrait = trait(stage) - trait(base)             dCoh = coherence(stage) - coherence(base)
     retain = dTrait(healed) / dTrait(steered)       slope = 100 * dCoh / dTrait (coherence points per nat)
+
+Every trait shift comes three ways (stats.TRAITS): raw (dtrait_*), calibrated by the content-free prior
+(dtrait_cal_*) and item-discriminative (dtrait_disc_*: the shift on target-labelled vignettes minus the
+shift on the rest). A shift whose discriminative interval includes 0 moved the answer word's prior, not
+the judgement, and the verdict says so instead of PASS.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from steer_heal import events, stats
+from steer_heal.stats import cal_key
 
 SLOPE_MIN_DTRAIT = 0.05  # nats; below this slope and retain are noise and are left blank
 DEFAULT_TRAIT_KEY = "auth_nats"  # runs older than the trait_key field were all care-vs-authority
@@ -96,8 +102,19 @@ class RoundRecord:
     base_ref_nll: float | None = None  # capability tax: reference answers' NLL per token, nats
     steered_ref_nll: float | None = None
     healed_ref_nll: float | None = None
+    base_trait_cal: float | None = None  # the trait on the calibrated choice distribution
+    steered_trait_cal: float | None = None
+    healed_trait_cal: float | None = None
+    dtrait_cal_steered: float | None = None
+    dtrait_cal_healed: float | None = None
+    dtrait_disc_steered: float | None = None  # shift on target-labelled vignettes minus shift on the rest
+    dtrait_disc_healed: float | None = None
+    dprior_steered: float | None = None  # shift of the target answer's content-free prior, nats
+    dprior_healed: float | None = None
     ci: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # 95 % intervals: dtrait_healed, ...
     null_pct: float | None = None  # share of the random null's shifts the healed shift beats (1 = all)
+    null_pct_cal: float | None = None  # the same for the calibrated shift against the null's calibrated shifts
+    null_pct_disc: float | None = None  # ... and for the discriminative shift
     specificity: float | None = None  # healed: sign * dTarget - max |dF| of the other six foundations
     anti_steerable: float | None = None  # healed: share of vignettes whose target score moved the wrong way
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -116,8 +133,14 @@ class RoundRecord:
             base_ref_nll=base.get("ref_nll"),
             steered_ref_nll=steered.get("ref_nll"),
             healed_ref_nll=healed.get("ref_nll"),
+            base_trait_cal=base.get(cal_key(trait_key)),
+            steered_trait_cal=steered.get(cal_key(trait_key)),
+            healed_trait_cal=healed.get(cal_key(trait_key)),
         )
-        return cls(round=r, **evals, **deltas(base, steered, healed, trait_key), **fields)
+        prior = prior_key(trait_key)
+        dprior = {f"dprior_{m}": ev[prior] - base[prior] if isfinite(ev.get(prior)) and isfinite(base.get(prior))
+                  else None for m, ev in (("steered", steered), ("healed", healed))}  # fmt: skip
+        return cls(round=r, **evals, **deltas(base, steered, healed, trait_key), **dprior, **fields)
 
     @classmethod
     def from_event(cls, rec: dict) -> RoundRecord:
@@ -131,18 +154,36 @@ class RoundRecord:
         return d
 
 
+def prior_key(trait_key: str) -> str:
+    """The metric of the target answer's content-free prior: auth_nats -> auth_prior_nats."""
+    return trait_key.replace("_nats", "_prior_nats")
+
+
+# The null event's list of shifts for each trait kind (stats.TRAITS).
+NULL_KEYS = {"raw": "dtrait", "cal": "dtrait_cal", "disc": "dtrait_disc"}
+
+
 def round_stats(base, steered, healed, target: str, sign: int, idx: np.ndarray, null: dict | None) -> dict:
     """The round record's uncertainty fields from the three evals' per-vignette numbers (stats.Arm): paired
-    bootstrap intervals of every delta and of retain, where the healed shift falls against the random
-    null, how surgical it is (specificity) and how many vignettes moved the wrong way."""
+    bootstrap intervals of every delta (raw, calibrated, discriminative) and of retain, where each healed
+    shift falls against the random null's shifts of the same kind, how surgical the raw shift is
+    (specificity) and how many vignettes moved the wrong way."""
     s, h = stats.paired_deltas(steered, base, target, idx), stats.paired_deltas(healed, base, target, idx, steered)
-    pair = lambda e: [e["lo"], e["hi"]]  # noqa: E731
+    pair = lambda e: [e["lo"], e["hi"]] if e else None  # noqa: E731
     ci = {"dtrait_steered": pair(s["dTrait"]), "dtrait_healed": pair(h["dTrait"]), "dcoh_steered": pair(s["dCoh"]),
           "dcoh_healed": pair(h["dCoh"]), "retain": pair(h["retain"])}  # fmt: skip
-    pos = stats.null_position(h["dTrait"]["est"], null["dtrait"], sign) if null and null.get("dtrait") else None
-    return {
+    out = {}
+    for kind in stats.TRAITS[1:]:
+        for m, d in (("steered", s), ("healed", h)):
+            e = d[f"dTrait_{kind}"]
+            out[f"dtrait_{kind}_{m}"] = e["est"] if e else None
+            ci[f"dtrait_{kind}_{m}"] = pair(e)
+    for kind in stats.TRAITS:
+        est, xs = h["dTrait"]["est"] if kind == "raw" else out[f"dtrait_{kind}_healed"], null_values(null, kind)
+        pct = stats.null_position(est, xs, sign)["percentile"] if xs and isfinite(est) else None
+        out["null_pct" if kind == "raw" else f"null_pct_{kind}"] = pct
+    return out | {
         "ci": ci,
-        "null_pct": pos["percentile"] if pos else None,
         "specificity": stats.specificity(healed, base, target, sign, idx)["est"],
         "anti_steerable": stats.anti_steerable(healed, base, target, sign),
     }
@@ -203,6 +244,38 @@ class RunInfo:
         return events.first(self.recs, "eval", model="healed", round=r)
 
 
+def null_values(null: dict | None, kind: str) -> list[float] | None:
+    """The random null's shifts of one trait kind (raw, cal, disc), None when none were recorded."""
+    xs = [x for x in (null or {}).get(NULL_KEYS[kind]) or [] if isfinite(x)]
+    return xs or None
+
+
+@dataclass
+class Shift:
+    """A trait shift against base, its 95 % interval, and the random null's shifts of the same kind."""
+
+    est: float | None
+    ci: list[float] | None
+    null: list[float] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return isfinite(self.est) and bool(self.ci) and all(isfinite(x) for x in self.ci)
+
+    def worst(self, sign: int) -> float:
+        """The interval's end nearest to "no move / the wrong way", in the expected direction (> 0 = clear)."""
+        return min(sign * self.ci[0], sign * self.ci[1])
+
+    def text(self) -> str:
+        return f"{self.est:+.3f} [{self.ci[0]:+.3f}, {self.ci[1]:+.3f}]"
+
+    def inside_null(self, sign: int) -> tuple[bool, str]:
+        """Does the interval reach into the null's 95 % range? And that range, as text."""
+        pos = stats.null_position(self.est, self.null, sign)
+        lo, hi = pos["null_lo"], pos["null_hi"]
+        return self.worst(sign) <= max(sign * lo, sign * hi), f"[{lo:+.3f}, {hi:+.3f}] ({len(self.null)} directions)"
+
+
 def verdict(
     base: dict,
     healed: dict | None,
@@ -210,13 +283,17 @@ def verdict(
     sign: int,
     coh_floor: float,
     stop_reason: str | None,
-    ci: list[float] | None = None,
-    null: list[float] | None = None,
+    raw: Shift | None = None,
+    disc: Shift | None = None,
+    cal: Shift | None = None,
 ) -> str:
-    """One line: PASS, FAIL or INCONCLUSIVE with the reason. Finiteness and the absolute coherence floor
-    come first (a collapsed model sends the trait to -inf, which a ratio would score as success); a PASS
-    then needs the shift's 95 % interval to exclude 0 in the expected direction AND to lie beyond the
-    random null's 95 % range (shifts from random directions of the teacher's norms)."""
+    """One line: PASS, PRIOR ONLY, FAIL or INCONCLUSIVE with the reason. Finiteness and the absolute
+    coherence floor come first (a collapsed model sends the trait to -inf, which a ratio would score as
+    success). A PASS then needs the raw shift's 95 % interval to exclude 0 in the expected direction AND to
+    lie beyond the random null's 95 % range, and the discriminative shift's interval to do the same (beyond
+    0, and beyond the null's discriminative range when one was measured). A shift that clears the null but
+    whose discriminative interval includes 0 moved the answer word's prior on every vignette alike, not the
+    judgement of the target's violations: PRIOR ONLY, never PASS."""
     if healed is None:
         return f"FAIL: no healed round finished ({stop_reason or 'stopped early'})"
     t, c = healed.get(trait_key), healed.get("coherence")
@@ -227,29 +304,35 @@ def verdict(
     dt = t - base[trait_key]
     tail = f"; stopped: {stop_reason}" if stop_reason else ""
     head = f"{trait_key} {dt:+.3f} nats vs base (expected sign {sign:+d}), coherence {c:.3f}"
-    if not ci or not all(isfinite(x) for x in ci):
+    if raw is None or not raw.ok:
         return f"INCONCLUSIVE: {head}; no interval recorded{tail}"
-    lo, hi = ci
-    worst = min(sign * lo, sign * hi)  # the interval's end nearest to "no move / wrong way"
-    if worst <= 0:
-        return f"INCONCLUSIVE: {head}; its 95% interval [{lo:+.3f}, {hi:+.3f}] includes 0 or the wrong way{tail}"
-    if not null:
-        return (
-            f"INCONCLUSIVE: {head}; its 95% interval [{lo:+.3f}, {hi:+.3f}] excludes 0, but no random null was "
-            f"measured (--null-vectors 0){tail}"
-        )
-    pos = stats.null_position(dt, null, sign)
-    nlo, nhi = pos["null_lo"], pos["null_hi"]
-    if worst <= max(sign * nlo, sign * nhi):
-        return (
-            f"INCONCLUSIVE: {head}; its 95% interval [{lo:+.3f}, {hi:+.3f}] overlaps the random null's 95% range "
-            f"[{nlo:+.3f}, {nhi:+.3f}] ({len(null)} directions){tail}"
-        )
-    return (
-        f"PASS: {trait_key} {dt:+.3f} nats [{lo:+.3f}, {hi:+.3f}] vs base in the expected direction, beyond the "
-        f"random null's 95% range [{nlo:+.3f}, {nhi:+.3f}] ({len(null)} directions); coherence {c:.3f} >= floor "
-        f"{coh_floor:.2f}{tail}"
-    )
+    ci = f"its 95% interval [{raw.ci[0]:+.3f}, {raw.ci[1]:+.3f}]"
+    if raw.worst(sign) <= 0:
+        return f"INCONCLUSIVE: {head}; {ci} includes 0 or the wrong way{tail}"
+    if not raw.null:
+        return f"INCONCLUSIVE: {head}; {ci} excludes 0, but no random null was measured (--null-vectors 0){tail}"
+    inside, rng = raw.inside_null(sign)
+    if inside:
+        return f"INCONCLUSIVE: {head}; {ci} overlaps the random null's 95% range {rng}{tail}"
+    moved = f"{trait_key} {raw.text()} nats vs base in the expected direction, beyond the random null's 95% range {rng}"
+    moved += f"; calibrated {cal.text()}" if cal is not None and cal.ok else ""
+    if disc is None or not disc.ok:
+        why = "no calibrated eval, or no vignettes labelled with the target"
+        return (f"INCONCLUSIVE: {moved}; but no discriminative shift was measured ({why}), so a moved judgement "
+                f"cannot be told from a moved prior{tail}")  # fmt: skip
+    if disc.worst(sign) <= 0:
+        return (f"PRIOR ONLY: {moved}; but its discriminative shift {disc.text()} includes 0 or the wrong way: the "
+                f"answer word's prior moved on every vignette alike, not the judgement of the target's "
+                f"violations; coherence {c:.3f}{tail}")  # fmt: skip
+    beyond = ""
+    if disc.null:
+        inside, drng = disc.inside_null(sign)
+        if inside:
+            return (f"INCONCLUSIVE: {moved}; discriminative {disc.text()} excludes 0 but overlaps the random "
+                    f"null's discriminative range {drng}; coherence {c:.3f}{tail}")  # fmt: skip
+        beyond = f", beyond the null's {drng}"
+    return (f"PASS: {moved}; discriminative {disc.text()} excludes 0{beyond}; coherence {c:.3f} >= floor "
+            f"{coh_floor:.2f}{tail}")  # fmt: skip
 
 
 def run_verdict(info: RunInfo) -> str:
@@ -259,6 +342,10 @@ def run_verdict(info: RunInfo) -> str:
     last = info.rounds[-1] if info.rounds else None
     healed = {info.trait_key: last.healed_trait, "coherence": last.healed_coh} if last else None
     reason = info.stop.get("reason") if info.stop else None
-    ci = last.ci.get("dtrait_healed") if last else None
-    null = (info.null or {}).get("dtrait")
-    return verdict(info.base, healed, info.trait_key, info.sign, info.coh_floor, reason, ci, null)
+    if last is None:
+        return verdict(info.base, healed, info.trait_key, info.sign, info.coh_floor, reason)
+    shifts = {
+        kind: Shift(getattr(last, key), last.ci.get(key), null_values(info.null, kind))
+        for kind, key in (("raw", "dtrait_healed"), ("cal", "dtrait_cal_healed"), ("disc", "dtrait_disc_healed"))
+    }
+    return verdict(info.base, healed, info.trait_key, info.sign, info.coh_floor, reason, **shifts)

@@ -30,9 +30,10 @@ def with_ci(x, ci, spec="+.3f") -> str:
 
 
 def summary_rows(info: RunInfo) -> list[dict]:
-    """The base row, then each round's steered and healed rows: deltas with paired-bootstrap 95 % intervals,
-    retain, slope, the capability tax (ref_nll) and, for healed rows, where the shift falls against the
-    random null (null_pct: share of random directions it beats)."""
+    """The base row, then each round's steered and healed rows: the trait shift raw (dTrait), calibrated by
+    the content-free prior (dCal) and item-discriminative (dDisc: target-labelled vignettes minus the rest)
+    with paired-bootstrap 95 % intervals, retain, slope, the capability tax (ref_nll) and, for healed rows,
+    where the raw and discriminative shifts fall against the random null (share of random directions beaten)."""
     tk, base = info.trait_key, info.base
     rows = []
     if base:
@@ -49,10 +50,13 @@ def summary_rows(info: RunInfo) -> list[dict]:
                     "coherence": fmt(getattr(r, f"{m}_coh")),
                     "ref_nll": fmt(getattr(r, f"{m}_ref_nll")),
                     "dTrait [95% CI]": with_ci(getattr(r, f"dtrait_{m}"), r.ci.get(f"dtrait_{m}")),
+                    "dCal [95% CI]": with_ci(getattr(r, f"dtrait_cal_{m}"), r.ci.get(f"dtrait_cal_{m}")),
+                    "dDisc [95% CI]": with_ci(getattr(r, f"dtrait_disc_{m}"), r.ci.get(f"dtrait_disc_{m}")),
                     "dCoh [95% CI]": with_ci(getattr(r, f"dcoh_{m}"), r.ci.get(f"dcoh_{m}")),
                     "retain": "" if steered else with_ci(r.retain, r.ci.get("retain"), ".2f"),
                     "slope": fmt(getattr(r, f"slope_{m}"), ".1f"),
                     "null_pct": "" if steered else fmt(r.null_pct, ".2f"),
+                    "null_pct_disc": "" if steered else fmt(r.null_pct_disc, ".2f"),
                     "kappa": fmt(r.kappa, ".2f") if steered else "",
                     "kept": f"{r.n_kept}/{r.n_generated}" if steered else "",
                     "cos_v0": fmt(r.cos_v0, ".2f") if steered else "",

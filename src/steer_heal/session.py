@@ -110,14 +110,20 @@ class Session:
             self.model, self.tok, persona or self.persona, self.contexts, self.layers, e.extract_batch_size, e.normalize
         )
 
-    def evaluate(self, vectors=None, c: float = 0.0, system: str | None = None, desc: str = "eval") -> Scored:
-        """Vignette metrics and per-vignette rows, and the reference answers' NLL per token (ref_nll), steered
-        by c * vectors when both are given and under `system` as the system prompt when given."""
+    def evaluate(
+        self, vectors=None, c: float = 0.0, system: str | None = None, desc: str = "eval",
+        vigs: list[data.Vignette] | None = None, references: bool = True,
+    ) -> Scored:  # fmt: skip
+        """Vignette metrics and per-vignette rows (on `vigs`, default the run's), and the reference answers' NLL
+        per token (ref_nll; skipped without `references`), steered by c * vectors when both are given and under
+        `system` as the system prompt when given."""
         e = self.cfg.eval
         with steer(self.model, vectors, c) if vectors is not None and c != 0 else nullcontext():
             m, rows = evaluate(
-                self.model, self.tok, self.vigs, e.eval_batch_size, e.eval_think_tokens, desc, system=system
+                self.model, self.tok, vigs or self.vigs, e.eval_batch_size, e.eval_think_tokens, desc, system=system
             )
+            if not references:
+                return Scored(m, rows)
             items = reference_nll(self.model, self.reference_pairs(system), self.tok.pad_token_id, e.eval_batch_size)
         return Scored(m | {"ref_nll": ref_nll(items), "ref_items": items}, rows)
 

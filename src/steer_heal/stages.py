@@ -16,16 +16,19 @@ import json
 import statistics
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from loguru import logger
+from tqdm.auto import tqdm
 
-from steer_heal import collapse, extract, filters, isokl
+from steer_heal import collapse, data, extract, filters, isokl, stats
 from steer_heal.clock import Clock
 from steer_heal.config import RunConfig
 from steer_heal.errors import Starved, UserError
 from steer_heal.evaluate import Scored
 from steer_heal.generate import Completion, Row
 from steer_heal.heal import HealResult, SteeredTeacher, heal_with_retry
+from steer_heal.records import NULL_KEYS
 from steer_heal.session import Session
 
 N_STUDENT_CONTEXTS = 64  # a mean over 64 neutral prompts is enough for a cosine; the teacher uses all
@@ -135,22 +138,35 @@ def eval_strength(cfg: RunConfig, kappa: float, c_star: float) -> float:
     return c * c_star
 
 
+def null_vignettes(s: Session) -> list:
+    """The fixed, seeded, label-balanced subset of the run's vignettes the null is measured on."""
+    return data.seeded_subset(s.vigs, s.cfg.eval.null_vignettes, s.cfg.seed)
+
+
 def random_null(s: Session, v: dict[int, torch.Tensor], c: float, base: Scored) -> tuple[dict, list[Scored]]:
     """The trait shifts of the base model steered at c by --null-vectors random directions with v's norms
-    per layer (seeded by the run's seed): how far the trait moves for reasons other than this vector.
-    Returns the summary (the `null` event) and each direction's eval."""
-    tk, n = s.persona.trait_key, s.cfg.eval.null_vectors
-    seeds = [s.cfg.seed * 1000 + i for i in range(n)]
+    per layer (seeded by the run's seed), on the --null-vignettes subset (null_vignettes), paired with the
+    base eval on the same vignettes: how far each trait kind (raw, calibrated, discriminative) moves for
+    reasons other than this vector. No ref_nll: the null is about the trait. Returns the summary (the `null`
+    event: per direction its shifts and absolute trait and coherence, and per kind the null's 95 % range with a
+    two-level bootstrap interval) and each direction's eval."""
+    e, target = s.cfg.eval, s.persona.trait
+    seeds = [s.cfg.seed * 1000 + i for i in range(e.null_vectors)]
+    vigs = null_vignettes(s)
+    ids = [x.id for x in vigs]
     with s.as_model("base"):
-        evs = [s.evaluate(extract.random_like(v, seed), c, desc=f"null {seed}") for seed in seeds]
-    summary = {
-        "c": c,
-        "seeds": seeds,
-        "dtrait": [ev.m[tk] - base.m[tk] for ev in evs],
-        "dcoh": [ev.m["coherence"] - base.m["coherence"] for ev in evs],
-        "ref_nll": [ev.m["ref_nll"] for ev in evs],
-        "ref_items": [ev.m["ref_items"] for ev in evs],
-    }
+        evs = [s.evaluate(extract.random_like(v, seed), c, desc=f"null {seed}", vigs=vigs, references=False)
+               for seed in tqdm(seeds, desc="null directions", leave=False)]  # fmt: skip
+    sub, idx = base.arm.take(ids), stats.resamples(len(ids), e.n_boot, s.cfg.seed)
+    summary = {"c": c, "seeds": seeds, "vignette_ids": ids, "n_vignettes": len(ids),
+               "trait": [ev.m[s.persona.trait_key] for ev in evs], "coherence": [ev.m["coherence"] for ev in evs],
+               "dcoh": [ev.arm.coherence() - sub.coherence() for ev in evs], "range": {}}  # fmt: skip
+    for kind, key in NULL_KEYS.items():
+        shifts = [stats.shift(kind, ev.arm, sub, target, idx) for ev in evs]
+        if any(x is None for x in shifts):
+            continue
+        summary[key] = [est for est, _ in shifts]
+        summary["range"][kind] = stats.null_range(summary[key], np.stack([d for _, d in shifts]), e.n_boot, s.cfg.seed)
     return summary, evs
 
 

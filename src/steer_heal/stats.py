@@ -11,11 +11,22 @@ bootstrap:
 
 The 95 % interval is the 2.5th and 97.5th percentile over >= 1000 resamples. It covers the choice of
 vignettes only: seeds (t-interval over runs) and the null (random directions) are separate levels.
+
+Three traits, each a shift against base (`shift`, TRAITS):
+  raw    dTrait as above, on the raw choice distribution p
+  cal    the same on the contextually calibrated distribution p_cal (evaluate.calibrate): what is left once
+         the answer words' content-free prior is divided out
+  disc   the item-discriminative trait, a difference in differences on p_cal: the target's shift on the
+         vignettes labelled with the target minus its shift on the rest,
+             disc = [T_on(arm) - T_on(base)] - [T_rest(arm) - T_rest(base)],  T_S = log mean_{i in S} p_cal[i, F]
+         A move of the answer word's prior shifts both subsets alike (disc = 0); a move of the judgement of
+         target violations shifts the target-labelled vignettes more.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +39,14 @@ FLOOR = 1e-45  # the smallest profile probability a trait score is taken of (as 
 MIN_DTRAIT = 0.05  # nats: below this a ratio (slope, retain) is noise and is left blank, interval too
 
 
+TRAITS = ("raw", "cal", "disc")
+
+
+def cal_key(trait_key: str) -> str:
+    """The eval metric of the calibrated trait: auth_nats -> auth_nats_cal."""
+    return f"{trait_key}_cal"
+
+
 @dataclass
 class Arm:
     """One eval's per-vignette numbers (rows in the order of the vignettes, the same for every arm)."""
@@ -36,22 +55,48 @@ class Arm:
     mass: np.ndarray  # [N] probability on the seven answer tokens
     labels: list[str | None]
     ids: list[str]
+    p_cal: np.ndarray | None = None  # [N, 7] the calibrated choice distribution (evals before it: None)
 
     @classmethod
     def from_rows(cls, rows: list[dict]) -> Arm:
         """From an eval's per-vignette rows (evaluate.metrics / eval_<model>.jsonl)."""
         p = np.array([[r[f"p_{SHORT[f]}"] for f in FOUNDATIONS] for r in rows], dtype=np.float64)
         mass = np.array([r["p_ans_any"] for r in rows], dtype=np.float64)
-        return cls(p=p, mass=mass, labels=[r.get("label") for r in rows], ids=[str(r["id"]) for r in rows])
+        cal = all(f"pc_{SHORT[FOUNDATIONS[0]]}" in r for r in rows)
+        p_cal = np.array([[r[f"pc_{SHORT[f]}"] for f in FOUNDATIONS] for r in rows], dtype=np.float64) if cal else None
+        return cls(p=p, mass=mass, labels=[r.get("label") for r in rows], ids=[str(r["id"]) for r in rows], p_cal=p_cal)
 
-    def trait(self, f: str, idx: np.ndarray | None = None) -> np.ndarray | float:
+    @property
+    def cal(self) -> Arm | None:
+        """The same arm on its calibrated choice distribution (None when the eval has none)."""
+        return None if self.p_cal is None else Arm(self.p_cal, self.mass, self.labels, self.ids)
+
+    def trait(self, f: str, idx: np.ndarray | None = None, mask: np.ndarray | None = None) -> np.ndarray | float:
         """log mean p[:, f] over the vignettes (or over each resample's indices [B, N] -> [B]); floored at
-        1e-45 as evaluate.metrics floors it, so a collapsed model's -inf is a large finite number in both."""
+        1e-45 as evaluate.metrics floors it, so a collapsed model's -inf is a large finite number in both.
+        With a boolean `mask` [N], only the vignettes it marks count (a resample without one gives NaN)."""
         col = self.p[:, FOUNDATIONS.index(f)]
-        return math.log(max(col.mean(), FLOOR)) if idx is None else np.log(np.maximum(col[idx].mean(-1), FLOOR))
+        if idx is None:
+            sel = col if mask is None else col[mask]
+            return math.log(max(sel.mean(), FLOOR)) if sel.size else math.nan
+        if mask is None:
+            return np.log(np.maximum(col[idx].mean(-1), FLOOR))
+        w = mask[idx]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.log(np.maximum((col[idx] * w).sum(-1) / w.sum(-1), FLOOR))
 
     def coherence(self, idx: np.ndarray | None = None) -> np.ndarray | float:
         return float(self.mass.mean()) if idx is None else self.mass[idx].mean(-1)
+
+    def take(self, ids: list[str]) -> Arm:
+        """The arm on a subset of its vignettes, in the order of `ids` (each must be one of this arm's)."""
+        where = {x: i for i, x in enumerate(self.ids)}
+        missing = [x for x in ids if x not in where]
+        if missing:
+            raise ValueError(f"{len(missing)} vignette(s) not in this arm, e.g. {missing[0]!r}")
+        keep = np.array([where[x] for x in ids], dtype=int)
+        pc = None if self.p_cal is None else self.p_cal[keep]
+        return Arm(self.p[keep], self.mass[keep], [self.labels[i] for i in keep], list(ids), pc)
 
 
 def resamples(n: int, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
@@ -89,14 +134,44 @@ def ratio(num: float, num_b: np.ndarray, den: float, den_b: np.ndarray, scale: f
         return est(scale * num / den, scale * num_b / den_b)
 
 
-def paired_deltas(arm: Arm, base: Arm, trait: str, idx: np.ndarray, steered: Arm | None = None) -> dict:
-    """dTrait, dCoh (and retain against `steered`, slope = 100 dCoh / dTrait) with paired bootstrap intervals."""
+def shift(kind: str, arm: Arm, base: Arm, target: str, idx: np.ndarray) -> tuple[float, np.ndarray] | None:
+    """One of the TRAITS' shift against base and its value on each resample of `idx` ([B]; NaN where a
+    resample holds no vignette of a subset `disc` needs). None when the arms cannot give it: no calibrated
+    distribution recorded (cal, disc), or no vignette labelled with the target, or only such (disc)."""
     check_paired(arm, base)
-    dt = arm.trait(trait) - base.trait(trait)
-    dt_b = arm.trait(trait, idx) - base.trait(trait, idx)
+    if kind not in TRAITS:
+        raise ValueError(f"trait kind {kind!r}; valid: {', '.join(TRAITS)}")
+    a, b = (arm, base) if kind == "raw" else (arm.cal, base.cal)
+    if a is None or b is None:
+        return None
+    if kind != "disc":
+        return a.trait(target) - b.trait(target), a.trait(target, idx) - b.trait(target, idx)
+    on = np.array([lab == target for lab in base.labels])
+    if not on.any() or on.all():
+        return None
+
+    def did(ix):
+        d_on = a.trait(target, ix, on) - b.trait(target, ix, on)
+        return d_on - (a.trait(target, ix, ~on) - b.trait(target, ix, ~on))
+
+    return did(None), did(idx)
+
+
+def shift_est(kind: str, arm: Arm, base: Arm, target: str, idx: np.ndarray) -> dict | None:
+    """`shift` as {est, lo, hi} (None when it is not defined for these arms)."""
+    s = shift(kind, arm, base, target, idx)
+    return None if s is None else est(*s)
+
+
+def paired_deltas(arm: Arm, base: Arm, trait: str, idx: np.ndarray, steered: Arm | None = None) -> dict:
+    """dTrait, dCoh (and retain against `steered`, slope = 100 dCoh / dTrait) with paired bootstrap intervals,
+    and the calibrated and discriminative shifts dTrait_cal, dTrait_disc (None where not defined)."""
+    check_paired(arm, base)
+    dt, dt_b = shift("raw", arm, base, trait, idx)
     dc = arm.coherence() - base.coherence()
     dc_b = arm.coherence(idx) - base.coherence(idx)
     out = {"dTrait": est(dt, dt_b), "dCoh": est(dc, dc_b), "slope": ratio(dc, dc_b, dt, dt_b, 100)}
+    out |= {f"dTrait_{k}": shift_est(k, arm, base, trait, idx) for k in TRAITS[1:]}
     if steered is not None:
         ds = steered.trait(trait) - base.trait(trait)
         out["retain"] = ratio(dt, dt_b, ds, steered.trait(trait, idx) - base.trait(trait, idx))
@@ -147,16 +222,12 @@ def labelled_split(arm: Arm, base: Arm, target: str, idx_seed: int = 0) -> dict:
         if mask.sum() < 2:
             out[name] = None
             continue
-        sub_a, sub_b = _subset(arm, mask), _subset(base, mask)
+        ids = [x for x, m in zip(base.ids, mask) if m]
+        sub_a, sub_b = arm.take(ids), base.take(ids)
         idx = resamples(int(mask.sum()), seed=idx_seed)
         out[name] = est(sub_a.trait(target) - sub_b.trait(target), sub_a.trait(target, idx) - sub_b.trait(target, idx))
         out[name]["n"] = int(mask.sum())
     return out
-
-
-def _subset(arm: Arm, mask: np.ndarray) -> Arm:
-    keep = np.flatnonzero(mask)
-    return Arm(arm.p[keep], arm.mass[keep], [arm.labels[i] for i in keep], [arm.ids[i] for i in keep])
 
 
 # ---------------------------------------------------------------- the random null
@@ -176,6 +247,24 @@ def null_position(value: float, null: list[float], sign: int) -> dict:
         "null_hi": hi,
         "n_null": int(x.size),
     }
+
+
+def null_range(values: np.ndarray, draws: np.ndarray, n_boot: int = N_BOOT, seed: int = 0) -> dict:
+    """The null's 95 % range (2.5th and 97.5th percentile of the directions' shifts `values` [D]) with an
+    interval for each end, from a two-level bootstrap: every draw resamples the D directions with
+    replacement and takes each chosen direction's shift on one shared vignette resample (`draws` [D, B]:
+    direction d's shift on vignette resample b), so both the choice of directions and of vignettes count."""
+    values, draws = np.asarray(values, dtype=np.float64), np.asarray(draws, dtype=np.float64)
+    n_dir, n_vig = draws.shape
+    a = (1 - LEVEL) / 2
+    g = np.random.default_rng(seed)
+    cols = g.integers(0, n_vig, size=n_boot)
+    picked = draws[g.integers(0, n_dir, size=(n_boot, n_dir)), cols[:, None]]  # [n_boot, D]
+    with warnings.catch_warnings():  # a vignette resample without a target-labelled vignette: all NaN (disc)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lo_b, hi_b = np.nanquantile(picked, a, axis=1), np.nanquantile(picked, 1 - a, axis=1)
+    return {"lo": float(np.quantile(values, a)), "hi": float(np.quantile(values, 1 - a)),
+            "lo_ci": list(interval(lo_b)), "hi_ci": list(interval(hi_b)), "n": int(n_dir)}  # fmt: skip
 
 
 # ---------------------------------------------------------------- the frontier
