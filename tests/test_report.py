@@ -62,6 +62,13 @@ def test_deltas_retain_and_slope():
         ([(-4.5, 0.69)], {}, "INCONCLUSIVE"),  # moved the wrong way
         ([(-5.08, 0.69)], {}, "INCONCLUSIVE"),  # beyond 0, but inside the null's 95% range (down to -0.09)
         (
+            [(-5.08, 0.69)],
+            {"disc": 0.02},
+            "INCONCLUSIVE: auth_nats -0.080 nats vs base (expected sign -1), coherence 0.690; its 95% interval "
+            "[-0.100, -0.060] overlaps the random null's 95% range [-0.092, +0.292] (4 directions); discriminative "
+            "+0.020 [-0.030, +0.070] (includes 0 or the wrong way: no sign that the judgement moved)",
+        ),  # inside the null, and the discriminative shift says why it is no claim either
+        (
             [(-5.5, 0.65)],
             {"null": None},
             "INCONCLUSIVE: auth_nats -0.500 nats vs base (expected sign -1), "

@@ -269,3 +269,31 @@ def test_results_reads_the_frontier_advantages(fast_run, tmp_path):
     (tmp_path / "a" / "frontier.json").write_text(json.dumps(doc))
     rows = ledger.with_frontier(ledger.read(tmp_path / "results.jsonl"), tmp_path / "results.jsonl")
     assert rows[0]["A_steer"] == 0.1 and rows[0]["A_steer_disc"] == -0.2 and rows[0]["A_prompt_disc"] == 0.05
+
+
+def test_frontier_seeds_tables_arms_and_advantages_across_runs(capsys, tmp_path):
+    """Two synthetic frontiers: each arm's shifts and each round's advantages become mean and t-interval."""
+
+    def doc(name, shift, adv):
+        rows = [{"arm": "base", "kind": "base", "dTrait": 0.0, "dTrait_cal": 0.0, "dTrait_disc": 0.0, "dCoh": 0.0},
+                {"arm": "healed r0", "kind": "healed", "dTrait": shift, "dTrait_cal": shift / 2, "dTrait_disc": 0.0,
+                 "dCoh": -0.1}]  # fmt: skip
+        rows += [{"arm": f"random {i}", "kind": "random", "dTrait": x, "dTrait_cal": x, "dTrait_disc": x / 10,
+                  "n_vignettes": 35} for i, x in enumerate((-0.3, 0.1, 0.4))]  # fmt: skip
+        a = [{"round": 0, "steer": {"est": adv}, "prompt": None}]
+        by = {k: {"coherence": a, "ref_nll": a} for k in ("raw", "cal", "disc")}
+        return {"run": name, "trait_key": "auth_nats", "n": 140, "rows": rows, "advantage_by_trait": by}
+
+    for name, shift, adv in (("s0", -0.5, 0.1), ("s1", -0.7, 0.3)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "frontier.json").write_text(json.dumps(doc(name, shift, adv)))
+    code, out, err = _command(capsys, "frontier_seeds", tmp_path / "s0", tmp_path / "s1", "--out", tmp_path / "f.json")
+    assert code == 0, err
+    res = json.loads((tmp_path / "f.json").read_text())
+    healed = next(x for x in res["arms"] if x["arm"] == "healed r0")
+    assert healed["n"] == 2 and healed["dTrait"]["mean"] == pytest.approx(-0.6)
+    assert healed["dTrait_cal"]["mean"] == pytest.approx(-0.3) and healed["dTrait_disc"]["mean"] == 0.0
+    assert res["advantage"][0]["A_steer"]["mean"] == pytest.approx(0.2) and res["advantage"][0]["A_prompt"]["n"] == 0
+    assert res["null"][0]["directions"] == 3 and "n = 2 < 3 runs" in out
+    code, _, err = _command(capsys, "frontier_seeds", tmp_path / "nope")
+    assert code == 2 and "no frontier.json" in err

@@ -306,14 +306,19 @@ def verdict(
     head = f"{trait_key} {dt:+.3f} nats vs base (expected sign {sign:+d}), coherence {c:.3f}"
     if raw is None or not raw.ok:
         return f"INCONCLUSIVE: {head}; no interval recorded{tail}"
+    # what the calibrated and discriminative shifts say, on every verdict that gets this far
+    also = "".join(f"; {name} {x.text()}" for name, x in (("calibrated", cal), ("discriminative", disc))
+                   if x is not None and x.ok)  # fmt: skip
+    if disc is not None and disc.ok and disc.worst(sign) <= 0:
+        also += " (includes 0 or the wrong way: no sign that the judgement moved)"
     ci = f"its 95% interval [{raw.ci[0]:+.3f}, {raw.ci[1]:+.3f}]"
     if raw.worst(sign) <= 0:
-        return f"INCONCLUSIVE: {head}; {ci} includes 0 or the wrong way{tail}"
+        return f"INCONCLUSIVE: {head}; {ci} includes 0 or the wrong way{also}{tail}"
     if not raw.null:
-        return f"INCONCLUSIVE: {head}; {ci} excludes 0, but no random null was measured (--null-vectors 0){tail}"
+        return f"INCONCLUSIVE: {head}; {ci} excludes 0, but no random null was measured (--null-vectors 0){also}{tail}"
     inside, rng = raw.inside_null(sign)
     if inside:
-        return f"INCONCLUSIVE: {head}; {ci} overlaps the random null's 95% range {rng}{tail}"
+        return f"INCONCLUSIVE: {head}; {ci} overlaps the random null's 95% range {rng}{also}{tail}"
     moved = f"{trait_key} {raw.text()} nats vs base in the expected direction, beyond the random null's 95% range {rng}"
     moved += f"; calibrated {cal.text()}" if cal is not None and cal.ok else ""
     if disc is None or not disc.ok:

@@ -232,7 +232,9 @@ def finish(s: Session, rec: Recorder, stop: Stop | None, t0: float) -> int:
     ledger.append(Path(s.cfg.out_dir) / "results.jsonl", ledger.row(rep.info, rep.verdict))
     print("\n" + rep.text())
     expect = (
-        f"trait moves in the persona's direction (sign {s.persona.sign:+d}) with coherence >= {s.cfg.coh_floor:.2f}"
+        f"trait moves in the persona's direction (sign {s.persona.sign:+d}) beyond the random null, more on the "
+        f"{s.persona.trait}-labelled vignettes than on the rest (discriminative shift beyond 0 and its null), with "
+        f"coherence >= {s.cfg.coh_floor:.2f}"
     )
     logger.info(f"expected: PASS: {expect}")
     print(f"{rep.verdict}\nrun directory: {rd.root}  ({time.time() - t0:.0f} s)")

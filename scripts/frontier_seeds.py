@@ -1,0 +1,117 @@
+"""Frontiers of several seeds side by side: every arm's raw, calibrated and discriminative shift, and every
+healed round's advantages, as mean and 95 % t-interval across the runs (one run per seed).
+
+    uv run python scripts/frontier_seeds.py out/<run s0> out/<run s1> out/<run s2> [--out FILE]
+
+Reads <run>/frontier.json (scripts/diag_frontier.py) of each run. Arms are matched by name ("steer c=1",
+"prompt 3", "healed r1"); null_pct / null_pct_disc = the share of the run's random directions whose raw /
+discriminative shift the arm's lies beyond in the persona's direction; the random directions themselves
+are summarised per run by their 95 % range (2.5th and 97.5th percentile over the directions). A
+t-interval over fewer than 3 runs is not a claim (flagged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from tabulate import tabulate
+
+from steer_heal import stats
+from steer_heal.cli import cli
+from steer_heal.errors import UserError
+from steer_heal.rundir import atomic_write_json
+
+SHIFTS = ("dTrait", "dTrait_cal", "dTrait_disc", "dCoh", "dPrior", "null_pct", "null_pct_disc")
+TRAIT_KINDS = ("raw", "cal", "disc")
+
+
+def load(run: Path) -> dict:
+    path = run / "frontier.json" if run.is_dir() else run
+    if not path.is_file():
+        raise UserError(f"{run}: no frontier.json; run scripts/diag_frontier.py on it first")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def cell(t: dict, spec: str = "+.3f") -> str:
+    """'-0.548 [-0.773, -0.323]' (mean and 95 % t-interval), the mean alone for one run."""
+    if t["mean"] is None:
+        return ""
+    if t["lo"] is None:
+        return format(t["mean"], spec)
+    return f"{t['mean']:{spec}} [{t['lo']:{spec}}, {t['hi']:{spec}}]"
+
+
+def arm_table(docs: list[dict]) -> list[dict]:
+    """Per non-random arm (in the first run's order): each shift's t-interval across the runs."""
+    out = []
+    for name in [r["arm"] for r in docs[0]["rows"] if r["kind"] != "random"]:
+        rows = [next((r for r in d["rows"] if r["arm"] == name), None) for d in docs]
+        rows = [r for r in rows if r is not None]
+        out.append({"arm": name, "n": len(rows), **{k: stats.t_interval([r.get(k) for r in rows]) for k in SHIFTS}})
+    return out
+
+
+def null_table(docs: list[dict]) -> list[dict]:
+    """Per run: the random directions' 95 % range of each trait kind, and how many directions there were."""
+    out = []
+    for d in docs:
+        rand = [r for r in d["rows"] if r["kind"] == "random"]
+        rec = {"run": d["run"], "directions": len(rand), "vignettes": rand[0]["n_vignettes"] if rand else None}
+        for k in ("dTrait", "dTrait_cal", "dTrait_disc"):
+            xs = np.array([r[k] for r in rand if r.get(k) is not None])
+            rec[k] = f"[{np.quantile(xs, 0.025):+.3f}, {np.quantile(xs, 0.975):+.3f}]" if xs.size else ""
+        out.append(rec)
+    return out
+
+
+def advantage_table(docs: list[dict]) -> list[dict]:
+    """Per healed round, trait kind and axis: A_steer and A_prompt across the runs."""
+    out = []
+    rounds = sorted({a["round"] for d in docs for a in d["advantage_by_trait"]["raw"]["coherence"]})
+    for r in rounds:
+        for kind in TRAIT_KINDS:
+            for axis in ("coherence", "ref_nll"):
+                rec = {"round": r, "trait": kind, "axis": axis}
+                for k in ("steer", "prompt"):
+                    vals = []
+                    for d in docs:
+                        adv = (d.get("advantage_by_trait", {}).get(kind) or {}).get(axis) or []
+                        a = next((x for x in adv if x["round"] == r), None)
+                        vals.append((a.get(k) or {}).get("est") if a else None)
+                    rec[f"A_{k}"] = stats.t_interval(vals)
+                out.append(rec)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", type=Path, nargs="+", help="run directories (or frontier.json files), one per seed")
+    ap.add_argument("--out", type=Path, help="write the tables as JSON here")
+    a = ap.parse_args(argv)
+    docs = [load(r) for r in a.runs]
+    keys = {(d["trait_key"], d["n"]) for d in docs}
+    if len(keys) > 1:
+        raise UserError(f"the runs' frontiers differ in trait or vignette count: {sorted(keys)}")
+    arms, null, adv = arm_table(docs), null_table(docs), advantage_table(docs)
+    tk = docs[0]["trait_key"]
+    names = ", ".join(d["run"] for d in docs)
+    print(f"{len(docs)} runs: {names}; {tk}, {docs[0]['n']} vignettes; mean [95% t-interval]\n")
+    print(tabulate([{"arm": x["arm"], "n": x["n"], **{k: cell(x[k]) for k in SHIFTS}} for x in arms],
+                   headers="keys", tablefmt="github"))  # fmt: skip
+    print("\nrandom null per run (95% range over the directions):")
+    print(tabulate(null, headers="keys", tablefmt="github"))
+    print("\nadvantages per healed round (nats beyond the curve at matched coherence / capability tax):")
+    print(tabulate([{**{k: x[k] for k in ("round", "trait", "axis")}, "A_steer": cell(x["A_steer"]),
+                     "A_prompt": cell(x["A_prompt"])} for x in adv], headers="keys", tablefmt="github"))  # fmt: skip
+    if len(docs) < 3:
+        print(f"\nn = {len(docs)} < 3 runs: the intervals are not a claim")
+    if a.out:
+        atomic_write_json(a.out, {"runs": [d["run"] for d in docs], "arms": arms, "null": null, "advantage": adv})
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)
