@@ -59,6 +59,15 @@ collapse RUN *ARGS:
 frontier RUN *ARGS:
     HF_HUB_OFFLINE=1 uv run python scripts/diag_frontier.py {{RUN}} {{ARGS}}
 
+# `just seeds out/r_s0 out/r_s1 out/r_s2`: raw / calibrated / discriminative shift per arm, advantages per round.
+# Several seeds' frontiers side by side, as mean and 95% t-interval across the runs.
+seeds *RUNS:
+    uv run python scripts/frontier_seeds.py {{RUNS}}
+
+# Is the null's vignette subset enough? The run's random directions scored again on every vignette.
+null RUN *ARGS:
+    HF_HUB_OFFLINE=1 uv run python scripts/diag_null.py {{RUN}} {{ARGS}}
+
 # Seeds: every headline figure per arm with n, mean +- sd and a 95% t-interval (flags arms with n < 3).
 results *ARGS:
     uv run python scripts/results.py {{ARGS}}

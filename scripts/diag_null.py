@@ -31,7 +31,7 @@ from steer_heal.cli import cli, positive_int
 from steer_heal.data import read_jsonl
 from steer_heal.errors import UserError
 from steer_heal.evaluate import Scored
-from steer_heal.records import NULL_KEYS
+from steer_heal.records import null_key
 from steer_heal.rundir import atomic_write_json
 
 
@@ -42,10 +42,15 @@ def compare(sub: dict[str, np.ndarray], full: dict[str, np.ndarray], sub_draws, 
         s, f = sub[kind], full[kind]
         rs, rf = (stats.null_range(x, d, n_boot, seed) for x, d in ((s, sub_draws[kind]), (f, full_draws[kind])))
         inside = {end: rs[f"{end}_ci"][0] <= rf[end] <= rs[f"{end}_ci"][1] for end in ("lo", "hi")}
-        out[kind] = {"subset": rs, "full": rf, "full_inside_subset_ci": inside,
-                     "corr": float(np.corrcoef(s, f)[0, 1]), "mean_abs_diff": float(np.abs(s - f).mean()),
-                     "max_abs_diff": float(np.abs(s - f).max()), "per_direction": {"subset": s.tolist(),
-                     "full": f.tolist()}}  # fmt: skip
+        out[kind] = {
+            "subset": rs,
+            "full": rf,
+            "full_inside_subset_ci": inside,
+            "corr": float(np.corrcoef(s, f)[0, 1]),
+            "mean_abs_diff": float(np.abs(s - f).mean()),
+            "max_abs_diff": float(np.abs(s - f).max()),
+            "per_direction": {"subset": s.tolist(), "full": f.tolist()},
+        }
     return out
 
 
@@ -94,7 +99,7 @@ def main(argv: list[str]) -> int:
         for sd in tqdm(seeds, desc="full set", leave=False):
             full_evs.append(s.evaluate(extract.random_like(v0, sd), c, desc=f"full {sd}", references=False))
         t["full"] = (time.time() - t0) / n
-    saved = null[NULL_KEYS["raw"]][:n]
+    saved = null[null_key("raw")][:n]
     sub, sub_d = shifts(sub_evs, base, target, nb, seed)
     if not np.allclose(sub["raw"], saved, atol=1e-4):
         raise UserError(f"{run.rd.root}: the directions re-scored on the subset do not reproduce the run's null "

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tabulate import tabulate
 
-from steer_heal import stats
+from steer_heal import ledger, stats
 from steer_heal.cli import cli
 from steer_heal.errors import UserError
 from steer_heal.rundir import atomic_write_json
@@ -59,7 +59,7 @@ def null_table(docs: list[dict]) -> list[dict]:
     out = []
     for d in docs:
         rand = [r for r in d["rows"] if r["kind"] == "random"]
-        rec = {"run": d["run"], "directions": len(rand), "vignettes": rand[0]["n_vignettes"] if rand else None}
+        rec = {"run": d["run"], "directions": len(rand), "vignettes": rand[0].get("n_vignettes") if rand else None}
         for k in ("dTrait", "dTrait_cal", "dTrait_disc"):
             xs = np.array([r[k] for r in rand if r.get(k) is not None])
             rec[k] = f"[{np.quantile(xs, 0.025):+.3f}, {np.quantile(xs, 0.975):+.3f}]" if xs.size else ""
@@ -69,19 +69,16 @@ def null_table(docs: list[dict]) -> list[dict]:
 
 def advantage_table(docs: list[dict]) -> list[dict]:
     """Per healed round, trait kind and axis: A_steer and A_prompt across the runs."""
-    out = []
-    rounds = sorted({a["round"] for d in docs for a in d["advantage_by_trait"]["raw"]["coherence"]})
+    out, by_trait = [], [ledger.advantages_by_trait(d) for d in docs]
+    rounds = sorted({a["round"] for b in by_trait for axes in b.values() for adv in axes.values() for a in adv})
     for r in rounds:
         for kind in TRAIT_KINDS:
             for axis in ("coherence", "ref_nll"):
                 rec = {"round": r, "trait": kind, "axis": axis}
                 for k in ("steer", "prompt"):
-                    vals = []
-                    for d in docs:
-                        adv = (d.get("advantage_by_trait", {}).get(kind) or {}).get(axis) or []
-                        a = next((x for x in adv if x["round"] == r), None)
-                        vals.append((a.get(k) or {}).get("est") if a else None)
-                    rec[f"A_{k}"] = stats.t_interval(vals)
+                    found = [next((a for a in (b.get(kind) or {}).get(axis) or [] if a["round"] == r), None)
+                             for b in by_trait]  # fmt: skip
+                    rec[f"A_{k}"] = stats.t_interval([(a.get(k) or {}).get("est") if a else None for a in found])
                 out.append(rec)
     return out
 

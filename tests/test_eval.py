@@ -172,13 +172,22 @@ def test_calibration_divides_out_the_content_free_prior():
     """p_cal = p / q renormalised per order: a vignette answered exactly like the content-free prompt comes
     out uniform, and a logit bias the same on every input leaves p_cal unchanged."""
     prior = torch.randn(3, 2, 7, generator=torch.Generator().manual_seed(1))
-    q = evaluate.content_free_prior(prior).float()  # [2, 7]
+    q = evaluate.content_free_prior(prior)  # [2, 7]
     like_prior = q.log()[None] - 1.0  # answers in the prior's proportions, mass e^-1
-    assert torch.allclose(evaluate.calibrate(like_prior, prior), torch.full((1, 7), 1 / 7), atol=1e-6)
+    assert torch.allclose(evaluate.calibrate(like_prior, prior), torch.full((1, 2, 7), 1 / 7, dtype=q.dtype))
     logp, _ = _labelled_logp()
     bias = torch.zeros(7)
     bias[data.FOUNDATIONS.index("Authority")] = -1.5
-    assert torch.allclose(evaluate.calibrate(logp + bias, prior + bias), evaluate.calibrate(logp, prior), atol=1e-6)
+    assert torch.allclose(evaluate.calibrate(logp + bias, prior + bias), evaluate.calibrate(logp, prior))
+
+
+def test_log_odds_move_by_exactly_a_logit_bias_however_confident_the_model():
+    """l = log(p / (1 - p)) of a softmax: a bias b on one logit moves that answer's log-odds by b, at p = 0.01 or
+    p = 0.99 alike (log p itself would move by ~b at the first and ~0 at the second)."""
+    logits = torch.tensor([[-4.0, 0.0, 0.0], [5.0, 0.0, 0.0]], dtype=torch.float64)
+    bias = torch.tensor([1.3, 0.0, 0.0], dtype=torch.float64)
+    lo = lambda z: evaluate.log_odds(torch.softmax(z, -1))[:, 0]  # noqa: E731
+    assert torch.allclose(lo(logits + bias) - lo(logits), torch.full((2,), 1.3, dtype=torch.float64))
 
 
 def _arms(logp, prior, vigs):
@@ -211,7 +220,15 @@ def test_a_prior_shift_moves_the_raw_trait_only_and_a_judgement_shift_moves_the_
     judged[on, :, j] -= 1.5
     _, moved_judgement = _arms(judged, prior, vigs)
     e = stats.shift_est("disc", moved_judgement, base, "Authority", idx)
-    assert e["est"] < -0.5 and e["hi"] < 0
+    assert e["est"] == pytest.approx(-1.5, abs=1e-5) and e["hi"] < 0  # a logit bias on those vignettes only
+    # a prior that moves more in context than out of it (calibration under-corrects): a bias left on the calibrated
+    # logit of every vignette, the confident ones too, still gives a discriminative shift of exactly 0
+    confident = logp.clone()
+    confident[on, :, j] += 6.0  # the model is sure about the Authority vignettes
+    _, base_c = _arms(confident, prior, vigs)
+    _, left_over = _arms(confident + bias, prior, vigs)
+    assert stats.shift("cal", left_over, base_c, "Authority", idx)[0] < -0.3  # the calibrated trait does move
+    assert abs(stats.shift("disc", left_over, base_c, "Authority", idx)[0]) < 1e-5
 
 
 def test_a_model_whose_answer_word_prior_shifts_has_no_discriminative_shift(tiny):

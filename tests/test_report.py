@@ -11,10 +11,10 @@ from steer_heal.records import RoundRecord, RunInfo, deltas, run_verdict, slope
 
 
 def _run(tmp_path, rounds, base=(-5.0, 0.7), stop=None, floor=0.5, half_width=0.02, null=(0.2, -0.1, 0.3, 0.0),
-         disc="same", null_disc=(0.05, -0.05, 0.1, 0.0)):  # fmt: skip
+         disc="same", null_disc=(0.05, -0.05, 0.1, 0.0), cal="same"):  # fmt: skip
     """A run directory whose events hold a config, a base eval, a random null and one round record per
-    (trait, coherence), its healed shift with a +-half_width interval, and its discriminative shift `disc`
-    ("same" = the raw shift, None = not measured) with a +-0.05 interval."""
+    (trait, coherence), its healed shift with a +-half_width interval, and its discriminative and calibrated
+    shifts `disc`, `cal` ("same" = the raw shift, None = not measured) with +-0.05 intervals."""
     root = tmp_path / "run"
     root.mkdir()
     ev = events.Events(root / "events.jsonl")
@@ -28,11 +28,14 @@ def _run(tmp_path, rounds, base=(-5.0, 0.7), stop=None, floor=0.5, half_width=0.
         steered = {"auth_nats": trait - 1.0, "coherence": coh - 0.2}
         d = trait - base[0]
         dd = d if disc == "same" else disc
+        dc = d if cal == "same" else cal
         ci = {"dtrait_healed": [d - half_width, d + half_width]}
         if dd is not None:
             ci["dtrait_disc_healed"] = [dd - 0.05, dd + 0.05]
+        if dc is not None:
+            ci["dtrait_cal_healed"] = [dc - 0.05, dc + 0.05]
         rec = RoundRecord.build(r, b, steered, {"auth_nats": trait, "coherence": coh}, "auth_nats", kappa=1.0, ci=ci,
-                                dtrait_disc_healed=dd)  # fmt: skip
+                                dtrait_disc_healed=dd, dtrait_cal_healed=dc)  # fmt: skip
         ev.emit("round", r, **rec.fields())
     if stop:
         ev.emit("stop", len(rounds), reason=stop, code=3)
@@ -58,12 +61,14 @@ def test_deltas_retain_and_slope():
         ([(-5.5, 0.65)], {"disc": -0.1, "null_disc": (0.0, -0.2, 0.1)}, "INCONCLUSIVE"),  # inside the disc null
         ([(-5.5, 0.65)], {"disc": -0.1, "null_disc": None}, "PASS"),  # no disc null recorded: 0 is the bar
         ([(-5.5, 0.65)], {"disc": None}, "INCONCLUSIVE"),  # no discriminative shift measured: no claim
+        ([(-5.5, 0.65)], {"cal": 0.2}, "INCONCLUSIVE"),  # the judgement moved, the calibrated trait the other way
+        ([(-5.5, 0.65)], {"cal": None}, "INCONCLUSIVE"),  # no calibrated shift measured
         ([(-5.02, 0.69)], {}, "INCONCLUSIVE"),  # the interval includes 0
         ([(-4.5, 0.69)], {}, "INCONCLUSIVE"),  # moved the wrong way
         ([(-5.08, 0.69)], {}, "INCONCLUSIVE"),  # beyond 0, but inside the null's 95% range (down to -0.09)
         (
             [(-5.08, 0.69)],
-            {"disc": 0.02},
+            {"disc": 0.02, "cal": None},
             "INCONCLUSIVE: auth_nats -0.080 nats vs base (expected sign -1), coherence 0.690; its 95% interval "
             "[-0.100, -0.060] overlaps the random null's 95% range [-0.092, +0.292] (4 directions); discriminative "
             "+0.020 [-0.030, +0.070] (includes 0 or the wrong way: no sign that the judgement moved)",
@@ -89,7 +94,8 @@ def test_report_builds_tables_and_figure(tmp_path):
     root = _run(tmp_path, [(-5.5, 0.65), (-6.0, 0.6)])
     rep = report.build(root)
     assert rep.verdict.startswith("PASS: auth_nats -1.000")
-    assert "discriminative -1.000 [-1.050, -0.950] excludes 0, beyond the null's" in rep.verdict
+    judged = "; calibrated -1.000 [-1.050, -0.950]; discriminative -1.000 [-1.050, -0.950] excludes 0, beyond"
+    assert judged in rep.verdict
     assert "-1.000 [-1.020, -0.980]" in rep.table  # the interval printed next to the estimate
     rows = report.summary_rows(rep.info)
     assert [(r["round"], r["model"]) for r in rows] == [("base", "base"), (0, "steered"), (0, "healed"),

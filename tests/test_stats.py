@@ -87,29 +87,45 @@ def test_specificity_and_anti_steerable():
     assert stats.anti_steerable(base, arm, "Authority", -1) == 1.0  # the reverse move is the wrong way everywhere
 
 
-def _calibrated(arm: stats.Arm) -> stats.Arm:
-    return stats.Arm(arm.p, arm.mass, arm.labels, arm.ids, p_cal=arm.p.copy())
+def _calibrated(arm: stats.Arm, lodds: np.ndarray | None = None) -> stats.Arm:
+    lo = np.log(arm.p) - np.log1p(-arm.p) if lodds is None else lodds
+    return stats.Arm(arm.p, arm.mass, arm.labels, arm.ids, p_cal=arm.p.copy(), lodds=lo)
 
 
-def test_discriminative_shift_is_the_difference_in_differences():
-    """Halving p(Authority) on the Authority-labelled vignettes only: disc = log 0.5 exactly (on every resample
-    holding such a vignette); halving it everywhere: disc = 0 while the calibrated shift is log 0.5."""
+def test_discriminative_shift_is_the_difference_in_differences_of_log_odds():
+    """Target log-odds up by 0.7 on the Authority-labelled vignettes only: disc = 0.7 exactly, on every resample
+    holding one; up by 0.7 everywhere: disc = 0. Unlabelled vignettes count in neither group."""
     base = _calibrated(_arm(3, n=70))
     on = np.array([lab == "Authority" for lab in base.labels])
     j = FOUNDATIONS.index("Authority")
-    only_on = base.p.copy()
-    only_on[on, j] *= 0.5
-    everywhere = base.p.copy()
-    everywhere[:, j] *= 0.5
+    only_on, everywhere = base.lodds.copy(), base.lodds.copy()
+    only_on[on, j] += 0.7
+    everywhere[:, j] += 0.7
     idx = stats.resamples(70, 300, 1)
-    d = stats.shift("disc", _calibrated(stats.Arm(only_on, base.mass, base.labels, base.ids)), base, "Authority", idx)
-    assert d[0] == pytest.approx(math.log(0.5)) and np.nanmax(np.abs(d[1] - math.log(0.5))) < 1e-9
-    arm = _calibrated(stats.Arm(everywhere, base.mass, base.labels, base.ids))
-    assert stats.shift("disc", arm, base, "Authority", idx)[0] == pytest.approx(0.0, abs=1e-12)
-    assert stats.shift("cal", arm, base, "Authority", idx)[0] == pytest.approx(math.log(0.5))
+    d = stats.shift("disc", _calibrated(base, only_on), base, "Authority", idx)
+    assert d[0] == pytest.approx(0.7) and np.nanmax(np.abs(d[1] - 0.7)) < 1e-9
+    d = stats.shift("disc", _calibrated(base, everywhere), base, "Authority", idx)
+    assert d[0] == pytest.approx(0.0, abs=1e-12)
     assert stats.shift("disc", _arm(3, n=70), _arm(3, n=70), "Authority", idx) is None  # not calibrated: None
-    unlabelled = stats.Arm(base.p, base.mass, [None] * 70, base.ids, base.p)
+    # half the "rest" unlabelled and moved a lot: they do not enter the difference
+    labels = [lab if lab == "Authority" or i % 2 else None for i, lab in enumerate(base.labels)]
+    part = stats.Arm(base.p, base.mass, labels, base.ids, base.p, base.lodds)
+    moved = base.lodds.copy()
+    moved[[lab is None for lab in labels], j] += 5.0
+    arm = stats.Arm(base.p, base.mass, labels, base.ids, base.p, moved)
+    assert stats.shift("disc", arm, part, "Authority", idx)[0] == pytest.approx(0.0, abs=1e-12)
+    unlabelled = stats.Arm(base.p, base.mass, [None] * 70, base.ids, base.p, base.lodds)
     assert stats.shift("disc", unlabelled, unlabelled, "Authority", idx) is None
+
+
+def test_calibrated_shift_reads_the_calibrated_distribution():
+    base = _calibrated(_arm(5, n=70))
+    p = base.p.copy()
+    p[:, FOUNDATIONS.index("Authority")] *= 0.5
+    arm = stats.Arm(base.p, base.mass, base.labels, base.ids, p_cal=p, lodds=base.lodds)
+    idx = stats.resamples(70, 100, 0)
+    assert stats.shift("cal", arm, base, "Authority", idx)[0] == pytest.approx(math.log(0.5))
+    assert stats.shift("raw", arm, base, "Authority", idx)[0] == 0.0
 
 
 def test_take_keeps_the_named_vignettes_in_order():

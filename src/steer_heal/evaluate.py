@@ -30,6 +30,12 @@ Reported beside the raw metrics:
   <f>_nats_cal     log(mean over vignettes of p_cal[:, f])                          [calibrated trait]
   <f>_prior_nats   log(mean over orders of q_o[f]): the content-free prior itself
   acc_cal          top-1 agreement of p_cal with the labels                         [higher = better]
+and per vignette, besides p_cal (pc_<f>), the calibrated log-odds of each answer (lodds_<f>):
+
+    l[i, f] = mean_o log(p_cal[i, o, f] / (1 - p_cal[i, o, f]))
+
+which a logit bias b on answer f shifts by exactly b on every vignette, however confident the model is:
+the scale of the discriminative trait (stats.shift).
 """
 
 from __future__ import annotations
@@ -235,12 +241,18 @@ def content_free_prior(prior: torch.Tensor) -> torch.Tensor:
 
 
 def calibrate(logp: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-    """Contextual calibration of [N, 2, 7] answer log-probs by the content-free ones [K, 2, 7], -> [N, 7]:
-    p_cal[i, o] = softmax(log_softmax(logp[i, o]) - log q_o) with q_o = content_free_prior(prior), then the
-    mean over the two orders o. Identity: adding the same bias b to one label's logit in every row (vignettes
+    """Contextual calibration of [N, 2, 7] answer log-probs by the content-free ones [K, 2, 7], per order,
+    -> [N, 2, 7] (float64): p_cal[i, o] = softmax(log_softmax(logp[i, o]) - log q_o), q_o =
+    content_free_prior(prior). Identity: adding the same bias b to one label's logit in every row (vignettes
     and content-free alike) leaves p_cal exactly unchanged."""
     q = content_free_prior(prior)
-    return F.softmax(F.log_softmax(logp.double(), -1) - q.clamp_min(1e-300).log(), -1).mean(1).float()
+    return F.softmax(F.log_softmax(logp.double(), -1) - q.clamp_min(1e-300).log(), -1)
+
+
+def log_odds(p: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """log(p / (1 - p)), with p clipped to [eps, 1 - eps] so a collapsed answer stays finite (|l| <= 27.6)."""
+    p = p.clamp(eps, 1 - eps)
+    return p.log() - (1 - p).log()
 
 
 def metrics(
@@ -258,9 +270,10 @@ def metrics(
     out["frac_unscorable"] = float((mass < UNSCORABLE).float().mean())
     out["prefill_nll"] = float(prefill_nll.mean())
     out["acc"] = _accuracy(p, vigs)
-    pc = None
+    pc = lodds = None
     if prior is not None:
-        pc = calibrate(logp, prior)
+        pco = calibrate(logp, prior)  # [N, 2, 7]
+        pc, lodds = pco.mean(1).float(), log_odds(pco).mean(1).float()
         q = content_free_prior(prior).mean(0)  # [7]: the prior, both orders
         prof_c = pc.mean(0)
         out |= {cal_key(f"{SHORT[f]}_nats"): _nats(prof_c[i]) for i, f in enumerate(FOUNDATIONS)}
@@ -287,6 +300,7 @@ def metrics(
             "prefill_nll": float(prefill_nll[i].mean()),
             **{f"p_{SHORT[f]}": float(p[i, j]) for j, f in enumerate(FOUNDATIONS)},
             **({f"pc_{SHORT[f]}": float(pc[i, j]) for j, f in enumerate(FOUNDATIONS)} if pc is not None else {}),
+            **({f"lodds_{SHORT[f]}": float(lodds[i, j]) for j, f in enumerate(FOUNDATIONS)} if pc is not None else {}),
             **{f"logp_{SHORT[f]}": [float(logp[i, 0, j]), float(logp[i, 1, j])] for j, f in enumerate(FOUNDATIONS)},
         }
         for i, v in enumerate(vigs)

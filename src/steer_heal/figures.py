@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from steer_heal.records import RunInfo, isfinite  # noqa: E402
+from steer_heal.records import RunInfo, isfinite, null_key  # noqa: E402
 from steer_heal.rundir import atomic_write  # noqa: E402
 
 PRECURSORS = ("coherence", "pr_band", "pr_final", "entropy_mean", "entropy_p5", "amp")
@@ -70,9 +70,9 @@ def _shifts(ax, info: RunInfo) -> None:
     """Each round's healed (and steered) shift against base, raw / calibrated / discriminative, with 95 %
     intervals: did the judgement move, or only the answer word's prior?"""
     rs = [r.round for r in info.rounds]
-    styles = {"dtrait": ("raw", "tab:blue"), "dtrait_cal": ("calibrated", "tab:green"),
-              "dtrait_disc": ("discriminative", "tab:red")}  # fmt: skip
-    for key, (name, color) in styles.items():
+    styles = {"raw": ("raw", "tab:blue"), "cal": ("calibrated", "tab:green"), "disc": ("discriminative", "tab:red")}
+    for kind, (name, color) in styles.items():
+        key = null_key(kind)  # dtrait, dtrait_cal, dtrait_disc: the round record's stems
         for m, style, dx in (("healed", "s-", 0.0), ("steered", "o:", 0.12)):
             ys = [getattr(r, f"{key}_{m}") for r in info.rounds]
             if not any(isfinite(y) for y in ys):

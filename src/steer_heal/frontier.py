@@ -76,16 +76,16 @@ def row(p: Point, base: Scored, target: str, sign: int, idx: np.ndarray, null: d
     d = stats.paired_deltas(p.ev.arm, b, target, ix)
     out = {"arm": p.arm, "kind": p.kind, **p.extra, "n_vignettes": len(p.ev.arm.ids)}
     for k in ("dTrait", "dCoh", "dTrait_cal", "dTrait_disc"):
-        out |= stats.flat(k, d[k]) if d[k] else {k: None}
+        out |= stats.flat(k, d[k]) if d[k] else {k: None}  # None: not measured (an eval without calibration)
     out["coherence"] = p.ev.m["coherence"]
     out["ref_nll"] = p.ev.m.get("ref_nll")
-    bm = base.m if b is base.arm else {}  # a subset arm's prior is compared with nothing measured on it
-    pk = prior_key and p.ev.m.get(prior_key)
-    out["dPrior"] = pk - bm[prior_key] if pk is not None and bm.get(prior_key) is not None else None
-    for kind, key in (("raw", "dTrait"), ("cal", "dTrait_cal"), ("disc", "dTrait_disc")):
-        xs = (null or {}).get(kind)
-        pct = stats.null_position(out[key], xs, sign)["percentile"] if xs and out[key] is not None else None
-        out["null_pct" if kind == "raw" else f"null_pct_{kind}"] = pct
+    # the content-free prior does not depend on which vignettes were scored: comparable for every arm
+    pa, pb = (p.ev.m.get(prior_key), base.m.get(prior_key)) if prior_key else (None, None)
+    out["dPrior"] = pa - pb if pa is not None and pb is not None else None
+    for kind in stats.TRAITS:
+        x, xs = out[f"dTrait{stats.SUFFIX[kind]}"], (null or {}).get(kind)
+        pct = stats.null_position(x, xs, sign)["percentile"] if xs and x is not None else None
+        out[f"null_pct{stats.SUFFIX[kind]}"] = pct
     out |= stats.flat("specificity", stats.specificity(p.ev.arm, b, target, sign, ix))
     out["anti_steerable"] = stats.anti_steerable(p.ev.arm, b, target, sign)
     out["foundations"] = stats.foundation_shifts(p.ev.arm, b, ix)
@@ -118,8 +118,8 @@ def advantages(
             a = stats.advantage(hx, hy, cx, cy)
             cxb = np.stack([xy[id(p)][1] for p in curve], axis=1)  # [B, points]
             cyb = np.stack([xy[id(p)][3] for p in curve], axis=1)
-            a_b = np.array([stats.advantage(hx_b[b], hy_b[b], cxb[b], cyb[b])
-                            if np.isfinite(hy_b[b]) and np.isfinite(cyb[b]).all() else np.nan
+            ok = np.isfinite(hy_b) & np.isfinite(cyb).all(1)  # a draw with no target-labelled vignette: NaN (disc)
+            a_b = np.array([stats.advantage(hx_b[b], hy_b[b], cxb[b], cyb[b]) if ok[b] else np.nan
                             for b in range(len(hx_b))])  # fmt: skip
             rec[k] = stats.est(a, a_b) | {"extrapolated": bool(hx < cx.min() or hx > cx.max())}
         out.append(rec)

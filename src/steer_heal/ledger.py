@@ -123,6 +123,14 @@ def read(path: Path) -> list[dict]:
     return list(by_run.values())
 
 
+def advantages_by_trait(doc: dict) -> dict[str, dict[str, list[dict]]]:
+    """A frontier.json's advantages as {trait kind: {axis: [per healed round]}}; a frontier written before the
+    trait kinds had only the raw trait's, on its --x axis."""
+    if doc.get("advantage_by_trait"):
+        return doc["advantage_by_trait"]
+    return {"raw": {doc.get("x", "coherence"): doc.get("advantage") or []}}
+
+
 def with_frontier(rows: list[dict], ledger_path: Path) -> list[dict]:
     """Add each run's A_steer / A_prompt (raw trait) and A_steer_disc / A_prompt_disc (discriminative trait)
     at matched answer mass from <run>/frontier.json for the run's last round, when that frontier covers that
@@ -134,9 +142,7 @@ def with_frontier(rows: list[dict], ledger_path: Path) -> list[dict]:
         if path.is_file() and r.get("n_rounds_done"):
             doc = json.loads(path.read_text(encoding="utf-8"))
             last = r["n_rounds_done"] - 1
-            by_trait = doc.get("advantage_by_trait") or {}
-            if not by_trait and doc.get("x", "coherence") == "coherence":  # frontiers written before the traits
-                by_trait = {"raw": {"coherence": doc.get("advantage") or []}}
+            by_trait = advantages_by_trait(doc)
             for kind, suffix in (("raw", ""), ("disc", "_disc")):
                 adv = [a for a in (by_trait.get(kind) or {}).get("coherence") or [] if a.get("round") == last]
                 if adv:

@@ -54,8 +54,9 @@ class Recorder:
         atomic_write_jsonl(self.rd.eval_rows(r, which), ev.rows)
         m = ev.m
         cal = m.get(cal_key(self.tk))
+        cal = f" (calibrated {cal:+.3f})" if cal is not None else ""
         logger.info(
-            f"eval r{r} {which}: {self.tk} {m[self.tk]:+.3f} (calibrated {cal:+.3f}), coherence {m['coherence']:.3f}, "
+            f"eval r{r} {which}: {self.tk} {m[self.tk]:+.3f}{cal}, coherence {m['coherence']:.3f}, "
             f"ref_nll {m['ref_nll']:.3f}, acc {m['acc']}"
         )
         self.emit("eval", r, model=which, c=c, vignettes=vignettes, seconds=seconds, **m)

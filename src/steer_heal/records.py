@@ -159,8 +159,10 @@ def prior_key(trait_key: str) -> str:
     return trait_key.replace("_nats", "_prior_nats")
 
 
-# The null event's list of shifts for each trait kind (stats.TRAITS).
-NULL_KEYS = {"raw": "dtrait", "cal": "dtrait_cal", "disc": "dtrait_disc"}
+def null_key(kind: str) -> str:
+    """The null event's list of one trait kind's shifts (dtrait, dtrait_cal, dtrait_disc); the round record's
+    fields of that kind share the stem (dtrait_cal_healed, ...)."""
+    return f"dtrait{stats.SUFFIX[kind]}"
 
 
 def round_stats(base, steered, healed, target: str, sign: int, idx: np.ndarray, null: dict | None) -> dict:
@@ -175,13 +177,13 @@ def round_stats(base, steered, healed, target: str, sign: int, idx: np.ndarray, 
     out = {}
     for kind in stats.TRAITS[1:]:
         for m, d in (("steered", s), ("healed", h)):
-            e = d[f"dTrait_{kind}"]
-            out[f"dtrait_{kind}_{m}"] = e["est"] if e else None
-            ci[f"dtrait_{kind}_{m}"] = pair(e)
+            e = d[f"dTrait{stats.SUFFIX[kind]}"]
+            out[f"{null_key(kind)}_{m}"] = e["est"] if e else None
+            ci[f"{null_key(kind)}_{m}"] = pair(e)
     for kind in stats.TRAITS:
-        est, xs = h["dTrait"]["est"] if kind == "raw" else out[f"dtrait_{kind}_healed"], null_values(null, kind)
-        pct = stats.null_position(est, xs, sign)["percentile"] if xs and isfinite(est) else None
-        out["null_pct" if kind == "raw" else f"null_pct_{kind}"] = pct
+        e, xs = h[f"dTrait{stats.SUFFIX[kind]}"], null_values(null, kind)
+        pct = stats.null_position(e["est"], xs, sign)["percentile"] if xs and e else None
+        out[f"null_pct{stats.SUFFIX[kind]}"] = pct
     return out | {
         "ci": ci,
         "specificity": stats.specificity(healed, base, target, sign, idx)["est"],
@@ -246,7 +248,7 @@ class RunInfo:
 
 def null_values(null: dict | None, kind: str) -> list[float] | None:
     """The random null's shifts of one trait kind (raw, cal, disc), None when none were recorded."""
-    xs = [x for x in (null or {}).get(NULL_KEYS[kind]) or [] if isfinite(x)]
+    xs = [x for x in (null or {}).get(null_key(kind)) or [] if isfinite(x)]
     return xs or None
 
 
@@ -284,16 +286,17 @@ def verdict(
     coh_floor: float,
     stop_reason: str | None,
     raw: Shift | None = None,
-    disc: Shift | None = None,
     cal: Shift | None = None,
+    disc: Shift | None = None,
 ) -> str:
     """One line: PASS, PRIOR ONLY, FAIL or INCONCLUSIVE with the reason. Finiteness and the absolute
     coherence floor come first (a collapsed model sends the trait to -inf, which a ratio would score as
     success). A PASS then needs the raw shift's 95 % interval to exclude 0 in the expected direction AND to
-    lie beyond the random null's 95 % range, and the discriminative shift's interval to do the same (beyond
-    0, and beyond the null's discriminative range when one was measured). A shift that clears the null but
-    whose discriminative interval includes 0 moved the answer word's prior on every vignette alike, not the
-    judgement of the target's violations: PRIOR ONLY, never PASS."""
+    lie beyond the random null's 95 % range, the discriminative shift's interval to do the same (beyond 0,
+    and beyond the null's discriminative range when one was measured), and the calibrated shift's interval
+    to exclude 0 the same way. A shift that clears the null but whose discriminative interval includes 0
+    moved the answer word's prior on every vignette alike, not the judgement of the target's violations:
+    PRIOR ONLY, never PASS."""
     if healed is None:
         return f"FAIL: no healed round finished ({stop_reason or 'stopped early'})"
     t, c = healed.get(trait_key), healed.get("coherence")
@@ -336,8 +339,11 @@ def verdict(
             return (f"INCONCLUSIVE: {moved}; discriminative {disc.text()} excludes 0 but overlaps the random "
                     f"null's discriminative range {drng}; coherence {c:.3f}{tail}")  # fmt: skip
         beyond = f", beyond the null's {drng}"
-    return (f"PASS: {moved}; discriminative {disc.text()} excludes 0{beyond}; coherence {c:.3f} >= floor "
-            f"{coh_floor:.2f}{tail}")  # fmt: skip
+    judged = f"discriminative {disc.text()} excludes 0{beyond}"
+    if cal is None or not cal.ok or cal.worst(sign) <= 0:
+        return (f"INCONCLUSIVE: {moved}; {judged}, but the calibrated shift was not measured or does not "
+                f"exclude 0 in the expected direction; coherence {c:.3f}{tail}")  # fmt: skip
+    return f"PASS: {moved}; {judged}; coherence {c:.3f} >= floor {coh_floor:.2f}{tail}"
 
 
 def run_verdict(info: RunInfo) -> str:
@@ -349,8 +355,6 @@ def run_verdict(info: RunInfo) -> str:
     reason = info.stop.get("reason") if info.stop else None
     if last is None:
         return verdict(info.base, healed, info.trait_key, info.sign, info.coh_floor, reason)
-    shifts = {
-        kind: Shift(getattr(last, key), last.ci.get(key), null_values(info.null, kind))
-        for kind, key in (("raw", "dtrait_healed"), ("cal", "dtrait_cal_healed"), ("disc", "dtrait_disc_healed"))
-    }
+    keys = {kind: f"{null_key(kind)}_healed" for kind in stats.TRAITS}  # dtrait_healed, dtrait_cal_healed, ...
+    shifts = {k: Shift(getattr(last, key), last.ci.get(key), null_values(info.null, k)) for k, key in keys.items()}
     return verdict(info.base, healed, info.trait_key, info.sign, info.coh_floor, reason, **shifts)

@@ -34,6 +34,7 @@ from steer_heal.recorder import Recorder
 from steer_heal.records import COLLAPSE_KEYS, RoundRecord, round_stats
 from steer_heal.rundir import RunDir, RunState, git_commit, read_state, safe_name, versions, writable_dir
 from steer_heal.session import Session
+from steer_heal.stats import cal_key
 
 STOPS = (Starved, NonFiniteLoss, OutOfMemory)  # a round that raises one of these ends the run cleanly
 
@@ -99,6 +100,11 @@ def base_stage(s: Session, rec: Recorder, state: RunState) -> Base:
         rec.eval(-1, "base", base, 0.0, s.vig_source, clock["eval"])
     else:
         base = Scored(state.base_eval, read_jsonl(rec.rd.eval_rows(-1, "base")))
+        if cal_key(s.persona.trait_key) not in base.m:
+            logger.warning(
+                "this run's base eval predates the calibrated eval (events schema < 1.3): its rounds get raw "
+                "shifts only, and without a discriminative shift its verdict cannot be PASS"
+            )
     cal = state.calibration
     if cal is None:
         with clock("calibrate"):

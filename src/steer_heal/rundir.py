@@ -121,15 +121,19 @@ def writable_dir(path: Path, flag: str) -> None:
     token = os.urandom(8).hex().encode()
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(token)
-        back = probe.read_bytes()
-        probe.unlink()
+        try:
+            probe.write_bytes(token)
+            back = probe.read_bytes()
+        finally:
+            probe.unlink(missing_ok=True)
         if back != token:
             raise OSError(f"a file written there read back as {len(back)} other bytes")
     except OSError as e:
         for p in missing:
             try:
                 p.rmdir()
+            except FileNotFoundError:  # mkdir stopped before it got this deep
+                continue
             except OSError:
                 break
         raise UserError(f"{flag} {path}: cannot write there ({e.strerror or e}); choose a writable directory") from e

@@ -28,7 +28,7 @@ from steer_heal.errors import Starved, UserError
 from steer_heal.evaluate import Scored
 from steer_heal.generate import Completion, Row
 from steer_heal.heal import HealResult, SteeredTeacher, heal_with_retry
-from steer_heal.records import NULL_KEYS
+from steer_heal.records import null_key
 from steer_heal.session import Session
 
 N_STUDENT_CONTEXTS = 64  # a mean over 64 neutral prompts is enough for a cosine; the teacher uses all
@@ -153,20 +153,28 @@ def random_null(s: Session, v: dict[int, torch.Tensor], c: float, base: Scored) 
     e, target = s.cfg.eval, s.persona.trait
     seeds = [s.cfg.seed * 1000 + i for i in range(e.null_vectors)]
     vigs = null_vignettes(s)
-    ids = [x.id for x in vigs]
+    evs = []
     with s.as_model("base"):
-        evs = [s.evaluate(extract.random_like(v, seed), c, desc=f"null {seed}", vigs=vigs, references=False)
-               for seed in tqdm(seeds, desc="null directions", leave=False)]  # fmt: skip
+        for seed in tqdm(seeds, desc="null directions", leave=False):
+            evs.append(s.evaluate(extract.random_like(v, seed), c, desc=f"null {seed}", vigs=vigs, references=False))
+    ids = [x.id for x in vigs]
     sub, idx = base.arm.take(ids), stats.resamples(len(ids), e.n_boot, s.cfg.seed)
-    summary = {"c": c, "seeds": seeds, "vignette_ids": ids, "n_vignettes": len(ids),
-               "trait": [ev.m[s.persona.trait_key] for ev in evs], "coherence": [ev.m["coherence"] for ev in evs],
-               "dcoh": [ev.arm.coherence() - sub.coherence() for ev in evs], "range": {}}  # fmt: skip
-    for kind, key in NULL_KEYS.items():
+    summary = {
+        "c": c,
+        "seeds": seeds,
+        "vignette_ids": ids,
+        "n_vignettes": len(ids),
+        "trait": [ev.m[s.persona.trait_key] for ev in evs],
+        "coherence": [ev.m["coherence"] for ev in evs],
+        "dcoh": [ev.arm.coherence() - sub.coherence() for ev in evs],
+        "range": {},
+    }
+    for kind in stats.TRAITS:
         shifts = [stats.shift(kind, ev.arm, sub, target, idx) for ev in evs]
-        if any(x is None for x in shifts):
-            continue
-        summary[key] = [est for est, _ in shifts]
-        summary["range"][kind] = stats.null_range(summary[key], np.stack([d for _, d in shifts]), e.n_boot, s.cfg.seed)
+        if all(x is not None for x in shifts):
+            summary[null_key(kind)] = [x[0] for x in shifts]
+            draws = np.stack([x[1] for x in shifts])
+            summary["range"][kind] = stats.null_range(summary[null_key(kind)], draws, e.n_boot, s.cfg.seed)
     return summary, evs
 
 

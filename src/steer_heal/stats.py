@@ -16,11 +16,13 @@ Three traits, each a shift against base (`shift`, TRAITS):
   raw    dTrait as above, on the raw choice distribution p
   cal    the same on the contextually calibrated distribution p_cal (evaluate.calibrate): what is left once
          the answer words' content-free prior is divided out
-  disc   the item-discriminative trait, a difference in differences on p_cal: the target's shift on the
-         vignettes labelled with the target minus its shift on the rest,
-             disc = [T_on(arm) - T_on(base)] - [T_rest(arm) - T_rest(base)],  T_S = log mean_{i in S} p_cal[i, F]
-         A move of the answer word's prior shifts both subsets alike (disc = 0); a move of the judgement of
-         target violations shifts the target-labelled vignettes more.
+  disc   the item-discriminative trait, a difference in differences of the calibrated log-odds of the
+         target answer l[i] (evaluate.log_odds, per vignette): its shift on the vignettes labelled with the
+         target minus its shift on the other labelled vignettes,
+             disc = mean_{i in on} (l_arm[i] - l_base[i]) - mean_{i in rest} (l_arm[i] - l_base[i])
+         A move of the answer word's prior (a bias on its logit) shifts every l[i] by the same amount, so
+         disc = 0 exactly, also where the model is confident; a move of the judgement of target
+         violations shifts the target-labelled vignettes more (or less) than the rest.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ MIN_DTRAIT = 0.05  # nats: below this a ratio (slope, retain) is noise and is le
 
 
 TRAITS = ("raw", "cal", "disc")
+# The key suffix of each trait kind wherever one is stored: dTrait_cal, dtrait_disc_healed, null_pct_disc, ...
+SUFFIX = {"raw": "", "cal": "_cal", "disc": "_disc"}
 
 
 def cal_key(trait_key: str) -> str:
@@ -56,34 +60,31 @@ class Arm:
     labels: list[str | None]
     ids: list[str]
     p_cal: np.ndarray | None = None  # [N, 7] the calibrated choice distribution (evals before it: None)
+    lodds: np.ndarray | None = None  # [N, 7] the calibrated log-odds of each answer (evaluate.log_odds)
 
     @classmethod
     def from_rows(cls, rows: list[dict]) -> Arm:
         """From an eval's per-vignette rows (evaluate.metrics / eval_<model>.jsonl)."""
-        p = np.array([[r[f"p_{SHORT[f]}"] for f in FOUNDATIONS] for r in rows], dtype=np.float64)
+
+        def cols(prefix):  # [N, 7], or None when the eval did not record these columns
+            if not all(f"{prefix}{SHORT[FOUNDATIONS[0]]}" in r for r in rows):
+                return None
+            return np.array([[r[f"{prefix}{SHORT[f]}"] for f in FOUNDATIONS] for r in rows], dtype=np.float64)
+
         mass = np.array([r["p_ans_any"] for r in rows], dtype=np.float64)
-        cal = all(f"pc_{SHORT[FOUNDATIONS[0]]}" in r for r in rows)
-        p_cal = np.array([[r[f"pc_{SHORT[f]}"] for f in FOUNDATIONS] for r in rows], dtype=np.float64) if cal else None
-        return cls(p=p, mass=mass, labels=[r.get("label") for r in rows], ids=[str(r["id"]) for r in rows], p_cal=p_cal)
+        labels, ids = [r.get("label") for r in rows], [str(r["id"]) for r in rows]
+        return cls(p=cols("p_"), mass=mass, labels=labels, ids=ids, p_cal=cols("pc_"), lodds=cols("lodds_"))
 
     @property
     def cal(self) -> Arm | None:
         """The same arm on its calibrated choice distribution (None when the eval has none)."""
-        return None if self.p_cal is None else Arm(self.p_cal, self.mass, self.labels, self.ids)
+        return None if self.p_cal is None else Arm(self.p_cal, self.mass, self.labels, self.ids, lodds=self.lodds)
 
-    def trait(self, f: str, idx: np.ndarray | None = None, mask: np.ndarray | None = None) -> np.ndarray | float:
+    def trait(self, f: str, idx: np.ndarray | None = None) -> np.ndarray | float:
         """log mean p[:, f] over the vignettes (or over each resample's indices [B, N] -> [B]); floored at
-        1e-45 as evaluate.metrics floors it, so a collapsed model's -inf is a large finite number in both.
-        With a boolean `mask` [N], only the vignettes it marks count (a resample without one gives NaN)."""
+        1e-45 as evaluate.metrics floors it, so a collapsed model's -inf is a large finite number in both."""
         col = self.p[:, FOUNDATIONS.index(f)]
-        if idx is None:
-            sel = col if mask is None else col[mask]
-            return math.log(max(sel.mean(), FLOOR)) if sel.size else math.nan
-        if mask is None:
-            return np.log(np.maximum(col[idx].mean(-1), FLOOR))
-        w = mask[idx]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.log(np.maximum((col[idx] * w).sum(-1) / w.sum(-1), FLOOR))
+        return math.log(max(col.mean(), FLOOR)) if idx is None else np.log(np.maximum(col[idx].mean(-1), FLOOR))
 
     def coherence(self, idx: np.ndarray | None = None) -> np.ndarray | float:
         return float(self.mass.mean()) if idx is None else self.mass[idx].mean(-1)
@@ -95,8 +96,9 @@ class Arm:
         if missing:
             raise ValueError(f"{len(missing)} vignette(s) not in this arm, e.g. {missing[0]!r}")
         keep = np.array([where[x] for x in ids], dtype=int)
-        pc = None if self.p_cal is None else self.p_cal[keep]
-        return Arm(self.p[keep], self.mass[keep], [self.labels[i] for i in keep], list(ids), pc)
+        sub = lambda x: None if x is None else x[keep]  # noqa: E731
+        return Arm(self.p[keep], self.mass[keep], [self.labels[i] for i in keep], list(ids), sub(self.p_cal),
+                   sub(self.lodds))  # fmt: skip
 
 
 def resamples(n: int, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
@@ -134,27 +136,45 @@ def ratio(num: float, num_b: np.ndarray, den: float, den_b: np.ndarray, scale: f
         return est(scale * num / den, scale * num_b / den_b)
 
 
+def masked_mean(x: np.ndarray, mask: np.ndarray, idx: np.ndarray | None = None) -> float | np.ndarray:
+    """mean of x[i] over the i that `mask` marks; with resamples idx [B, N], per resample -> [B] (NaN for a
+    resample that drew no marked i)."""
+    if idx is None:
+        return float(x[mask].mean())
+    w = mask[idx]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (x[idx] * w).sum(-1) / w.sum(-1)
+
+
+def did(arm: Arm, base: Arm, target: str, idx: np.ndarray | None = None) -> float | np.ndarray | None:
+    """The discriminative shift: mean_{on} dl - mean_{rest} dl, dl[i] = the change of the target answer's
+    calibrated log-odds on vignette i; on = labelled with the target, rest = labelled with another
+    foundation (unlabelled vignettes count in neither). None without log-odds or without both groups."""
+    if arm.lodds is None or base.lodds is None:
+        return None
+    on = np.array([lab == target for lab in base.labels])
+    rest = np.array([lab is not None and lab != target for lab in base.labels])
+    if not on.any() or not rest.any():
+        return None
+    j = FOUNDATIONS.index(target)
+    dl = arm.lodds[:, j] - base.lodds[:, j]
+    return masked_mean(dl, on, idx) - masked_mean(dl, rest, idx)
+
+
 def shift(kind: str, arm: Arm, base: Arm, target: str, idx: np.ndarray) -> tuple[float, np.ndarray] | None:
     """One of the TRAITS' shift against base and its value on each resample of `idx` ([B]; NaN where a
-    resample holds no vignette of a subset `disc` needs). None when the arms cannot give it: no calibrated
-    distribution recorded (cal, disc), or no vignette labelled with the target, or only such (disc)."""
+    resample holds no vignette of a group `disc` needs). None when the arms cannot give it: no calibrated
+    eval recorded (cal, disc), or not both target-labelled and other labelled vignettes (disc)."""
     check_paired(arm, base)
     if kind not in TRAITS:
         raise ValueError(f"trait kind {kind!r}; valid: {', '.join(TRAITS)}")
+    if kind == "disc":
+        d = did(arm, base, target)
+        return None if d is None else (d, did(arm, base, target, idx))
     a, b = (arm, base) if kind == "raw" else (arm.cal, base.cal)
     if a is None or b is None:
         return None
-    if kind != "disc":
-        return a.trait(target) - b.trait(target), a.trait(target, idx) - b.trait(target, idx)
-    on = np.array([lab == target for lab in base.labels])
-    if not on.any() or on.all():
-        return None
-
-    def did(ix):
-        d_on = a.trait(target, ix, on) - b.trait(target, ix, on)
-        return d_on - (a.trait(target, ix, ~on) - b.trait(target, ix, ~on))
-
-    return did(None), did(idx)
+    return a.trait(target) - b.trait(target), a.trait(target, idx) - b.trait(target, idx)
 
 
 def shift_est(kind: str, arm: Arm, base: Arm, target: str, idx: np.ndarray) -> dict | None:
@@ -171,7 +191,7 @@ def paired_deltas(arm: Arm, base: Arm, trait: str, idx: np.ndarray, steered: Arm
     dc = arm.coherence() - base.coherence()
     dc_b = arm.coherence(idx) - base.coherence(idx)
     out = {"dTrait": est(dt, dt_b), "dCoh": est(dc, dc_b), "slope": ratio(dc, dc_b, dt, dt_b, 100)}
-    out |= {f"dTrait_{k}": shift_est(k, arm, base, trait, idx) for k in TRAITS[1:]}
+    out |= {f"dTrait{SUFFIX[k]}": shift_est(k, arm, base, trait, idx) for k in TRAITS[1:]}
     if steered is not None:
         ds = steered.trait(trait) - base.trait(trait)
         out["retain"] = ratio(dt, dt_b, ds, steered.trait(trait, idx) - base.trait(trait, idx))
@@ -217,8 +237,9 @@ def labelled_split(arm: Arm, base: Arm, target: str, idx_seed: int = 0) -> dict:
     """dTrait on the vignettes labelled with the target foundation against dTrait on the rest: does the
     model judge those violations differently, or only like the answer word less everywhere?"""
     on = np.array([lab == target for lab in base.labels])
+    rest = np.array([lab is not None and lab != target for lab in base.labels])
     out = {}
-    for name, mask in (("on_target", on), ("rest", ~on)):
+    for name, mask in (("on_target", on), ("rest", rest)):
         if mask.sum() < 2:
             out[name] = None
             continue
@@ -253,7 +274,9 @@ def null_range(values: np.ndarray, draws: np.ndarray, n_boot: int = N_BOOT, seed
     """The null's 95 % range (2.5th and 97.5th percentile of the directions' shifts `values` [D]) with an
     interval for each end, from a two-level bootstrap: every draw resamples the D directions with
     replacement and takes each chosen direction's shift on one shared vignette resample (`draws` [D, B]:
-    direction d's shift on vignette resample b), so both the choice of directions and of vignettes count."""
+    direction d's shift on vignette resample b), so both the choice of directions and of vignettes count.
+    With a few dozen directions these ends sit near the extreme order statistics, where a bootstrap
+    interval is known to run narrow: read it as a lower bound on the range's uncertainty."""
     values, draws = np.asarray(values, dtype=np.float64), np.asarray(draws, dtype=np.float64)
     n_dir, n_vig = draws.shape
     a = (1 - LEVEL) / 2
