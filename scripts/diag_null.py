@@ -11,7 +11,10 @@ compares, for each trait kind (raw, calibrated, discriminative):
   - the null's 95 % range on the subset, with its two-level bootstrap interval (directions x vignettes),
     against the same directions' range on every vignette: the subset is good enough where each end of the
     full-set range lies inside the subset range's interval;
-  - seconds per direction on the subset and on the full set (from this process's own evals).
+  - seconds per direction on the subset and on the full set (from this process's own evals);
+  - for each healed round, on the footing question: the run compares its full-set shift with the subset's
+    null; here also its shift on the subset against the subset's null (same vignettes, same noise) and its
+    full-set shift against the full-set null, as the share of directions each beats.
 Writes <run>/null_check.json unless --out names another path.
 """
 
@@ -67,6 +70,35 @@ def shifts(evs: list[Scored], base: Scored, target: str, n_boot: int, seed: int)
     return est, draws
 
 
+def score(s, v0, seeds: list[int], c: float, vigs, desc: str) -> tuple[list[Scored], float]:
+    """Each direction's eval on `vigs` (base model, no ref_nll), and the seconds per direction."""
+    t0, evs = time.time(), []
+    with s.as_model("base"):
+        for sd in tqdm(seeds, desc=desc, leave=False):
+            evs.append(s.evaluate(extract.random_like(v0, sd), c, desc=f"{desc} {sd}", vigs=vigs, references=False))
+    return evs, (time.time() - t0) / len(seeds)
+
+
+def footing(run: paired.OpenRun, base: Scored, ids: list[str], sub: dict, full: dict) -> list[dict]:
+    """Per healed round and trait kind: its shift on every vignette and on the null's subset, and the share of
+    the null's directions each beats (full-set shift vs subset null = what the run reports)."""
+    target, sign, out = run.target, run.s.persona.sign, []
+    one = lambda n: np.zeros((1, n), dtype=int)  # noqa: E731  # only the point estimates are needed here
+    for r in run.require_rounds():
+        healed = Scored(run.info.healed_eval(r), read_jsonl(run.rd.eval_rows(r, "healed")))
+        for kind in sub:
+            x_full = stats.shift(kind, healed.arm, base.arm, target, one(len(base.arm.ids)))
+            x_sub = stats.shift(kind, healed.arm.take(ids), base.arm.take(ids), target, one(len(ids)))
+            if x_full is None or x_sub is None:
+                continue
+            pct = lambda x, null: stats.null_position(x, null, sign)["percentile"]  # noqa: E731
+            out.append({"round": r, "trait": kind, "shift (full)": x_full[0], "shift (subset)": x_sub[0],
+                        "beats, full vs subset null (run)": pct(x_full[0], sub[kind]),
+                        "beats, subset vs subset null": pct(x_sub[0], sub[kind]),
+                        "beats, full vs full null": pct(x_full[0], full[kind])})  # fmt: skip
+    return out
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path)
@@ -80,27 +112,17 @@ def main(argv: list[str]) -> int:
                         "run it with --null-vectors > 0")  # fmt: skip
     n = min(a.n_null or len(null["seeds"]), len(null["seeds"]))
     ids, seeds, c = null["vignette_ids"], null["seeds"][:n], null["c"]
-    if ids != [v.id for v in stages.null_vignettes(s)]:
+    sub_vigs = stages.null_vignettes(s)
+    if ids != [v.id for v in sub_vigs]:
         raise UserError(f"{run.rd.root}: the null's vignette subset is not the one its config draws; re-run it")
     base = Scored(run.info.base, read_jsonl(run.rd.eval_rows(-1, "base")))
     v0, nb, seed = run.rd.vectors(0), s.cfg.eval.n_boot, s.cfg.seed
     print(f"{run.rd.root.name}: {n} directions at c={c:g}; subset {len(ids)} vignettes, full {len(s.vigs)}",
           file=sys.stderr)  # fmt: skip
-    sub_vigs = stages.null_vignettes(s)
-    t = {}
-    sub_evs, full_evs = [], []
-    with s.as_model("base"):
-        t0 = time.time()
-        for sd in tqdm(seeds, desc="subset", leave=False):
-            sub_evs.append(s.evaluate(extract.random_like(v0, sd), c, desc=f"subset {sd}", vigs=sub_vigs,
-                                      references=False))  # fmt: skip
-        t["subset"] = (time.time() - t0) / n
-        t0 = time.time()
-        for sd in tqdm(seeds, desc="full set", leave=False):
-            full_evs.append(s.evaluate(extract.random_like(v0, sd), c, desc=f"full {sd}", references=False))
-        t["full"] = (time.time() - t0) / n
-    saved = null[null_key("raw")][:n]
+    sub_evs, t_sub = score(s, v0, seeds, c, sub_vigs, "subset")
+    full_evs, t_full = score(s, v0, seeds, c, s.vigs, "full")
     sub, sub_d = shifts(sub_evs, base, target, nb, seed)
+    saved = np.array(null[null_key("raw")][:n])
     if not np.allclose(sub["raw"], saved, atol=1e-4):
         raise UserError(f"{run.rd.root}: the directions re-scored on the subset do not reproduce the run's null "
                         f"(max diff {np.abs(sub['raw'] - saved).max():.2g}); another model state or code?")  # fmt: skip
@@ -112,11 +134,15 @@ def main(argv: list[str]) -> int:
               "full inside": "yes" if all(r["full_inside_subset_ci"].values()) else "NO", "corr": r["corr"],
               "mean |diff|": r["mean_abs_diff"], "max |diff|": r["max_abs_diff"]} for k, r in res.items()]  # fmt: skip
     print(tabulate(table, headers="keys", tablefmt="github", floatfmt=".3f"))
-    print(f"\nseconds per direction: subset {t['subset']:.1f} ({len(ids)} vignettes), full {t['full']:.1f} "
-          f"({len(s.vigs)}); {n} directions")  # fmt: skip
+    foot = footing(run, base, ids, sub, full)
+    print("\nhealed rounds against the null (share of directions beaten in the persona's direction):")
+    print(tabulate(foot, headers="keys", tablefmt="github", floatfmt="+.3f"))
+    print(f"\nseconds per direction: subset {t_sub:.1f} ({len(ids)} vignettes), full {t_full:.1f} ({len(s.vigs)}), "
+          f"ratio {t_full / t_sub:.2f}; {n} directions")  # fmt: skip
     out = a.out or run.rd.root / "null_check.json"
     atomic_write_json(out, {"run": run.rd.root.name, "n_directions": n, "c": c, "n_subset": len(ids),
-                            "n_full": len(s.vigs), "seconds_per_direction": t, "kinds": res})  # fmt: skip
+                            "n_full": len(s.vigs), "seconds_per_direction": {"subset": t_sub, "full": t_full},
+                            "kinds": res, "healed": foot})  # fmt: skip
     print(f"wrote {out}")
     return 0
 

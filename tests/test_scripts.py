@@ -159,6 +159,7 @@ def test_plot_run_help_is_help_not_a_run_directory(capsys):
         ("diag_barrier", ["/no/such/run", "--round", "-1"], "argument --round: -1 must be an integer >= 0"),
         ("bench", ["--run-dir", "/no/such/run", "--fast-dev-run"], "/no/such/run: no events.jsonl here"),
         ("results", ["--ledger", "/no/such/results.jsonl"], "no rows in /no/such/results.jsonl"),
+        ("diag_null", ["/no/such/run"], "/no/such/run: no events.jsonl here"),
     ],
 )
 def test_scripts_refuse_bad_input_in_one_line(capsys, script, args, message):
@@ -297,3 +298,19 @@ def test_frontier_seeds_tables_arms_and_advantages_across_runs(capsys, tmp_path)
     assert res["null"][0]["directions"] == 3 and "n = 2 < 3 runs" in out
     code, _, err = _command(capsys, "frontier_seeds", tmp_path / "nope")
     assert code == 2 and "no frontier.json" in err
+
+
+def test_null_check_reproduces_the_runs_null_and_scores_it_on_every_vignette(fast_run, tmp_path):
+    out = tmp_path / "null_check.json"
+    text = _script("diag_null.py", fast_run / "a", "--out", out)
+    d = json.loads(out.read_text())
+    assert d["n_directions"] == 2 and d["n_subset"] == 7 and d["n_full"] == 14
+    null = events.read(fast_run / "a", "null")[0]
+    for kind in ("raw", "cal", "disc"):
+        k = d["kinds"][kind]
+        key = {"raw": "dtrait", "cal": "dtrait_cal", "disc": "dtrait_disc"}[kind]
+        assert k["per_direction"]["subset"] == pytest.approx(null[key], abs=1e-4)  # the run's own null, re-scored
+        assert len(k["per_direction"]["full"]) == 2 and k["subset"]["lo"] <= k["subset"]["hi"]
+    assert {(h["round"], h["trait"]) for h in d["healed"]} == {(r, k) for r in (0, 1) for k in ("raw", "cal", "disc")}
+    assert all(0 <= h["beats, full vs full null"] <= 1 for h in d["healed"])
+    assert "seconds per direction" in text and d["seconds_per_direction"]["full"] > 0
