@@ -22,6 +22,10 @@ Measures, on the configured model (default: the smol preset):
                          eval_max_abs_diff is the largest |difference| in any answer log-prob, nats)
   eval_vignettes_per_s   vignettes scored per second (both option orders), tree path
   ref_nll_share          time of the reference-answer NLL (capability tax) / time of the vignette eval
+  calibration_share      time of the content-free rows (contextual calibration) / time of the vignette eval
+  null_direction_ratio   seconds of one random direction of the null the old way (every vignette + ref_nll) /
+                         the new way (the --null-vignettes subset, no ref_nll), --null-reps directions each
+  null_stage_ratio       the null stage's seconds now (--null-vectors directions, new way) / before (8, old way)
   think_cost_ratio       eval wall time with --eval-think-tokens N / without, on --think-vignettes
   round_seconds          wall time of the last round of --run-dir, with its per-stage breakdown
 The last line printed is one JSON object with these keys.
@@ -31,18 +35,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
-from steer_heal import filters
+from steer_heal import extract, filters, stages
 from steer_heal.cli import cli, nonneg_int, positive_int
 from steer_heal.errors import UserError
-from steer_heal.evaluate import answer_logprobs, reference_nll
+from steer_heal.evaluate import CONTENT_FREE, answer_logprobs, reference_nll
 from steer_heal.generate import Row, Sampling, generate
 from steer_heal.models import input_device
 from steer_heal.records import RunInfo
@@ -232,10 +238,13 @@ class Bench:
     def eval(self) -> None:
         """The vignette eval, shared-prefix tree against the plain pass (same numbers), and the ref_nll cost."""
         s, e = self.s, self.s.cfg.eval
-        run = lambda shared: answer_logprobs(s.model, s.tok, s.vigs, e.eval_batch_size, shared_prefix=shared)  # noqa: E731
+        run = lambda shared, prior=False: answer_logprobs(s.model, s.tok, s.vigs, e.eval_batch_size,  # noqa: E731
+                                                          shared_prefix=shared, prior=prior)  # fmt: skip
         run(True)  # warm-up
         plain, t_plain = timed(lambda: run(False))
         tree, t_tree = timed(lambda: run(True))
+        _, t_cal = timed(lambda: run(True, prior=True))
+        self.res["calibration_share"] = (t_cal - t_tree) / t_tree
         n = len(s.vigs)
         self.res["eval_max_abs_diff"] = float((tree["logp"] - plain["logp"]).abs().max())
         self.res["eval_vignettes_per_s_plain"] = n / t_plain
@@ -250,6 +259,31 @@ class Bench:
         self.add(
             f"reference NLL, {len(pairs)} answers", f"{t_ref:.1f} s", f"ref_nll_share {self.res['ref_nll_share']:.2f}"
         )
+        self.add(f"eval with the {len(CONTENT_FREE)} content-free rows", f"{t_cal:.1f} s",
+                 f"calibration_share {self.res['calibration_share']:.3f}")  # fmt: skip
+
+    def null(self, v, reps: int) -> None:
+        """One random direction of the null, the old way (every vignette and ref_nll) against the new way (the
+        seeded subset, no ref_nll), `reps` directions each, alternating; then the whole stage both ways."""
+        s, e = self.s, self.s.cfg.eval
+        c, sub = statistics.median(s.cfg.generate.alphas), stages.null_vignettes(s)
+        old = lambda seed: s.evaluate(extract.random_like(v, seed), c, desc="old")  # noqa: E731
+        new = lambda seed: s.evaluate(extract.random_like(v, seed), c, desc="new", vigs=sub, references=False)  # noqa: E731
+        t_old = t_new = 0.0
+        with s.as_model("base"):
+            old(10_000), new(10_000)  # warm-up at the measured shapes
+            for i in range(reps):
+                t_old += timed(partial(old, i))[1]
+                t_new += timed(partial(new, i))[1]
+        t_old, t_new = t_old / reps, t_new / reps
+        self.res["null_direction_ratio"] = t_old / t_new
+        self.res["null_stage_ratio"] = e.null_vectors * t_new / (8 * t_old)
+        self.add(f"null direction, {len(s.vigs)} vignettes + ref_nll (before)", f"{t_old:.1f} s")
+        self.add(f"null direction, {len(sub)}-vignette subset, no ref_nll", f"{t_new:.1f} s",
+                 f"null_direction_ratio {self.res['null_direction_ratio']:.2f}")  # fmt: skip
+        self.add(f"null stage, {e.null_vectors} directions (now) / 8 (before)",
+                 f"{e.null_vectors * t_new:.0f} s / {8 * t_old:.0f} s",
+                 f"null_stage_ratio {self.res['null_stage_ratio']:.2f}")  # fmt: skip
 
     def think(self, tokens: int, n_vig: int) -> None:
         """The cost of --eval-think-tokens: greedy thinking before the forced answer slot."""
@@ -301,7 +335,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--single-rows", type=positive_int, help="rows generated one at a time (default: --batch)")
     ap.add_argument("--think-tokens", type=nonneg_int, default=32, help="think budget to cost (0 = skip)")
     ap.add_argument("--think-vignettes", type=positive_int, default=28, help="vignettes for the think cost")
-    ap.add_argument("--only", nargs="+", choices=["generate", "filter", "eval", "think", "heal"], help="a subset")
+    ap.add_argument("--only", nargs="+", choices=["generate", "filter", "eval", "think", "null", "heal"],
+                    help="a subset")  # fmt: skip
+    ap.add_argument("--null-reps", type=positive_int, default=3, help="random directions timed each way (null)")
     ap.add_argument("--kd", action="store_true", help="also the kl_teacher heal step's memory (vs sft)")
     ap.add_argument("--_heal-peak", choices=["lean", "naive", "kd"], help=argparse.SUPPRESS)
     ap.add_argument("--_ckpt", action="store_true", help=argparse.SUPPRESS)
@@ -310,7 +346,7 @@ def main(argv: list[str]) -> int:
         print(*heal_step_peak(rest, a._heal_peak, a.heal_len, a.heal_batch, a._ckpt))
         return 0
     last_round = last_round_seconds(Path(a.run_dir)) if a.run_dir else None  # a bad --run-dir fails now, not later
-    want = set(a.only or ["generate", "filter", "eval", "think", "heal"])
+    want = set(a.only or ["generate", "filter", "eval", "think", "null", "heal"])
     s = Session.from_argv(rest)
     b, n = Bench(s), a.new_tokens or s.cfg.generate.max_new_tokens
     if want & {"generate", "filter"}:
@@ -321,6 +357,8 @@ def main(argv: list[str]) -> int:
         b.eval()
     if "think" in want and a.think_tokens:
         b.think(a.think_tokens, a.think_vignettes)
+    if "null" in want:
+        b.null(s.teacher(), a.null_reps)
     if "heal" in want:
         b.heal_memory(rest, a.heal_len, a.heal_batch, a.kd)
     b.res["round_seconds"] = None
