@@ -19,7 +19,8 @@ Every shift is paired against base (on the random arm's own subset for the null)
 95 % interval over the vignettes, three ways: raw (dTrait), calibrated by the content-free prior
 (dTrait_cal) and item-discriminative (dTrait_disc: the shift on target-labelled vignettes minus the shift
 on the rest; ~0 when only the answer word's prior moved). dPrior is the shift of the target answer's
-content-free prior itself.
+content-free prior itself, and separation the arm's own item discrimination (the target answer's calibrated
+log-odds on target-labelled vignettes minus the rest; dTrait_disc is its change from base's).
 Headline: A_steer and A_prompt per healed round = the healed point's trait (in the persona's direction)
 minus what the steering curve / the prompt ladder reaches at the healed point's coherence (positive = the
 loop buys more trait than the alternative at that coherence), with intervals that resample the vignettes

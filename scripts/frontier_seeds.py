@@ -5,7 +5,8 @@ healed round's advantages, as mean and 95 % t-interval across the runs (one run 
 
 Reads <run>/frontier.json (scripts/diag_frontier.py) of each run. Arms are matched by name ("steer c=1",
 "prompt 3", "healed r1"); null_pct / null_pct_disc = the share of the run's random directions whose raw /
-discriminative shift the arm's lies beyond in the persona's direction; the random directions themselves
+discriminative shift the arm's lies beyond in the persona's direction; separation = the arm's own item
+discrimination (stats.separation; dTrait_disc is its change from base's); the random directions themselves
 are summarised per run by their 95 % range (2.5th and 97.5th percentile over the directions). A
 t-interval over fewer than 3 runs is not a claim (flagged).
 """
@@ -24,7 +25,7 @@ from steer_heal.cli import cli
 from steer_heal.errors import UserError
 from steer_heal.rundir import atomic_write_json
 
-SHIFTS = ("dTrait", "dTrait_cal", "dTrait_disc", "dCoh", "dPrior", "null_pct", "null_pct_disc")
+SHIFTS = ("dTrait", "dTrait_cal", "dTrait_disc", "separation", "dCoh", "dPrior", "null_pct", "null_pct_disc")
 TRAIT_KINDS = ("raw", "cal", "disc")
 
 

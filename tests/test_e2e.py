@@ -65,7 +65,7 @@ def test_fast_run_records_intervals_the_null_and_the_capability_tax(fast_run):
         assert math.isfinite(x["auth_nats_cal"]) and len(x["prior_logp"]) == 3  # the three content-free inputs
     for x in events.find(recs, "round"):
         for k in ("dtrait_steered", "dtrait_healed", "dcoh_healed", "dtrait_cal_healed", "dtrait_disc_healed",
-                  "dtrait_disc_steered"):  # fmt: skip
+                  "dtrait_disc_steered", "separation_base"):  # fmt: skip
             lo, hi = x["ci"][k]
             assert lo <= x[k] <= hi, (k, lo, x[k], hi)
         assert x["dtrait_cal_healed"] == pytest.approx(x["healed_trait_cal"] - x["base_trait_cal"], abs=1e-6)

@@ -11,10 +11,11 @@ from steer_heal.records import RoundRecord, RunInfo, deltas, run_verdict, slope
 
 
 def _run(tmp_path, rounds, base=(-5.0, 0.7), stop=None, floor=0.5, half_width=0.02, null=(0.2, -0.1, 0.3, 0.0),
-         disc="same", null_disc=(0.05, -0.05, 0.1, 0.0), cal="same"):  # fmt: skip
+         disc="same", null_disc=(0.05, -0.05, 0.1, 0.0), cal="same", sep=None):  # fmt: skip
     """A run directory whose events hold a config, a base eval, a random null and one round record per
     (trait, coherence), its healed shift with a +-half_width interval, and its discriminative and calibrated
-    shifts `disc`, `cal` ("same" = the raw shift, None = not measured) with +-0.05 intervals."""
+    shifts `disc`, `cal` ("same" = the raw shift, None = not measured) with +-0.05 intervals, and the base
+    model's separation `sep` = (est, lo, hi) when given."""
     root = tmp_path / "run"
     root.mkdir()
     ev = events.Events(root / "events.jsonl")
@@ -34,8 +35,11 @@ def _run(tmp_path, rounds, base=(-5.0, 0.7), stop=None, floor=0.5, half_width=0.
             ci["dtrait_disc_healed"] = [dd - 0.05, dd + 0.05]
         if dc is not None:
             ci["dtrait_cal_healed"] = [dc - 0.05, dc + 0.05]
+        extra = {}
+        if sep is not None:
+            extra["separation_base"], ci["separation_base"] = sep[0], list(sep[1:])
         rec = RoundRecord.build(r, b, steered, {"auth_nats": trait, "coherence": coh}, "auth_nats", kappa=1.0, ci=ci,
-                                dtrait_disc_healed=dd, dtrait_cal_healed=dc)  # fmt: skip
+                                dtrait_disc_healed=dd, dtrait_cal_healed=dc, **extra)  # fmt: skip
         ev.emit("round", r, **rec.fields())
     if stop:
         ev.emit("stop", len(rounds), reason=stop, code=3)
@@ -102,6 +106,22 @@ def test_report_builds_tables_and_figure(tmp_path):
                                                          (1, "steered"), (1, "healed")]  # fmt: skip
     assert rows[2]["dTrait [95% CI]"].startswith("-0.500") and rows[2]["retain"] == "0.33"
     assert (root / "trajectory.png").stat().st_size > 10_000 and "| healed" in (root / "summary.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "sep, says",
+    [
+        ((0.079, -0.068, 0.222), "+0.079 [-0.068, +0.222] nats; its interval includes 0"),  # no judgement to move
+        ((0.9, 0.6, 1.2), "+0.900 [+0.600, +1.200] nats"),  # the eval tells the target's violations apart
+    ],
+)
+def test_summary_names_the_eval_s_item_discrimination_on_the_base_model(tmp_path, sep, says):
+    rep = report.build(_run(tmp_path, [(-5.5, 0.65)], sep=sep))
+    assert "calibrated log-odds of Authority on the Authority-labelled vignettes minus the rest" in rep.instrument
+    assert says in rep.instrument and ("includes 0" in rep.instrument) == (sep[1] <= 0)
+    assert f"Instrument: {rep.instrument}." in (tmp_path / "run" / "summary.md").read_text()
+    (tmp_path / "x").mkdir()
+    assert report.build(_run(tmp_path / "x", [(-5.5, 0.65)])).instrument is None  # not recorded: no line
 
 
 def test_round_record_round_trips_through_an_event(tmp_path):

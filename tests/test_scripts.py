@@ -212,7 +212,7 @@ def test_frontier_on_a_fast_run(fast_run, tmp_path):
     assert kinds.count("base") == 1 and kinds.count("steer") == 7 and kinds.count("random") == 3
     assert kinds.count("prompt") == 5 and kinds.count("healed") == 2  # the persona's 5-step ladder, 2 rounds
     for r in d["rows"]:
-        for k in ("dTrait", "dCoh", "dTrait_cal", "dTrait_disc"):
+        for k in ("dTrait", "dCoh", "dTrait_cal", "dTrait_disc", "separation"):
             assert r[f"{k}_lo"] <= r[k] <= r[f"{k}_hi"], (r["arm"], k)
         # the null is measured on the run's 7-vignette subset (one per foundation), every other arm on all 14
         assert len(r["per_vignette"]) == r["n_vignettes"] == (7 if r["kind"] == "random" else d["n"])
@@ -220,6 +220,9 @@ def test_frontier_on_a_fast_run(fast_run, tmp_path):
     base = next(r for r in d["rows"] if r["kind"] == "base")
     for k in ("dTrait", "dTrait_cal", "dTrait_disc"):
         assert base[k] == 0 and base[f"{k}_lo"] == base[f"{k}_hi"] == 0  # base against itself
+    for r in d["rows"]:  # disc is the change of the arm's own separation from base's (on the arm's vignettes)
+        if r["kind"] != "random":
+            assert r["dTrait_disc"] == pytest.approx(r["separation"] - base["separation"], abs=1e-9), r["arm"]
     assert [a["round"] for a in d["advantage"]] == [0, 1] and set(d["advantage_by_axis"]) == {"coherence", "ref_nll"}
     assert (
         set(d["advantage_by_trait"]) == {"raw", "cal", "disc"}

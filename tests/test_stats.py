@@ -118,6 +118,27 @@ def test_discriminative_shift_is_the_difference_in_differences_of_log_odds():
     assert stats.shift("disc", unlabelled, unlabelled, "Authority", idx) is None
 
 
+def test_separation_is_the_item_discrimination_and_disc_is_its_change():
+    """separation = mean target log-odds on target-labelled vignettes minus the rest: 0.9 where they sit 0.9
+    higher, its interval excludes 0; the discriminative shift is the arm's separation minus base's."""
+    base = _calibrated(_arm(6, n=70))
+    on, j = np.array([lab == "Authority" for lab in base.labels]), FOUNDATIONS.index("Authority")
+    flat = base.lodds.copy()
+    flat[:, j] = 0.0
+    sharp = flat.copy()
+    sharp[on, j] = 0.9
+    idx = stats.resamples(70, 300, 2)
+    assert stats.separation(_calibrated(base, flat), "Authority") == pytest.approx(0.0, abs=1e-12)
+    e = stats.est(stats.separation(_calibrated(base, sharp), "Authority"),
+                  stats.separation(_calibrated(base, sharp), "Authority", idx))  # fmt: skip
+    assert e["est"] == pytest.approx(0.9) and e["lo"] > 0
+    arm = _calibrated(base, base.lodds + np.random.default_rng(7).normal(size=base.lodds.shape))
+    sep = lambda a, ix=None: stats.separation(a, "Authority", ix)  # noqa: E731
+    assert stats.did(arm, base, "Authority") == pytest.approx(sep(arm) - sep(base))
+    assert np.allclose(stats.did(arm, base, "Authority", idx), sep(arm, idx) - sep(base, idx), equal_nan=True)
+    assert stats.separation(_arm(6, n=70), "Authority") is None  # no calibrated log-odds
+
+
 def test_calibrated_shift_reads_the_calibrated_distribution():
     base = _calibrated(_arm(5, n=70))
     p = base.p.copy()

@@ -11,7 +11,8 @@ plus stage-specific fields. Non-finite floats (NaN, inf) are written as null.
 (schema 1.1+) carry `model` = base (round -1) | healed; the `null` record (1.2+, round 0) holds the
 random-direction shifts a verdict compares against, and `round` records (1.2+) carry 95 % intervals.
 From 1.3, `eval` records carry the calibrated trait (`<trait>_cal`, `<f>_prior_nats`, `prior_logp`), `round`
-records the calibrated and discriminative shifts (`dtrait_cal_*`, `dtrait_disc_*`) with intervals, and the
+records the calibrated and discriminative shifts (`dtrait_cal_*`, `dtrait_disc_*`) with intervals and the
+base model's item discrimination of the target (`separation_base`), and the
 `null` record is measured on a vignette subset (`vignette_ids`) with shifts of all three kinds and their ranges.
 
 The file is append-only. A resumed run does not rewrite it: it appends a `resume` record whose

@@ -71,7 +71,8 @@ def row(p: Point, base: Scored, target: str, sign: int, idx: np.ndarray, null: d
         prior_key: str | None = None, seed: int = 0) -> dict:  # fmt: skip
     """The JSON row of one arm: the paired raw, calibrated and discriminative shifts with intervals, the shift
     of the target answer's content-free prior, the capability tax, where each shift falls against the null's
-    shifts of its kind, how surgical the raw shift is, and the shift of every foundation."""
+    shifts of its kind, the arm's own item discrimination (separation), how surgical the raw shift is, and
+    the shift of every foundation."""
     b, ix = _paired_base(p, base, idx, seed)
     d = stats.paired_deltas(p.ev.arm, b, target, ix)
     out = {"arm": p.arm, "kind": p.kind, **p.extra, "n_vignettes": len(p.ev.arm.ids)}
@@ -86,6 +87,8 @@ def row(p: Point, base: Scored, target: str, sign: int, idx: np.ndarray, null: d
         x, xs = out[f"dTrait{stats.SUFFIX[kind]}"], (null or {}).get(kind)
         pct = stats.null_position(x, xs, sign)["percentile"] if xs and x is not None else None
         out[f"null_pct{stats.SUFFIX[kind]}"] = pct
+    sep = stats.separation(p.ev.arm, target)  # the arm's own item discrimination; disc = its change from base's
+    out |= stats.flat("separation", stats.est(sep, stats.separation(p.ev.arm, target, ix))) if sep is not None else {}
     out |= stats.flat("specificity", stats.specificity(p.ev.arm, b, target, sign, ix))
     out["anti_steerable"] = stats.anti_steerable(p.ev.arm, b, target, sign)
     out["foundations"] = stats.foundation_shifts(p.ev.arm, b, ix)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from steer_heal import events, stats
+from steer_heal.data import SHORT
 from steer_heal.stats import cal_key
 
 SLOPE_MIN_DTRAIT = 0.05  # nats; below this slope and retain are noise and are left blank
@@ -111,6 +112,7 @@ class RoundRecord:
     dtrait_disc_healed: float | None = None
     dprior_steered: float | None = None  # shift of the target answer's content-free prior, nats
     dprior_healed: float | None = None
+    separation_base: float | None = None  # base: the eval's item discrimination of the target (stats.separation)
     ci: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # 95 % intervals: dtrait_healed, ...
     null_pct: float | None = None  # share of the random null's shifts the healed shift beats (1 = all)
     null_pct_cal: float | None = None  # the same for the calibrated shift against the null's calibrated shifts
@@ -168,8 +170,9 @@ def null_key(kind: str) -> str:
 def round_stats(base, steered, healed, target: str, sign: int, idx: np.ndarray, null: dict | None) -> dict:
     """The round record's uncertainty fields from the three evals' per-vignette numbers (stats.Arm): paired
     bootstrap intervals of every delta (raw, calibrated, discriminative) and of retain, where each healed
-    shift falls against the random null's shifts of the same kind, how surgical the raw shift is
-    (specificity) and how many vignettes moved the wrong way."""
+    shift falls against the random null's shifts of the same kind, the base model's own item discrimination
+    of the target (separation_base), how surgical the raw shift is (specificity) and how many vignettes
+    moved the wrong way."""
     s, h = stats.paired_deltas(steered, base, target, idx), stats.paired_deltas(healed, base, target, idx, steered)
     pair = lambda e: [e["lo"], e["hi"]] if e else None  # noqa: E731
     ci = {"dtrait_steered": pair(s["dTrait"]), "dtrait_healed": pair(h["dTrait"]), "dcoh_steered": pair(s["dCoh"]),
@@ -184,6 +187,10 @@ def round_stats(base, steered, healed, target: str, sign: int, idx: np.ndarray, 
         e, xs = h[f"dTrait{stats.SUFFIX[kind]}"], null_values(null, kind)
         pct = stats.null_position(e["est"], xs, sign)["percentile"] if xs and e else None
         out[f"null_pct{stats.SUFFIX[kind]}"] = pct
+    sep = stats.separation(base, target)
+    if sep is not None:
+        e = stats.est(sep, stats.separation(base, target, idx))
+        out["separation_base"], ci["separation_base"] = e["est"], pair(e)
     return out | {
         "ci": ci,
         "specificity": stats.specificity(healed, base, target, sign, idx)["est"],
@@ -358,3 +365,25 @@ def run_verdict(info: RunInfo) -> str:
     keys = {kind: f"{null_key(kind)}_healed" for kind in stats.TRAITS}  # dtrait_healed, dtrait_cal_healed, ...
     shifts = {k: Shift(getattr(last, key), last.ci.get(key), null_values(info.null, k)) for k, key in keys.items()}
     return verdict(info.base, healed, info.trait_key, info.sign, info.coh_floor, reason, **shifts)
+
+
+def separation_line(info: RunInfo) -> str | None:
+    """One line on the eval as an instrument: the base model's item discrimination of the target
+    (stats.separation) with its interval, from the last round record; None where none was recorded."""
+    last = info.rounds[-1] if info.rounds else None
+    if last is None or last.separation_base is None:
+        return None
+    target = {short: f for f, short in SHORT.items()}.get(info.trait_key.removesuffix("_nats"), info.trait_key)
+    ci = last.ci.get("separation_base")
+    sep = Shift(last.separation_base, ci, None)
+    value = sep.text() if sep.ok else f"{sep.est:+.3f}"
+    line = (
+        f"the eval's item discrimination on the base model: the calibrated log-odds of {target} on the "
+        f"{target}-labelled vignettes minus the rest, {value} nats"
+    )
+    if sep.ok and sep.worst(1) <= 0:
+        line += (
+            f"; its interval includes 0 (or is below it): this model does not tell {target} violations "
+            "from the rest, so there is no judgement of them for a discriminative shift to start from"
+        )
+    return line

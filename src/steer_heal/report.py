@@ -12,7 +12,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from steer_heal.figures import trajectory_png
-from steer_heal.records import COLLAPSE_KEYS, RunInfo, run_verdict
+from steer_heal.records import COLLAPSE_KEYS, RunInfo, run_verdict, separation_line
 from steer_heal.rundir import atomic_write_text
 
 
@@ -107,6 +107,7 @@ class Report:
     collapse: str
     verdict: str
     info: RunInfo
+    instrument: str | None = None  # records.separation_line: does the eval discriminate on the base model?
 
     def text(self) -> str:
         """What the run prints at the end."""
@@ -117,18 +118,19 @@ def build(run_dir: Path) -> Report:
     """Write summary.md and trajectory.png from events.jsonl; return the tables and the verdict."""
     run_dir = Path(run_dir)
     info = RunInfo.read(run_dir)
-    v = run_verdict(info)
+    v, sep = run_verdict(info), separation_line(info)
+    inst = f"Instrument: {sep}.\n\n" if sep else ""
     table = tabulate(summary_rows(info), headers="keys", tablefmt="github")
     q0 = tabulate(q0_rows(info), headers="keys", tablefmt="github", floatfmt=".3g", missingval="0")
     crows = collapse_rows(info)
     col = tabulate(crows, headers="keys", tablefmt="github", floatfmt=".3f", missingval="")
     trajectory_png(info, crows, run_dir / "trajectory.png")
     md = (
-        f"# {run_dir.name}\n\n{v}\n\n## Rounds\n\n{table}\n\n## Filter (Q0)\n\n{q0}\n\n"
+        f"# {run_dir.name}\n\n{v}\n\n{inst}## Rounds\n\n{table}\n\n## Filter (Q0)\n\n{q0}\n\n"
         f"## Collapse signals (unsteered; skipped = barrier / micro-batches dropped by the heal safety check)"
         f"\n\n{col}\n\n"
         "![trajectory](trajectory.png)\n\n## Samples (greedy; steered before heal, healed after bake)\n\n"
         + samples_md(run_dir)
     )
     atomic_write_text(run_dir / "summary.md", md)
-    return Report(table=table, q0=q0, collapse=col, verdict=v, info=info)
+    return Report(table=table, q0=q0, collapse=col, verdict=v, info=info, instrument=sep)

@@ -243,6 +243,8 @@ def finish(s: Session, rec: Recorder, stop: Stop | None, t0: float) -> int:
         f"coherence >= {s.cfg.coh_floor:.2f}"
     )
     logger.info(f"expected: PASS: {expect}")
+    if rep.instrument:
+        logger.info(f"instrument: {rep.instrument}")
     print(f"{rep.verdict}\nrun directory: {rd.root}  ({time.time() - t0:.0f} s)")
     return stop.code if stop else 0
 

@@ -23,6 +23,8 @@ Three traits, each a shift against base (`shift`, TRAITS):
          A move of the answer word's prior (a bias on its logit) shifts every l[i] by the same amount, so
          disc = 0 exactly, also where the model is confident; a move of the judgement of target
          violations shifts the target-labelled vignettes more (or less) than the rest.
+The same difference on one arm alone, mean_{on} l[i] - mean_{rest} l[i], is the eval's own item
+discrimination (`separation`): disc is the arm's separation minus the base model's.
 """
 
 from __future__ import annotations
@@ -146,19 +148,28 @@ def masked_mean(x: np.ndarray, mask: np.ndarray, idx: np.ndarray | None = None) 
         return (x[idx] * w).sum(-1) / w.sum(-1)
 
 
-def did(arm: Arm, base: Arm, target: str, idx: np.ndarray | None = None) -> float | np.ndarray | None:
-    """The discriminative shift: mean_{on} dl - mean_{rest} dl, dl[i] = the change of the target answer's
-    calibrated log-odds on vignette i; on = labelled with the target, rest = labelled with another
-    foundation (unlabelled vignettes count in neither). None without log-odds or without both groups."""
-    if arm.lodds is None or base.lodds is None:
+def separation(arm: Arm, target: str, idx: np.ndarray | None = None) -> float | np.ndarray | None:
+    """The eval's own item discrimination on one arm: mean_{on} l[i] - mean_{rest} l[i], l[i] = the target
+    answer's calibrated log-odds on vignette i; on = labelled with the target, rest = labelled with another
+    foundation (unlabelled vignettes count in neither). > 0 when the model calls the target's violations the
+    target more readily than the rest; ~0 on the base model means there is no judgement of the target for
+    a discriminative shift to start from. None without log-odds or without both groups."""
+    if arm.lodds is None:
         return None
-    on = np.array([lab == target for lab in base.labels])
-    rest = np.array([lab is not None and lab != target for lab in base.labels])
+    on = np.array([lab == target for lab in arm.labels])
+    rest = np.array([lab is not None and lab != target for lab in arm.labels])
     if not on.any() or not rest.any():
         return None
-    j = FOUNDATIONS.index(target)
-    dl = arm.lodds[:, j] - base.lodds[:, j]
-    return masked_mean(dl, on, idx) - masked_mean(dl, rest, idx)
+    l = arm.lodds[:, FOUNDATIONS.index(target)]  # noqa: E741
+    return masked_mean(l, on, idx) - masked_mean(l, rest, idx)
+
+
+def did(arm: Arm, base: Arm, target: str, idx: np.ndarray | None = None) -> float | np.ndarray | None:
+    """The discriminative shift: the change of `separation`, mean_{on} dl - mean_{rest} dl with
+    dl[i] = l_arm[i] - l_base[i] (the same vignettes, so the difference of the two separations).
+    None where either separation is."""
+    a, b = separation(arm, target, idx), separation(base, target, idx)
+    return None if a is None or b is None else a - b
 
 
 def shift(kind: str, arm: Arm, base: Arm, target: str, idx: np.ndarray) -> tuple[float, np.ndarray] | None:
