@@ -229,6 +229,29 @@ def test_truncated_gguf_is_named(capsys, tmp_path):
         assert code == 2 and f"cannot read GGUF file {cut} (truncated" in last
 
 
+def test_model_cache_race_keeps_the_winners_copy(tmp_path):
+    """Two first runs started together both de-quantise the GGUF; the second rename finds the first's
+    complete directory and keeps it (it used to fail with 'Directory not empty')."""
+    from steer_heal.models import publish_dir
+
+    def converted(name: str, weights: str):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+        (d / "model.safetensors").write_text(weights)
+        return d
+
+    target = tmp_path / "model"
+    publish_dir(converted("model.tmp1", "first"), target)
+    publish_dir(converted("model.tmp2", "second"), target)
+    assert (target / "model.safetensors").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    half = tmp_path / "half"  # a target without config.json is not a finished copy: the error stands
+    (half / "junk").mkdir(parents=True)
+    with pytest.raises(OSError):
+        publish_dir(converted("half.tmp3", "third"), half)
+
+
 # ---------------------------------------------------------------- resume
 
 

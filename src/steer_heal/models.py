@@ -104,8 +104,19 @@ def _gguf_as_hf_dir(gguf: Path) -> Path:
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     model.generation_config.save_pretrained(tmp)
-    tmp.rename(target)
+    publish_dir(tmp, target)
     return target
+
+
+def publish_dir(tmp: Path, target: Path) -> None:
+    """Rename a finished `tmp` directory to `target`. When another process got there first (two first runs
+    started together, both converting), its copy is complete: keep it and drop ours."""
+    try:
+        tmp.rename(target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _tiny_random(tokenizer) -> nn.Module:
