@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -166,6 +167,14 @@ def test_out_dir_must_be_a_writable_directory(capsys, tmp_path):
     assert code == 2 and "--out-dir /proc/steer_heal_out: inside /proc, a kernel pseudo-filesystem" in last
 
 
+def test_pseudo_filesystems_are_told_from_storage():
+    from steer_heal.rundir import pseudo_fs
+
+    cases = {"/proc/version": "/proc", "/sys": "/sys", "/dev/null": "/dev", "/dev/shm/run": None, "/tmp/x": None,
+             "/procx/y": None}  # fmt: skip
+    assert {p: pseudo_fs(Path(p)) for p in cases} == {p: Path(v) if v else None for p, v in cases.items()}
+
+
 @pytest.mark.parametrize("fault", ["write fails", "write vanishes"])
 def test_an_unwritable_out_dir_leaves_no_directory_behind(tmp_path, monkeypatch, fault):
     """A write that fails (a read-only mount) or that is swallowed (it does not read back) refuses the
@@ -192,6 +201,7 @@ def test_proc_version_out_dir_is_refused_in_one_line_leaving_nothing(tmp_path):
     p = _cli("--fast-dev-run", "--out-dir", "/proc/version", "--run-name", "x", cwd=tmp_path)
     lines = [x for x in p.stderr.splitlines() if x.strip()]
     assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --out-dir /proc/version"), p.stderr
+    assert "kernel pseudo-filesystem" in lines[0]  # refused for what it is, not only for being a file
     assert list(tmp_path.iterdir()) == []
 
 

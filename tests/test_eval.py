@@ -183,11 +183,13 @@ def test_calibration_divides_out_the_content_free_prior():
 
 def test_log_odds_move_by_exactly_a_logit_bias_however_confident_the_model():
     """l = log(p / (1 - p)) of a softmax: a bias b on one logit moves that answer's log-odds by b, at p = 0.01 or
-    p = 0.99 alike (log p itself would move by ~b at the first and ~0 at the second)."""
-    logits = torch.tensor([[-4.0, 0.0, 0.0], [5.0, 0.0, 0.0]], dtype=torch.float64)
+    p = 0.99 alike (log p itself would move by ~b at the first and ~0 at the second), and at p ~ 1e-22 or
+    1 - 1e-22, where clipping p (the first version) capped l and the bias vanished."""
+    logits = torch.tensor([[-4.0, 0.0, 0.0], [5.0, 0.0, 0.0], [-50.0, 0.0, 0.0], [50.0, 0.0, 0.0]], dtype=torch.float64)
     bias = torch.tensor([1.3, 0.0, 0.0], dtype=torch.float64)
-    lo = lambda z: evaluate.log_odds(torch.softmax(z, -1))[:, 0]  # noqa: E731
-    assert torch.allclose(lo(logits + bias) - lo(logits), torch.full((2,), 1.3, dtype=torch.float64))
+    lo = lambda z: evaluate.log_odds(torch.log_softmax(z, -1))[:, 0]  # noqa: E731
+    assert torch.allclose(lo(logits + bias) - lo(logits), torch.full((4,), 1.3, dtype=torch.float64))
+    assert torch.allclose(lo(logits)[:2], torch.tensor([-4.0 - math.log(2), 5.0 - math.log(2)], dtype=torch.float64))
 
 
 def _arms(logp, prior, vigs):

@@ -94,6 +94,18 @@ def test_verdict_from_events(tmp_path, rounds, kw, starts):
     assert run_verdict(info).startswith(starts), run_verdict(info)
 
 
+@pytest.mark.parametrize(
+    "disc, why",
+    [
+        (0.01, "includes 0: the answer word's prior moved on every vignette alike"),
+        (0.3, "points the wrong way: the judgement of the target's violations moved against the persona"),
+    ],
+)
+def test_prior_only_says_whether_the_judgement_stood_still_or_went_the_wrong_way(tmp_path, disc, why):
+    v = run_verdict(RunInfo.read(_run(tmp_path, [(-5.5, 0.65)], disc=disc)))
+    assert v.startswith("PRIOR ONLY") and why in v, v
+
+
 def test_report_builds_tables_and_figure(tmp_path):
     root = _run(tmp_path, [(-5.5, 0.65), (-6.0, 0.6)])
     rep = report.build(root)

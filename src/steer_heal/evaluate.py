@@ -19,13 +19,13 @@ Metrics (direction in brackets):
 
 Contextual calibration (Zhao et al. 2021, "Calibrate Before Use", ICML): the same question is also asked
 about content-free scenarios (CONTENT_FREE: "N/A", an empty one, "[MASK]"), under the same model, system
-prompt and steering. Their mean choice distribution q_o (per option order o) is the model's prior over the
-seven answer words; each vignette's choice is divided by it and renormalised,
+prompt and steering. Their normalised geometric-mean choice distribution q_o (per option order o) is the
+model's prior over the seven answer words; each vignette's choice is divided by it and renormalised,
 
     p_cal[i, o, f] = p[i, o, f] / q_o[f]  /  sum_g p[i, o, g] / q_o[g],     p_cal[i] = mean_o p_cal[i, o]
 
-(q_o: the normalised geometric mean of the content-free inputs' choice distributions), so a shift that only
-moves the answer word's prior (a logit bias the same on every input) leaves p_cal exactly unchanged.
+so a shift that only moves the answer word's prior (a logit bias the same on every input, content-free ones
+included) leaves p_cal exactly unchanged.
 Reported beside the raw metrics:
   <f>_nats_cal     log(mean over vignettes of p_cal[:, f])                          [calibrated trait]
   <f>_prior_nats   log(mean over orders of q_o[f]): the content-free prior itself
@@ -34,8 +34,9 @@ and per vignette, besides p_cal (pc_<f>), the calibrated log-odds of each answer
 
     l[i, f] = mean_o log(p_cal[i, o, f] / (1 - p_cal[i, o, f]))
 
-which a logit bias b on answer f shifts by exactly b on every vignette, however confident the model is:
-the scale of the discriminative trait (stats.shift).
+(computed in log space, never clipped). A bias b on answer f's logit that calibration does not remove (one
+the content-free inputs do not see) shifts l by exactly b on every vignette, however confident the model
+is, and cancels in the discriminative trait (stats.shift).
 """
 
 from __future__ import annotations
@@ -177,9 +178,9 @@ def answer_logprobs(
     prior: bool = True,
 ) -> dict:
     """Per vignette and order: log p of each of the 7 labels [N, 2, 7] and the prefill NLL [N, 2]; with
-    `prior`, the same log-probs for the CONTENT_FREE scenarios [K, 2, 7] under `prior` (scored in batches of
-    their own, so the vignettes' numbers do not depend on it). `shared_prefix` computes the common prompt
-    parts once (same numbers, about twice as fast)."""
+    `prior`, also the same log-probs for the CONTENT_FREE scenarios [K, 2, 7], returned as out["prior"]
+    (scored in batches of their own, so the vignettes' numbers do not depend on them). `shared_prefix`
+    computes the common prompt parts once (same numbers, about twice as fast)."""
     kw = dict(think_tokens=think_tokens, force_full=force_full, system=system, shared_prefix=shared_prefix)
     out = _scenario_logprobs(model, tok, [v.text for v in vigs], batch_size, desc=desc, **kw)
     if prior:
@@ -245,14 +246,22 @@ def calibrate(logp: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     -> [N, 2, 7] (float64): p_cal[i, o] = softmax(log_softmax(logp[i, o]) - log q_o), q_o =
     content_free_prior(prior). Identity: adding the same bias b to one label's logit in every row (vignettes
     and content-free alike) leaves p_cal exactly unchanged."""
+    return calibrated_logp(logp, prior).exp()
+
+
+def calibrated_logp(logp: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """log p_cal [N, 2, 7] (float64), as `calibrate`, without leaving log space."""
     q = content_free_prior(prior)
-    return F.softmax(F.log_softmax(logp.double(), -1) - q.clamp_min(1e-300).log(), -1)
+    return F.log_softmax(F.log_softmax(logp.double(), -1) - q.clamp_min(1e-300).log(), -1)
 
 
-def log_odds(p: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """log(p / (1 - p)), with p clipped to [eps, 1 - eps] so a collapsed answer stays finite (|l| <= 27.6)."""
-    p = p.clamp(eps, 1 - eps)
-    return p.log() - (1 - p).log()
+def log_odds(logp: torch.Tensor) -> torch.Tensor:
+    """log(p_f / (1 - p_f)) of each answer f from normalised log-probs [..., 7]: logp_f - logsumexp_{g != f}
+    logp_g. In log space, so a confident model's odds stay exact (no clipping of p near 0 or 1, which would
+    cap l and turn a bias that shifts every vignette alike into an uneven one)."""
+    others = logp.unsqueeze(-2).expand(*logp.shape, logp.shape[-1]).clone()  # [..., f, g]
+    others.diagonal(dim1=-2, dim2=-1).fill_(-math.inf)
+    return logp - others.logsumexp(-1)
 
 
 def metrics(
@@ -272,8 +281,8 @@ def metrics(
     out["acc"] = _accuracy(p, vigs)
     pc = lodds = None
     if prior is not None:
-        pco = calibrate(logp, prior)  # [N, 2, 7]
-        pc, lodds = pco.mean(1).float(), log_odds(pco).mean(1).float()
+        lpc = calibrated_logp(logp, prior)  # [N, 2, 7]
+        pc, lodds = lpc.exp().mean(1).float(), log_odds(lpc).mean(1).float()
         q = content_free_prior(prior).mean(0)  # [7]: the prior, both orders
         prof_c = pc.mean(0)
         out |= {cal_key(f"{SHORT[f]}_nats"): _nats(prof_c[i]) for i, f in enumerate(FOUNDATIONS)}
@@ -354,7 +363,9 @@ def evaluate(
     think_tokens: int = 0,
     desc: str = "eval",
     system: str | None = None,
+    prior: bool = True,
 ) -> tuple[dict, list[dict]]:
-    """Metrics and per-vignette rows; `system` replaces the default system prompt (prompting baseline)."""
-    r = answer_logprobs(model, tok, vigs, batch_size, think_tokens, desc, system=system)
-    return metrics(r["logp"], r["prefill_nll"], vigs, r["prior"])
+    """Metrics and per-vignette rows; `system` replaces the default system prompt (prompting baseline); without
+    `prior`, no content-free rows and no calibrated metrics (the eval as it was before calibration)."""
+    r = answer_logprobs(model, tok, vigs, batch_size, think_tokens, desc, system=system, prior=prior)
+    return metrics(r["logp"], r["prefill_nll"], vigs, r.get("prior"))

@@ -101,9 +101,9 @@ def open_run(run_dir: str | Path, eval_vignettes: str | None = None, n_vignettes
 
 
 def row(arm: str, ev: Scored, base: Scored, run: OpenRun, steered: Scored | None = None, **extra) -> dict:
-    """One paired row: trait, coherence and ref_nll; dTrait, dCoh (and retain against `steered`) with 95 %
-    intervals; slope; how surgical (specificity) and how many vignettes moved the wrong way. An arm with
-    no per-vignette rows (a mean of arms) gets the point estimates only."""
+    """One paired row: trait, coherence and ref_nll; dTrait, dTrait_cal, dTrait_disc, dCoh (and retain against
+    `steered`) with 95 % intervals; slope; how surgical (specificity) and how many vignettes moved the wrong
+    way. An arm with no per-vignette rows (a mean of arms) gets the point estimates only."""
     tk, sign = run.trait_key, run.s.persona.sign
     d = deltas(base.m, steered.m if steered else None, ev.m, tk)
     out = {"arm": arm, tk: ev.m[tk], "coherence": ev.m["coherence"], "ref_nll": ev.m.get("ref_nll"),

@@ -336,9 +336,11 @@ def verdict(
         return (f"INCONCLUSIVE: {moved}; but no discriminative shift was measured ({why}), so a moved judgement "
                 f"cannot be told from a moved prior{tail}")  # fmt: skip
     if disc.worst(sign) <= 0:
-        return (f"PRIOR ONLY: {moved}; but its discriminative shift {disc.text()} includes 0 or the wrong way: the "
-                f"answer word's prior moved on every vignette alike, not the judgement of the target's "
-                f"violations; coherence {c:.3f}{tail}")  # fmt: skip
+        why = ("includes 0: the answer word's prior moved on every vignette alike, not the judgement of the "
+               "target's violations" if max(sign * disc.ci[0], sign * disc.ci[1]) > 0 else
+               "points the wrong way: the judgement of the target's violations moved against the persona, so "
+               "the raw shift is the answer word's prior")  # fmt: skip
+        return f"PRIOR ONLY: {moved}; but its discriminative shift {disc.text()} {why}; coherence {c:.3f}{tail}"
     beyond = ""
     if disc.null:
         inside, drng = disc.inside_null(sign)

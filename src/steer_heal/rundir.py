@@ -103,6 +103,13 @@ _TEMP = re.compile(r"^\.(.+)\.(tmp|old)(\d+)$")
 # Kernel pseudo-filesystems: what looks like a file or directory there is a view of the kernel, and some
 # sandboxes accept writes there that go nowhere, so a run would "finish" and keep nothing.
 PSEUDO_FS = (Path("/proc"), Path("/sys"), Path("/dev"))
+SHM = Path("/dev/shm")  # under /dev, but real (tmpfs) storage: allowed
+
+
+def pseudo_fs(real: Path) -> Path | None:
+    """The kernel pseudo-filesystem a resolved path lies in (or is), None for storage."""
+    under = lambda p: real == p or p in real.parents  # noqa: E731
+    return None if under(SHM) else next((p for p in PSEUDO_FS if under(p)), None)
 
 
 def writable_dir(path: Path, flag: str) -> None:
@@ -110,7 +117,7 @@ def writable_dir(path: Path, flag: str) -> None:
     Nothing is left behind on failure: directories this call created are removed again."""
     path = Path(path)
     real = path.resolve()
-    fs = next((p for p in PSEUDO_FS if real == p or p in real.parents), None)
+    fs = pseudo_fs(real)
     if fs is not None:
         raise UserError(f"{flag} {path}: inside {fs}, a kernel pseudo-filesystem, not storage; choose a directory "
                         "on a disk")  # fmt: skip

@@ -112,15 +112,22 @@ class Session:
 
     def evaluate(
         self, vectors=None, c: float = 0.0, system: str | None = None, desc: str = "eval",
-        vigs: list[data.Vignette] | None = None, references: bool = True,
+        vigs: list[data.Vignette] | None = None, references: bool = True, prior: bool = True,
     ) -> Scored:  # fmt: skip
         """Vignette metrics and per-vignette rows (on `vigs`, default the run's), and the reference answers' NLL
         per token (ref_nll; skipped without `references`), steered by c * vectors when both are given and under
-        `system` as the system prompt when given."""
+        `system` as the system prompt when given; calibrated too unless `prior` is False."""
         e = self.cfg.eval
         with steer(self.model, vectors, c) if vectors is not None and c != 0 else nullcontext():
             m, rows = evaluate(
-                self.model, self.tok, vigs or self.vigs, e.eval_batch_size, e.eval_think_tokens, desc, system=system
+                self.model,
+                self.tok,
+                vigs or self.vigs,
+                e.eval_batch_size,
+                e.eval_think_tokens,
+                desc,
+                system=system,
+                prior=prior,
             )
             if not references:
                 return Scored(m, rows)

@@ -289,10 +289,10 @@ def null_range(values: np.ndarray, draws: np.ndarray, n_boot: int = N_BOOT, seed
     With a few dozen directions these ends sit near the extreme order statistics, where a bootstrap
     interval is known to run narrow: read it as a lower bound on the range's uncertainty."""
     values, draws = np.asarray(values, dtype=np.float64), np.asarray(draws, dtype=np.float64)
-    n_dir, n_vig = draws.shape
+    n_dir, n_res = draws.shape  # directions, vignette resamples
     a = (1 - LEVEL) / 2
     g = np.random.default_rng(seed)
-    cols = g.integers(0, n_vig, size=n_boot)
+    cols = g.integers(0, n_res, size=n_boot)
     picked = draws[g.integers(0, n_dir, size=(n_boot, n_dir)), cols[:, None]]  # [n_boot, D]
     with warnings.catch_warnings():  # a vignette resample without a target-labelled vignette: all NaN (disc)
         warnings.simplefilter("ignore", RuntimeWarning)
