@@ -174,7 +174,7 @@ def test_calibration_divides_out_the_content_free_prior():
     prior = torch.randn(3, 2, 7, generator=torch.Generator().manual_seed(1))
     q = evaluate.content_free_prior(prior)  # [2, 7]
     like_prior = q.log()[None] - 1.0  # answers in the prior's proportions, mass e^-1
-    assert torch.allclose(evaluate.calibrate(like_prior, prior), torch.full((1, 2, 7), 1 / 7, dtype=q.dtype))
+    assert torch.allclose(evaluate.calibrate(like_prior, prior).exp(), torch.full((1, 2, 7), 1 / 7, dtype=q.dtype))
     logp, _ = _labelled_logp()
     bias = torch.zeros(7)
     bias[data.FOUNDATIONS.index("Authority")] = -1.5

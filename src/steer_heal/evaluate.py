@@ -243,14 +243,10 @@ def content_free_prior(prior: torch.Tensor) -> torch.Tensor:
 
 def calibrate(logp: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     """Contextual calibration of [N, 2, 7] answer log-probs by the content-free ones [K, 2, 7], per order,
-    -> [N, 2, 7] (float64): p_cal[i, o] = softmax(log_softmax(logp[i, o]) - log q_o), q_o =
-    content_free_prior(prior). Identity: adding the same bias b to one label's logit in every row (vignettes
-    and content-free alike) leaves p_cal exactly unchanged."""
-    return calibrated_logp(logp, prior).exp()
-
-
-def calibrated_logp(logp: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-    """log p_cal [N, 2, 7] (float64), as `calibrate`, without leaving log space."""
+    -> log p_cal [N, 2, 7] (float64, kept in log space for `log_odds`): p_cal[i, o] =
+    softmax(log_softmax(logp[i, o]) - log q_o), q_o = content_free_prior(prior). Identity: adding the same
+    bias b to one label's logit in every row (vignettes and content-free alike) leaves p_cal exactly
+    unchanged."""
     q = content_free_prior(prior)
     return F.log_softmax(F.log_softmax(logp.double(), -1) - q.clamp_min(1e-300).log(), -1)
 
@@ -281,7 +277,7 @@ def metrics(
     out["acc"] = _accuracy(p, vigs)
     pc = lodds = None
     if prior is not None:
-        lpc = calibrated_logp(logp, prior)  # [N, 2, 7]
+        lpc = calibrate(logp, prior)  # [N, 2, 7]: log p_cal
         pc, lodds = lpc.exp().mean(1).float(), log_odds(lpc).mean(1).float()
         q = content_free_prior(prior).mean(0)  # [7]: the prior, both orders
         prof_c = pc.mean(0)

@@ -275,6 +275,10 @@ class Shift:
         """The interval's end nearest to "no move / the wrong way", in the expected direction (> 0 = clear)."""
         return min(sign * self.ci[0], sign * self.ci[1])
 
+    def best(self, sign: int) -> float:
+        """The interval's other end: <= 0 means the whole interval lies on the wrong side of 0."""
+        return max(sign * self.ci[0], sign * self.ci[1])
+
     def text(self) -> str:
         return f"{self.est:+.3f} [{self.ci[0]:+.3f}, {self.ci[1]:+.3f}]"
 
@@ -337,7 +341,7 @@ def verdict(
                 f"cannot be told from a moved prior{tail}")  # fmt: skip
     if disc.worst(sign) <= 0:
         why = ("includes 0: the answer word's prior moved on every vignette alike, not the judgement of the "
-               "target's violations" if max(sign * disc.ci[0], sign * disc.ci[1]) > 0 else
+               "target's violations" if disc.best(sign) > 0 else
                "points the wrong way: the judgement of the target's violations moved against the persona, so "
                "the raw shift is the answer word's prior")  # fmt: skip
         return f"PRIOR ONLY: {moved}; but its discriminative shift {disc.text()} {why}; coherence {c:.3f}{tail}"
