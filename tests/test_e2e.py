@@ -174,3 +174,17 @@ def test_each_heal_target_runs_and_is_recorded(tmp_path, flags):
     if "on_policy" in flags:
         assert heal["n_on_policy"] + heal["n_steered"] == heal["n_train"] and heal["n_on_policy"] > 0
         assert (tmp_path / "t" / "rounds" / "r00" / "on_policy.jsonl").is_file()
+
+
+def test_the_instrument_is_announced_before_round_0(tmp_path):
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(m.record["message"]), level="INFO")
+    try:
+        assert _run(fast_args(tmp_path, "inst", rounds=1)) == 0
+    finally:
+        logger.remove(sink)
+    inst = [i for i, x in enumerate(lines) if x.startswith("instrument: the eval's item discrimination")]
+    first_round = min(i for i, x in enumerate(lines) if x.startswith("extract r0"))
+    assert inst and inst[0] < first_round

@@ -166,3 +166,23 @@ def test_null_range_interval_covers_the_range_and_narrows_with_more_directions()
         assert r["lo_ci"][0] <= r["lo"] <= r["lo_ci"][1] and r["hi_ci"][0] <= r["hi"] <= r["hi_ci"][1]
     width = lambda r: r["hi_ci"][1] - r["hi_ci"][0]  # noqa: E731
     assert width(r128) < width(r8) and r128["n"] == 128
+
+
+def test_the_instrument_before_round_0_says_when_no_discriminative_verdict_is_possible():
+    """base_instrument: a base arm whose Authority log-odds are 1.5 higher on Authority vignettes tells them
+    apart (possible); the same arm with no such gap does not (the line says the interval includes 0)."""
+    from steer_heal.records import base_instrument
+
+    base = _calibrated(_arm(5, n=70))
+    on = np.array([lab == "Authority" for lab in base.labels])
+    j = FOUNDATIONS.index("Authority")
+    flat = base.lodds.copy()
+    flat[:, j] = np.random.default_rng(1).normal(0, 0.01, 70)
+    sharp = flat.copy()
+    sharp[on, j] += 1.5
+    idx = stats.resamples(70, 200, 0)
+    line, possible = base_instrument(_calibrated(base, sharp), "Authority", idx)
+    assert possible and "includes 0" not in line and "+1.5" in line
+    line, possible = base_instrument(_calibrated(base, flat), "Authority", idx)
+    assert not possible and "includes 0" in line
+    assert base_instrument(stats.Arm(base.p, base.mass, base.labels, base.ids), "Authority", idx) is None

@@ -31,7 +31,8 @@ KlAgg = Literal["mean", "rmse", "p95", "max"]
 BarrierRef = Literal["base", "prev"]
 HealTarget = Literal["sft", "kl_teacher", "mix"]
 HealData = Literal["steered", "on_policy"]
-PresetName = Literal["fast", "smol", "gemma"]
+PresetName = Literal["fast", "smol", "gemma270m", "gemma"]
+PromptFormatName = Literal["auto", "chat", "gemma-turn", "qa"]  # formats.CHOICES
 
 
 @dataclass(frozen=True)
@@ -276,9 +277,13 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     collapse: CollapseConfig = field(default_factory=CollapseConfig)
     preset: PresetName = "smol"
-    """Named preset the other flags override (fast = tiny random model, smol = embedded SmolLM2, gemma)."""
+    """Named preset the other flags override (fast = tiny random model, smol = embedded SmolLM2, gemma270m =
+    embedded pretrained Gemma 3 270M, gemma = gemma-3-4b-it on a GPU)."""
     model: str = "smollm2"
-    """smollm2 (embedded), tiny-random, a Hugging Face hub id, a local model directory, or a .gguf file."""
+    """smollm2 or gemma3-270m (embedded), tiny-random, a Hugging Face hub id, a local model directory, or a .gguf."""
+    prompt_format: PromptFormatName = "auto"
+    """How prompts are written (formats.py): auto = the model's chat template; a pretrained model without one
+    needs gemma-turn (Gemma's turn markup) or qa ('Question: ... / Answer:', ends at a blank line)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Model dtype; auto = float32 on CPU, bfloat16 on CUDA."""
     device: str = "auto"
@@ -350,6 +355,15 @@ def _smol() -> RunConfig:
     return c
 
 
+def _gemma270m() -> RunConfig:
+    # The embedded pretrained Gemma 3 270M on 2 CPU cores; the format and sizes are measured in docs/journal.md.
+    c = RunConfig(preset="gemma270m", model="gemma3-270m", prompt_format="qa")
+    c.extract.n_contexts = 128
+    c.filter.n_keep = 40
+    c.heal.heal_batch_size = 4
+    return c
+
+
 def _gemma() -> RunConfig:
     c = RunConfig(preset="gemma", model="google/gemma-3-4b-it", n_rounds=10, coh_floor=0.8)
     c.generate.n_prompts = 32
@@ -367,7 +381,7 @@ def _gemma() -> RunConfig:
     return c
 
 
-PRESETS = {"fast": _fast, "smol": _smol, "gemma": _gemma}
+PRESETS = {"fast": _fast, "smol": _smol, "gemma270m": _gemma270m, "gemma": _gemma}
 
 
 def preset(name: str) -> RunConfig:

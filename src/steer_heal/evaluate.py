@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from steer_heal.data import FOUNDATIONS, SHORT, Vignette
 from steer_heal.models import input_device, unwrap
 from steer_heal.stats import cal_key
-from steer_heal.tokens import batches, chat_ids, pad
+from steer_heal.tokens import batches, chat_ids, pad, with_prefill
 
 # Wording chosen on SmolLM2-135M among four candidates for answer mass (0.71 vs 0.01-0.78) without
 # collapsing onto one option; see docs/journal.md.
@@ -205,7 +205,7 @@ def _scenario_logprobs(
     if think_tokens > 0:
         items = _think(model, tok, heads, think_tokens, batch_size)
     else:
-        items = [h + prefill_ids for h in heads]
+        items = [with_prefill(h, prefill_ids) for h in heads]
     # Logits for the prefill tokens and the answer slot: the last n_pre + 1 positions of every row.
     run = _logits_shared_prefix if shared_prefix and think_tokens == 0 else _logits_plain
     lp = torch.empty(len(items), len(FOUNDATIONS))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from steer_heal import formats
 from steer_heal.errors import halve_and_retry
 from steer_heal.hooks import steer
 from steer_heal.models import input_device
@@ -78,12 +79,20 @@ def stop_ids(model, tok) -> list[int]:
     return sorted(set(ids) | {tok.eos_token_id})
 
 
-def cut(row: list[int], stops: list[int]) -> tuple[list[int], bool]:
-    """Completion ids up to and including the first stop id; (ids, hit_eos)."""
+def cut(row: list[int], stops: list[int], tok=None, texts: list[str] = ()) -> tuple[list[int], bool]:
+    """Completion ids up to and including the first stop id, or (if earlier) up to where one of the
+    multi-token stop `texts` begins, which is dropped; (ids, hit_eos)."""
     for i, t in enumerate(row):
         if t in stops:
-            return row[: i + 1], True
-    return row, False
+            row = row[: i + 1]
+            break
+    else:
+        i = None
+    if texts:
+        trimmed, hit = formats.trim_at_texts(row, tok, texts)
+        if hit:
+            return trimmed, True
+    return row, i is not None
 
 
 @torch.no_grad()
@@ -101,7 +110,10 @@ def generate(
     """One Completion per row, in order. Batch b is seeded with seed * 100003 + b."""
     dev = input_device(model)
     stops = stop_ids(model, tok)
+    texts = formats.stop_texts(model)
     kw = dict(eos_token_id=stops, pad_token_id=tok.pad_token_id, **sampling.hf_kwargs())
+    if texts:  # a pretrained model's next-turn marker (formats.py): generate needs the tokenizer to see it
+        kw |= dict(stop_strings=texts, tokenizer=tok)
 
     def run(chunk: list[Row], seed_b: int) -> list[list[int]]:
         enc = pad([r.prompt_ids for r in chunk], tok.pad_token_id, "left", dev)
@@ -123,7 +135,7 @@ def generate(
                 chunk, lambda half, i, b=b: run(half, seed * 100_003 + b + 7919 * (i + 1)), "--gen-batch-size"
             )
         for r, row in zip(chunk, new):
-            ids, eos = cut(row, stops)
+            ids, eos = cut(row, stops, tok, texts)
             text = tok.decode(ids, skip_special_tokens=True)
             out.append(Completion(r.prompt_idx, r.prompt, r.alpha, r.coeff, list(r.prompt_ids), ids, text, eos))
     return out

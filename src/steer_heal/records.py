@@ -374,14 +374,18 @@ def run_verdict(info: RunInfo) -> str:
 
 
 def separation_line(info: RunInfo) -> str | None:
-    """One line on the eval as an instrument: the base model's item discrimination of the target
-    (stats.separation) with its interval, from the last round record; None where none was recorded."""
+    """One line on the eval as an instrument (instrument_line), from the last round record's separation_base;
+    None where none was recorded."""
     last = info.rounds[-1] if info.rounds else None
     if last is None or last.separation_base is None:
         return None
     target = {short: f for f, short in SHORT.items()}.get(info.trait_key.removesuffix("_nats"), info.trait_key)
-    ci = last.ci.get("separation_base")
-    sep = Shift(last.separation_base, ci, None)
+    return instrument_line(target, Shift(last.separation_base, last.ci.get("separation_base"), None))
+
+
+def instrument_line(target: str, sep: Shift) -> str:
+    """The base model's item discrimination of the target (stats.separation) with its interval, and whether
+    a discriminative shift has a judgement to start from (not when the interval includes 0)."""
     value = sep.text() if sep.ok else f"{sep.est:+.3f}"
     line = (
         f"the eval's item discrimination on the base model: the calibrated log-odds of {target} on the "
@@ -393,3 +397,15 @@ def separation_line(info: RunInfo) -> str | None:
             "from the rest, so there is no judgement of them for a discriminative shift to start from"
         )
     return line
+
+
+def base_instrument(base, target: str, idx: np.ndarray) -> tuple[str, bool] | None:
+    """(instrument_line, whether a discriminative verdict is possible) from the base eval's arm, with the
+    same bootstrap draws the round records use, so the line printed before round 0 is the one they carry.
+    None without calibrated log-odds or labelled groups."""
+    sep = stats.separation(base, target)
+    if sep is None:
+        return None
+    e = stats.est(sep, stats.separation(base, target, idx))
+    shift = Shift(e["est"], [e["lo"], e["hi"]], None)
+    return instrument_line(target, shift), shift.ok and shift.worst(1) > 0

@@ -31,7 +31,7 @@ from steer_heal.data import read_jsonl
 from steer_heal.errors import NonFiniteLoss, OutOfMemory, Starved, UserError, exit_code
 from steer_heal.evaluate import Scored
 from steer_heal.recorder import Recorder
-from steer_heal.records import COLLAPSE_KEYS, RoundRecord, round_stats
+from steer_heal.records import COLLAPSE_KEYS, RoundRecord, base_instrument, round_stats
 from steer_heal.rundir import RunDir, RunState, git_commit, read_state, safe_name, versions, writable_dir
 from steer_heal.session import Session
 from steer_heal.stats import cal_key
@@ -105,6 +105,7 @@ def base_stage(s: Session, rec: Recorder, state: RunState) -> Base:
                 "this run's base eval predates the calibrated eval (events schema < 1.3): its rounds get raw "
                 "shifts only, and without a discriminative shift its verdict cannot be PASS"
             )
+    announce_instrument(s, base)
     cal = state.calibration
     if cal is None:
         with clock("calibrate"):
@@ -116,6 +117,22 @@ def base_stage(s: Session, rec: Recorder, state: RunState) -> Base:
             sig = stages.collapse_signals(s, "base", acts)
         rec.collapse(-1, "base", sig, clock["collapse"])
     return Base(eval=base, ppl_max=cal["ppl_max"], acts=acts, null=state.null)
+
+
+def announce_instrument(s: Session, base: Scored) -> None:
+    """Say before round 0 whether the eval can see a judgement of the target on this model at all."""
+    idx = stats.resamples(len(s.vigs), s.cfg.eval.n_boot, s.cfg.seed)
+    inst = base_instrument(base.arm, s.persona.trait, idx)
+    if inst is None:
+        logger.info("instrument: no calibrated, labelled base eval; no discriminative verdict is possible")
+        return
+    line, possible = inst
+    logger.info(f"instrument: {line}")
+    if not possible:
+        logger.warning(
+            f"no discriminative verdict is possible on this model: its base separation's interval includes 0, so it "
+            f"holds no judgement of {s.persona.trait} for the loop to move (the verdict rule is unchanged)"
+        )
 
 
 def evaluated(s: Session, rec: Recorder, clock: Clock, r: int, which: str, v=None, c: float = 0.0):

@@ -26,7 +26,7 @@ from steer_heal.errors import UserError
 from steer_heal.evaluate import Scored, evaluate, ref_nll, reference_nll
 from steer_heal.generate import Completion, Row, Sampling, generate
 from steer_heal.hooks import steer
-from steer_heal.tokens import chat_ids
+from steer_heal.tokens import answer_ids, chat_ids
 
 N_SAMPLE_PROMPTS = 3  # greedy samples saved per round for a person to read
 
@@ -65,7 +65,9 @@ class Session:
         src, vigs = data.vignettes(cfg.eval.eval_vignettes)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        model, tok = models.load(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code, cfg.device_map, cfg.tokenizer)
+        model, tok = models.load(
+            cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code, cfg.device_map, cfg.tokenizer, cfg.prompt_format
+        )
         layers = models.band(len(models.decoder_layers(model)), e.steer_layers, "--steer-layers")
         lora_targets(model, cfg.heal.lora_layers, cfg.heal.lora_targets)  # fails now, not at round 0's heal
         return cls(
@@ -183,9 +185,7 @@ class Session:
 
     def reference_pairs(self, system: str | None = None) -> list[tuple[list[int], list[int]]]:
         """The reference answers as (prompt ids, answer ids): coherent human text, never trained on."""
-        return [
-            (chat_ids(self.tok, p, system), self.tok(a, add_special_tokens=False).input_ids) for p, a in self.references
-        ]
+        return [(chat_ids(self.tok, p, system), answer_ids(self.tok, a)) for p, a in self.references]
 
     def thresholds(self, ppl_max: float) -> filters.Thresholds:
         f = self.cfg.filter

@@ -18,6 +18,23 @@ def chat_ids(tok, user: str, system: str | None = None, prefill: str = "") -> li
     return tok(text + prefill, add_special_tokens=False).input_ids
 
 
+def answer_lead(tok) -> str:
+    """What goes between the generation prompt and an answer's first word: a space when the prompt ends
+    on a word (the qa format's "Answer:"), nothing when it ends a line (every chat template)."""
+    head = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    return "" if head.endswith(("\n", " ")) else " "
+
+
+def answer_ids(tok, answer: str) -> list[int]:
+    """Token ids of a written answer as it continues the generation prompt (reference answers)."""
+    return tok(answer_lead(tok) + answer, add_special_tokens=False).input_ids
+
+
+def with_prefill(head: list[int], prefill: list[int]) -> list[int]:
+    """`head` + `prefill`, unless the format's generation prompt already ends with it (qa's "Answer:")."""
+    return head if head[len(head) - len(prefill) :] == prefill else head + prefill
+
+
 def pad(seqs: list[list[int]], pad_id: int, side: str = "left", device=None) -> dict[str, torch.Tensor]:
     """Pad to a batch; returns input_ids, attention_mask and position_ids (0 at each row's first real token).
 
