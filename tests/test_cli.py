@@ -310,9 +310,20 @@ def _nan_in_config(root):
     (root / "config.json").write_text(json.dumps(meta))
 
 
+def _seed_edited(root):
+    meta = json.loads((root / "config.json").read_text())
+    meta["config"]["seed"] = 7
+    (root / "config.json").write_text(json.dumps(meta))
+
+
 @pytest.mark.parametrize(
     "breaks, message",
     [
+        (
+            _seed_edited,
+            "config.json: changed since the run started (its config record in events.jsonl) in --seed: 7 "
+            "(was 0); restore it",
+        ),
         (_break_done, "but round 0 does not; finished rounds must be 0..n-1"),
         (_break_config, "config.json: corrupt config file"),
         (_drop_config_key, "config.json: no 'config' object in it"),
