@@ -367,6 +367,21 @@ def test_resume_of_a_finished_run_keeps_one_ledger_row_and_removes_stale_temps(c
     )  # ... counted once
 
 
+def test_resume_writes_the_ledger_beside_the_run_whatever_config_json_and_the_cwd_say(capsys, finished, monkeypatch):
+    from steer_heal import ledger
+
+    meta = json.loads((finished / "config.json").read_text())
+    meta["config"]["out_dir"] = "elsewhere"  # relative, and not where the run lies
+    (finished / "config.json").write_text(json.dumps(meta))
+    (finished.parent / "cwd").mkdir()
+    monkeypatch.chdir(finished.parent / "cwd")
+    code, last = _main(capsys, "--resume", "../run", "--out-dir", "other")
+    assert code == 2 and f"--out-dir other: the run being resumed lies in {finished.parent} " in last, last
+    assert main(["--resume", "../run"]) == 0
+    assert [r["run"] for r in ledger.read(finished.parent / "results.jsonl")] == ["run"]
+    assert not (finished.parent / "cwd" / "elsewhere").exists()
+
+
 # ---------------------------------------------------------------- interruptions
 
 
