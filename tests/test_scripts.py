@@ -160,6 +160,9 @@ def test_plot_run_help_is_help_not_a_run_directory(capsys):
         ("bench", ["--run-dir", "/no/such/run", "--fast-dev-run"], "/no/such/run: no events.jsonl here"),
         ("results", ["--ledger", "/no/such/results.jsonl"], "no rows in /no/such/results.jsonl"),
         ("diag_null", ["/no/such/run"], "/no/such/run: no events.jsonl here"),
+        # run flags go through the run's own validation (Session.from_config), before any model loads
+        ("diag_csweep", ["--fast-dev-run", "--n-boot", "5"], "--n-boot 5 must be an integer >= 100 and <= 100000"),
+        ("bench", ["--fast-dev-run", "--eval-batch-size", "0"], "--eval-batch-size 0 must be an integer >= 1"),
     ],
 )
 def test_scripts_refuse_bad_input_in_one_line(capsys, script, args, message):
@@ -172,6 +175,20 @@ def test_score_completions_names_the_bad_stdin_line(capsys, monkeypatch):
     code, _, err = _command(capsys, "score_completions", "-", "--fast-dev-run", stdin='{"prompt": "a"}\n{oops\n',
                             monkeypatch=monkeypatch)  # fmt: skip
     assert code == 2 and "stdin:1: missing field(s) ['completion']" in err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--ppl-max", "nan"], "--ppl-max nan must be a finite number"),  # NaN turned the perplexity filter off
+        (["--n-prompts", "-3"], "--n-prompts -3 must be an integer >= 1"),
+    ],
+)
+def test_score_completions_validates_run_flags_as_the_run_does(capsys, monkeypatch, flags, message):
+    stdin = json.dumps({"prompt": "Hi", "completion": "Hello there."}) + "\n"
+    code, out, err = _command(capsys, "score_completions", "-", "--fast-dev-run", *flags, stdin=stdin,
+                              monkeypatch=monkeypatch)  # fmt: skip
+    assert code == 2 and err.strip() == f"error: {message}" and not out
 
 
 def test_diag_scripts_on_a_run_with_no_finished_round(capsys, tmp_path):
