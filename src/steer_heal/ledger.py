@@ -5,7 +5,7 @@ last row of each run, so no run is counted twice. Columns may change between ver
 read back. A torn line (a crash mid-append) is skipped with a warning instead of breaking the file.
 
 `aggregate` groups rows into arms (by default: everything in the config but the seed) and gives each
-headline figure n, mean, sd and a 95 % t-interval across the arm's seeds.
+headline figure n, mean, sd and a 95 % t-interval across the arm's seeds (distinct: a repeat is refused).
 """
 
 from __future__ import annotations
