@@ -245,9 +245,9 @@ def main(argv: list[str]) -> int:
         for axis, lines in axes.items():
             print("\n" + "\n".join(verdict_lines(lines, tk, axis, kind)))
     null = [r for r in rows if r["kind"] == "random"]
-    doc = {"run": run.rd.root.name, "trait_key": tk, "sign": sign, "x": a.x, "vignettes": s.vig_source,
-           "n": len(s.vigs), "n_boot": int(run.idx.shape[0]), "cs": cs, "ladder": ladder, "rows": rows,
-           "advantage": adv, "advantage_by_axis": by_axis, "advantage_by_trait": by_trait,
+    doc = {"run": run.rd.root.name, "seed": s.cfg.seed, "trait_key": tk, "sign": sign, "x": a.x,
+           "vignettes": s.vig_source, "n": len(s.vigs), "n_boot": int(run.idx.shape[0]), "cs": cs, "ladder": ladder,
+           "rows": rows, "advantage": adv, "advantage_by_axis": by_axis, "advantage_by_trait": by_trait,
            "null": {"n": len(null), "n_vignettes": null[0]["n_vignettes"] if null else None},
            "arms_from": str(a.arms_from or ""), "seconds": time.time() - t0}  # fmt: skip
     atomic_write_json(out, doc)

@@ -23,17 +23,42 @@ from tabulate import tabulate
 from steer_heal import ledger, stats
 from steer_heal.cli import cli
 from steer_heal.errors import UserError
-from steer_heal.rundir import atomic_write_json
+from steer_heal.rundir import RunDir, atomic_write_json
 
 SHIFTS = ("dTrait", "dTrait_cal", "dTrait_disc", "separation", "dCoh", "dPrior", "null_pct", "null_pct_disc")
 TRAIT_KINDS = ("raw", "cal", "disc")
 
 
-def load(run: Path) -> dict:
+def frontier_path(run: Path) -> Path:
     path = run / "frontier.json" if run.is_dir() else run
     if not path.is_file():
         raise UserError(f"{run}: no frontier.json; run scripts/diag_frontier.py on it first")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return path
+
+
+def load(run: Path) -> dict:
+    return json.loads(frontier_path(run).read_text(encoding="utf-8"))
+
+
+def seed_of(path: Path, doc: dict):
+    """The seed of the run a frontier.json measured: its own `seed` field, else the config.json beside it (a
+    frontier written before it recorded the seed, in its run directory)."""
+    if "seed" in doc:
+        return doc["seed"]
+    cfg = path.parent / "config.json"
+    if cfg.is_file():
+        return RunDir(path.parent).read_config()["config"].get("seed")
+    raise UserError(f"{path}: no seed in it and no config.json beside it; pass the run directory it belongs to")
+
+
+def distinct_runs(runs: list[Path]) -> None:
+    """Refuse a run given twice or two runs of one seed: the t-interval is across seeds, n must count seeds."""
+    paths = [frontier_path(r).resolve() for r in runs]
+    if len(set(paths)) < len(paths):
+        again = next(str(r) for r, p in zip(runs, paths) if paths.count(p) > 1)
+        raise UserError(f"{again} is given more than once; give each run (one per seed) once")
+    seeds = [(str(r), seed_of(p, json.loads(p.read_text(encoding="utf-8")))) for r, p in zip(runs, paths)]
+    ledger.one_run_per_seed(seeds, "frontier_seeds", "give one run of each seed")
 
 
 def cell(t: dict, spec: str = "+.3f") -> str:
@@ -89,6 +114,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("runs", type=Path, nargs="+", help="run directories (or frontier.json files), one per seed")
     ap.add_argument("--out", type=Path, help="write the tables as JSON here")
     a = ap.parse_args(argv)
+    distinct_runs(a.runs)
     docs = [load(r) for r in a.runs]
     keys = {(d["trait_key"], d["n"]) for d in docs}
     if len(keys) > 1:

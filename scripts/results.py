@@ -6,7 +6,8 @@ across the arm's seeds (an arm = the whole config minus the seed, unless --by na
 Headline figures: the last round's dTrait / coherence / retain / ref_nll, where its shift falls against
 the random null (null_pct), the best round's dTrait, and the frontier advantages A_steer / A_prompt
 wherever scripts/diag_frontier.py wrote <run>/frontier.json. An interval over fewer than 3 seeds is
-flagged: it is not a claim.
+flagged: it is not a claim. An arm's runs must have distinct seeds (reruns of one seed are refused: n counts
+seeds).
 """
 
 from __future__ import annotations

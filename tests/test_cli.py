@@ -310,9 +310,31 @@ def _nan_in_config(root):
     (root / "config.json").write_text(json.dumps(meta))
 
 
+def _seed_edited(root):
+    meta = json.loads((root / "config.json").read_text())
+    meta["config"]["seed"] = 7
+    (root / "config.json").write_text(json.dumps(meta))
+
+
+def _junk_line(at: int | None):
+    def write(root):
+        lines = (root / "events.jsonl").read_text().splitlines(keepends=True)
+        lines.insert(len(lines) if at is None else at - 1, "not a record\n")  # a whole line: no crash writes that
+        (root / "events.jsonl").write_text("".join(lines))
+
+    return write
+
+
 @pytest.mark.parametrize(
     "breaks, message",
     [
+        (
+            _seed_edited,
+            "config.json: changed since the run started (its config record in events.jsonl) in --seed: 7 "
+            "(was 0); restore it",
+        ),
+        (_junk_line(3), "events.jsonl:3: corrupt event line"),
+        (_junk_line(None), "corrupt event line (Expecting value); only a record torn by a crash"),
         (_break_done, "but round 0 does not; finished rounds must be 0..n-1"),
         (_break_config, "config.json: corrupt config file"),
         (_drop_config_key, "config.json: no 'config' object in it"),
@@ -354,6 +376,33 @@ def test_resume_of_a_finished_run_keeps_one_ledger_row_and_removes_stale_temps(c
     assert (
         len(rows) == 1 and rows[0]["n_rounds_done"] == 2 and "first attempt" not in rows[0]["verdict"]
     )  # ... counted once
+
+
+def test_resume_after_a_torn_last_line_repairs_it_and_finishes(capsys, finished):
+    from steer_heal import ledger
+
+    events_path = finished / "events.jsonl"
+    with events_path.open("a") as f:
+        f.write('{"sch')  # a kill mid-append: the one thing a crash leaves in an append-only file
+    assert main(["--resume", str(finished)]) == 0  # used to fail at the summary: the fragment was then mid-file
+    assert all(json.loads(x) for x in events_path.read_text().splitlines())  # cut, not left mid-file
+    assert events.read(finished, "summary") and "removed a record torn by a crash" in capsys.readouterr().err
+    assert [r["run"] for r in ledger.read(finished.parent / "results.jsonl")] == ["run"]  # and its ledger row
+
+
+def test_resume_writes_the_ledger_beside_the_run_whatever_config_json_and_the_cwd_say(capsys, finished, monkeypatch):
+    from steer_heal import ledger
+
+    meta = json.loads((finished / "config.json").read_text())
+    meta["config"]["out_dir"] = "elsewhere"  # relative, and not where the run lies
+    (finished / "config.json").write_text(json.dumps(meta))
+    (finished.parent / "cwd").mkdir()
+    monkeypatch.chdir(finished.parent / "cwd")
+    code, last = _main(capsys, "--resume", "../run", "--out-dir", "other")
+    assert code == 2 and f"--out-dir other: the run being resumed lies in {finished.parent} " in last, last
+    assert main(["--resume", "../run"]) == 0
+    assert [r["run"] for r in ledger.read(finished.parent / "results.jsonl")] == ["run"]
+    assert not (finished.parent / "cwd" / "elsewhere").exists()
 
 
 # ---------------------------------------------------------------- interruptions

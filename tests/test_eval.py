@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -43,6 +44,35 @@ def test_unknown_label_names_the_line(tmp_path):
     p.write_text('{"id": "a"}\n')
     with pytest.raises(UserError, match=r"v.jsonl:1: missing field"):
         data.vignettes(str(p))
+
+
+def _rated(**human) -> str:
+    ratings = {f"human_{f.replace(' ', '')}": 10.0 for f in data.FOUNDATIONS} | human
+    return json.dumps({"id": "b", "text": "y", "foundation_coarse": "Care", **ratings})
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        (_rated(human_Care=float("nan")), "v.jsonl:3: field human_Care: nan must be a finite number >= 0"),
+        (_rated(human_Liberty="lots"), "v.jsonl:3: field human_Liberty: 'lots' is not a number"),
+        (_rated(human_Fairness=-5), "v.jsonl:3: field human_Fairness: -5 must be a finite number >= 0"),
+        (_rated(**{f"human_{f.replace(' ', '')}": 0 for f in data.FOUNDATIONS}), "v.jsonl:3: the seven human_* "),
+        (_rated()[:-1].rsplit(", ", 1)[0] + "}", "v.jsonl:3: has human_Care but not ['human_SocialNorms']"),
+    ],
+    ids=["nan", "text", "negative", "all zero", "partial"],
+)
+def test_a_bad_human_rating_is_refused_naming_file_line_and_field(tmp_path, line, message):
+    # refused, not skipped: one NaN made human_agree null in every eval, and a vignette without ratings already
+    # has a way to say so (no human_* fields at all)
+    p = tmp_path / "v.jsonl"
+    p.write_text('{"id": "a", "text": "x", "foundation_coarse": "Care"}\n\n' + line + "\n")
+    with pytest.raises(UserError) as e:
+        data.vignettes(str(p))
+    assert message in str(e.value) and "\n" not in str(e.value)
+    p.write_text('{"id": "a", "text": "x", "foundation_coarse": "Care"}\n\n' + _rated() + "\n")
+    assert [v.human for v in data.vignettes(str(p))[1]][0] is None  # no ratings: none, as before
+    assert data.vignettes(str(p))[1][1].human["Care"] == 10.0
 
 
 def test_all_mass_on_one_option():

@@ -45,6 +45,31 @@ def test_reader_skips_only_a_torn_last_line(tmp_path):
         events.read(tmp_path)
 
 
+def test_a_torn_last_line_is_cut_before_the_next_record_so_it_never_sits_mid_file(tmp_path):
+    path = tmp_path / "events.jsonl"
+    ev = events.Events(path)
+    ev.emit("round", 0)
+    with path.open("a") as f:
+        f.write("xx")  # what a kill leaves: a record cut short (here not even its opening bytes)
+    assert [r["stage"] for r in events.read(tmp_path)] == ["round"]
+    ev.emit("resume", 1, completed=[0])
+    assert [json.loads(x)["stage"] for x in path.read_text().splitlines()] == ["round", "resume"]
+    with path.open("a") as f:
+        f.write(json.dumps({"schema": events.SCHEMA, "stage": "stop", "round": 1}))  # whole, only its newline lost
+    ev.emit("summary", -1)
+    assert [r["stage"] for r in events.read(tmp_path, raw=True)] == ["round", "resume", "stop", "summary"]
+
+
+@pytest.mark.parametrize("junk", ["xx\n", "xx\n{}\n"], ids=["last line, whole", "mid-file"])
+def test_junk_that_no_crash_could_write_is_refused_wherever_it_sits(tmp_path, junk):
+    path = tmp_path / "events.jsonl"
+    events.Events(path).emit("round", 0)
+    with path.open("a") as f:
+        f.write(junk)
+    with pytest.raises(UserError, match=r"events.jsonl:2: corrupt event line .*repair or delete this line"):
+        events.read(tmp_path)
+
+
 def test_atomic_write_leaves_no_temp_files(tmp_path):
     atomic_write_json(tmp_path / "a" / "c.json", {"v": math.nan})
     assert json.loads((tmp_path / "a" / "c.json").read_text()) == {"v": None}

@@ -160,6 +160,9 @@ def test_plot_run_help_is_help_not_a_run_directory(capsys):
         ("bench", ["--run-dir", "/no/such/run", "--fast-dev-run"], "/no/such/run: no events.jsonl here"),
         ("results", ["--ledger", "/no/such/results.jsonl"], "no rows in /no/such/results.jsonl"),
         ("diag_null", ["/no/such/run"], "/no/such/run: no events.jsonl here"),
+        # run flags go through the run's own validation (Session.from_config), before any model loads
+        ("diag_csweep", ["--fast-dev-run", "--n-boot", "5"], "--n-boot 5 must be an integer >= 100 and <= 100000"),
+        ("bench", ["--fast-dev-run", "--eval-batch-size", "0"], "--eval-batch-size 0 must be an integer >= 1"),
     ],
 )
 def test_scripts_refuse_bad_input_in_one_line(capsys, script, args, message):
@@ -172,6 +175,38 @@ def test_score_completions_names_the_bad_stdin_line(capsys, monkeypatch):
     code, _, err = _command(capsys, "score_completions", "-", "--fast-dev-run", stdin='{"prompt": "a"}\n{oops\n',
                             monkeypatch=monkeypatch)  # fmt: skip
     assert code == 2 and "stdin:1: missing field(s) ['completion']" in err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--ppl-max", "nan"], "--ppl-max nan must be a finite number"),  # NaN turned the perplexity filter off
+        (["--n-prompts", "-3"], "--n-prompts -3 must be an integer >= 1"),
+    ],
+)
+def test_score_completions_validates_run_flags_as_the_run_does(capsys, monkeypatch, flags, message):
+    stdin = json.dumps({"prompt": "Hi", "completion": "Hello there."}) + "\n"
+    code, out, err = _command(capsys, "score_completions", "-", "--fast-dev-run", *flags, stdin=stdin,
+                              monkeypatch=monkeypatch)  # fmt: skip
+    assert code == 2 and err.strip() == f"error: {message}" and not out
+
+
+def _ledger(tmp_path, *runs) -> str:
+    from steer_heal import ledger
+
+    path = tmp_path / "results.jsonl"
+    for name, seed, x in runs:
+        ledger.append(path, {"run": name, "seed": seed, "final_dtrait": x, "config": {"preset": "smol"}})
+    return path
+
+
+def test_results_refuses_reruns_of_one_seed_as_seeds(capsys, tmp_path):
+    code, _, err = _command(
+        capsys, "results", "--ledger", _ledger(tmp_path, ("a", 0, -0.5), ("b", 0, -0.5), ("c", 1, 0))
+    )
+    assert code == 2 and "runs a, b all have seed 0; an interval across seeds needs one run per seed" in err
+    code, out, _ = _command(capsys, "results", "--ledger", _ledger(tmp_path / "ok", ("a", 0, -0.5), ("c", 1, -0.7)))
+    assert code == 0 and "-0.600 ± 0.141" in out
 
 
 def test_diag_scripts_on_a_run_with_no_finished_round(capsys, tmp_path):
@@ -286,7 +321,8 @@ def test_frontier_seeds_tables_arms_and_advantages_across_runs(capsys, tmp_path)
                   "n_vignettes": 35} for i, x in enumerate((-0.3, 0.1, 0.4))]  # fmt: skip
         a = [{"round": 0, "steer": {"est": adv}, "prompt": None}]
         by = {k: {"coherence": a, "ref_nll": a} for k in ("raw", "cal", "disc")}
-        return {"run": name, "trait_key": "auth_nats", "n": 140, "rows": rows, "advantage_by_trait": by}
+        return {"run": name, "seed": int(name[1:]), "trait_key": "auth_nats", "n": 140, "rows": rows,
+                "advantage_by_trait": by}  # fmt: skip
 
     for name, shift, adv in (("s0", -0.5, 0.1), ("s1", -0.7, 0.3)):
         (tmp_path / name).mkdir()
@@ -301,6 +337,13 @@ def test_frontier_seeds_tables_arms_and_advantages_across_runs(capsys, tmp_path)
     assert res["null"][0]["directions"] == 3 and "n = 2 < 3 runs" in out
     code, _, err = _command(capsys, "frontier_seeds", tmp_path / "nope")
     assert code == 2 and "no frontier.json" in err
+    # one run given three times is not three seeds (it gave a zero-width interval over n = 3)
+    code, _, err = _command(capsys, "frontier_seeds", *[tmp_path / "s0"] * 3)
+    assert code == 2 and f"{tmp_path / 's0'} is given more than once" in err
+    (tmp_path / "s0b").mkdir()  # another run of seed 0, e.g. a rerun
+    (tmp_path / "s0b" / "frontier.json").write_text(json.dumps(doc("s0", -0.5, 0.1)))
+    code, _, err = _command(capsys, "frontier_seeds", tmp_path / "s0", tmp_path / "s0b", tmp_path / "s1")
+    assert code == 2 and f"runs {tmp_path / 's0'}, {tmp_path / 's0b'} all have seed 0" in err
 
 
 def test_null_check_reproduces_the_runs_null_and_scores_it_on_every_vignette(fast_run, tmp_path):

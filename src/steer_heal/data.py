@@ -6,6 +6,7 @@ Every loader checks its input and raises UserError naming the file and line of t
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -29,6 +30,11 @@ SHORT = {
 
 def parse_jsonl(lines, name: str, required: tuple[str, ...] = ()) -> list[dict]:
     """JSON objects, one per non-blank line, each with non-empty `required` fields; errors name `name:line`."""
+    return [row for _, row in numbered_jsonl(lines, name, required)]
+
+
+def numbered_jsonl(lines, name: str, required: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
+    """`parse_jsonl`'s objects with the line number of each, for a later check to name the line."""
     rows = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -45,18 +51,23 @@ def parse_jsonl(lines, name: str, required: tuple[str, ...] = ()) -> list[dict]:
         wrong = [k for k in required if not isinstance(row[k], (str, int))]
         if wrong:
             raise UserError(f"{name}:{i}: field(s) {wrong} must be text")
-        rows.append(row)
+        rows.append((i, row))
     if not rows:
         raise UserError(f"{name}: the file is empty; expected JSONL lines with fields {list(required)}")
     return rows
 
 
 def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
+    return [row for _, row in read_numbered(path, required)]
+
+
+def read_numbered(path: Path, required: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
+    """`read_jsonl`'s objects with the line number of each."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     with path.open(encoding="utf-8") as f:
-        return parse_jsonl(f, str(path), required)
+        return numbered_jsonl(f, str(path), required)
 
 
 def texts(path: Path | None, default: str) -> list[str]:
@@ -161,9 +172,8 @@ def vignettes(spec: str | None) -> tuple[str, list[Vignette]]:
         path = _hub_vignettes(spec)
     else:
         path = Path(spec)
-    rows = read_jsonl(path, ("id", "text"))
     out, seen = [], {}
-    for i, r in enumerate(rows, 1):
+    for i, r in read_numbered(path, ("id", "text")):
         if str(r["id"]) in seen:
             first = seen[str(r["id"])]
             raise UserError(f"{path}: records {first} and {i} share the id {r['id']!r}; ids must be unique")
@@ -171,12 +181,36 @@ def vignettes(spec: str | None) -> tuple[str, list[Vignette]]:
         label = r.get("foundation_coarse")
         if label is not None and label not in FOUNDATIONS:
             raise UserError(f"{path}: record {i} (id {r['id']!r}): unknown foundation {label!r}; valid: {FOUNDATIONS}")
-        human = None
-        keys = {f: "human_" + f.replace(" ", "") for f in FOUNDATIONS}
-        if all(k in r for k in keys.values()):
-            human = {f: float(r[k]) for f, k in keys.items()}
-        out.append(Vignette(str(r["id"]), str(r["text"]), label, human))
+        out.append(Vignette(str(r["id"]), str(r["text"]), label, human_ratings(r, f"{path}:{i}")))
     return (spec or "steer_heal/vignettes.jsonl"), out
+
+
+HUMAN = {f: "human_" + f.replace(" ", "") for f in FOUNDATIONS}  # the tinymfv schema's rater columns
+
+
+def _rating_error(x) -> str | None:
+    """Why a rater share is unusable (None when it is a finite number >= 0)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return f"{x!r} is not a number"
+    return None if math.isfinite(x) and x >= 0 else f"{x} must be a finite number >= 0"
+
+
+def human_ratings(r: dict, where: str) -> dict[str, float] | None:
+    """The percent of human raters choosing each foundation, or None when the record has none of the seven
+    columns. A vignette without ratings leaves them all out; a NaN or a partial set is refused rather than
+    skipped, because one NaN turns human_agree (a mean over the rated vignettes) into null for the whole eval."""
+    given = [k for k in HUMAN.values() if k in r]
+    if not given:
+        return None
+    if len(given) < len(HUMAN):
+        missing = [k for k in HUMAN.values() if k not in r]
+        raise UserError(f"{where}: has {given[0]} but not {missing}; give all seven human_* ratings or none")
+    for k in HUMAN.values():
+        if err := _rating_error(r[k]):
+            raise UserError(f"{where}: field {k}: {err} (a percent of raters; leave all seven out if unrated)")
+    if not sum(r[k] for k in HUMAN.values()) > 0:
+        raise UserError(f"{where}: the seven human_* ratings are all 0; leave them out if the vignette is unrated")
+    return {f: float(r[k]) for f, k in HUMAN.items()}
 
 
 def _hub_vignettes(spec: str) -> Path:

@@ -19,6 +19,10 @@ The file is append-only. A resumed run does not rewrite it: it appends a `resume
 `round` is the round it restarts at, which supersedes every earlier record of that round or later
 (the unfinished round's partial records) and every earlier `stop` and `summary`. `read` returns this
 live view; `read(..., raw=True)` returns every line as written. Look records up with `find` / `first`.
+
+A crash can only tear the last line (each record is one write ending in its newline), so that is the one
+unreadable line `read` skips. The writer cuts such a fragment off before it appends (a resume does so before
+any work), so it never ends up mid-file; any other unreadable line is an error naming the file and line.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import math
 import os
 from datetime import UTC, datetime
 from pathlib import Path
+
+from loguru import logger
 
 from steer_heal.errors import UserError
 
@@ -80,10 +86,39 @@ def ends_mid_line(path: Path) -> bool:
         return f.read(1) != b"\n"
 
 
+def torn_tail(path: Path) -> int | None:
+    """The byte offset where a record torn by a crash begins: a last line without its newline that is not a
+    whole JSON object. None when the file ends cleanly (or with a whole record that only lacks its newline)."""
+    if not ends_mid_line(path):
+        return None
+    data = Path(path).read_bytes()
+    cut = data.rfind(b"\n") + 1
+    try:
+        whole = isinstance(json.loads(data[cut:]), dict)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        whole = False
+    return None if whole else cut
+
+
+def cut_torn_tail(path: Path) -> bytes:
+    """Remove a record torn by a crash from the end of the file; returns what was removed (b"" if nothing).
+    Truncating is one system call, and what it removes was never a record, so no reader loses anything."""
+    cut = torn_tail(path)
+    if cut is None:
+        return b""
+    with Path(path).open("r+b") as f:
+        f.seek(cut)
+        frag = f.read()
+        f.truncate(cut)
+        f.flush()
+        os.fsync(f.fileno())
+    return frag
+
+
 class Events:
-    """Append-only writer. Each record is one write of one line + fsync, so a crash leaves whole lines;
-    after a torn write (a kill or a full disk mid-line) the next record starts on a fresh line, so the
-    fragment stays alone (and is skipped on read) instead of gluing the next record onto itself."""
+    """Append-only writer. Each record is one write of one line + fsync, so a crash leaves whole lines and at
+    most a torn last one; that fragment (a kill or a full disk mid-line) is cut off before the next record is
+    appended, so it can never end up mid-file, where a reader could not tell it from corruption."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -93,7 +128,9 @@ class Events:
             raise ValueError(f"unknown event stage {stage!r}; valid: {STAGES}")
         rec = {"schema": SCHEMA, "ts": now(), "stage": stage, "round": int(round), **finite(fields)}
         line = json.dumps(rec, allow_nan=False, ensure_ascii=False) + "\n"
-        if ends_mid_line(self.path):
+        if frag := cut_torn_tail(self.path):
+            logger.warning(f"{self.path}: removed a record torn by a crash ({len(frag)} bytes: {frag[:60]!r})")
+        if ends_mid_line(self.path):  # a whole record without its newline: keep it, start on a fresh line
             line = "\n" + line
         with self.path.open("a", encoding="utf-8") as f:
             f.write(line)
@@ -129,26 +166,37 @@ def live(recs: list[dict]) -> list[dict]:
     return out
 
 
+def _torn(i: int, lines: list[str], text: str, line: str) -> bool:
+    """Whether unreadable line i is a record torn by a crash: the last line, cut before its newline, or a
+    fragment an older writer (which did not cut torn tails) left mid-file when it began a record afresh."""
+    last = i == len(lines) and not text.endswith("\n")
+    return last or line.startswith('{"schema": "')
+
+
 def read(path: Path, stage: str | None = None, raw: bool = False) -> list[dict]:
     """All live records (or one stage's) in order; `raw` = every line as written, superseded ones too.
-    A record torn by a crash (the last line, or a partial record the next one was written after) is
-    skipped; any other unreadable line is an error."""
+    A record torn by a crash (a last line without its newline) is skipped; any other unreadable line is an
+    error naming the file and line."""
     path = Path(path)
     if path.is_dir():
         path = path / "events.jsonl"
     if not path.is_file():
         raise UserError(f"{path}: no events.jsonl here; is this a steer_heal run directory?")
     out = []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            if i == len(lines) or line.startswith('{"schema": "'):
-                continue  # a record torn by a crash or a full disk (the writer starts the next one afresh)
-            raise UserError(f"{path}:{i}: corrupt event line ({e.msg})") from e
+            if _torn(i, lines, text, line):
+                continue
+            raise UserError(
+                f"{path}:{i}: corrupt event line ({e.msg}); only a record torn by a crash (the last line, cut "
+                "short) is skipped: repair or delete this line"
+            ) from e
         major = str(rec.get("schema", "")).split(".")[0]
         if major != SCHEMA.split(".")[0]:
             raise UserError(

@@ -5,7 +5,7 @@ last row of each run, so no run is counted twice. Columns may change between ver
 read back. A torn line (a crash mid-append) is skipped with a warning instead of breaking the file.
 
 `aggregate` groups rows into arms (by default: everything in the config but the seed) and gives each
-headline figure n, mean, sd and a 95 % t-interval across the arm's seeds.
+headline figure n, mean, sd and a 95 % t-interval across the arm's seeds (distinct: a repeat is refused).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from loguru import logger
 from tabulate import tabulate
 
 from steer_heal import stats
+from steer_heal.errors import UserError
 from steer_heal.events import ends_mid_line, finite
 from steer_heal.records import RunInfo, isfinite
 
@@ -174,13 +175,36 @@ def label(key: str, keys: list[str]) -> str:
     return ", ".join(f"{k}={d[k]}" for k in shown) or "all runs"
 
 
+def repeated_seed(runs: list[tuple[str, object]]) -> tuple[object, list[str]] | None:
+    """The first seed that more than one of (run, seed) has, with those runs; None when every seed is distinct."""
+    by_seed: dict[str, list[str]] = {}
+    for run, seed in runs:
+        by_seed.setdefault(json.dumps(seed), []).append(run)
+    return next(((json.loads(k), rs) for k, rs in by_seed.items() if len(rs) > 1), None)
+
+
+def one_run_per_seed(runs: list[tuple[str, object]], what: str, fix: str) -> None:
+    """Refuse an interval 'across seeds' over repeated seeds: reruns of one seed are not independent draws (on
+    CPU they are the same numbers), so n would count the reruns and the interval would shrink with them."""
+    if (rep := repeated_seed(runs)) is not None:
+        seed, names = rep
+        raise UserError(
+            f"{what}: runs {', '.join(names)} all have seed {seed}; an interval across seeds needs one run per "
+            f"seed ({fix})"
+        )
+
+
 def aggregate(rows: list[dict], by: list[str] | None = None, metrics=HEADLINE) -> list[dict]:
-    """One row per arm: runs, seeds, and per headline figure a t-interval {n, mean, sd, lo, hi}."""
+    """One row per arm: runs, seeds, and per headline figure a t-interval {n, mean, sd, lo, hi} over the arm's
+    runs, which must have distinct seeds (so n counts seeds)."""
     groups = arms(rows, by)
     out = []
     for key, rs in sorted(groups.items()):
+        name = ", ".join(f"{k}={rs[0].get(k)}" for k in by) if by else label(key, list(groups))
+        fix = "add a field they differ in to --by" if by else "keep one of them in the ledger"
+        one_run_per_seed([(str(r.get("run")), r.get("seed")) for r in rs], f"arm {name}", fix)
         out.append({
-            **({k: rs[0].get(k) for k in by} if by else {"arm": label(key, list(groups))}),
+            **({k: rs[0].get(k) for k in by} if by else {"arm": name}),
             "runs": len(rs),
             "seeds": sorted({r.get("seed") for r in rs}, key=str),
             **{m: stats.t_interval([r.get(m) for r in rs]) for m in metrics},

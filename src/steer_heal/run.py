@@ -13,6 +13,7 @@ halving), 3 starved (too few coherent completions), 4 non-finite heal loss.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -53,6 +54,19 @@ def planned_root(cfg: RunConfig) -> Path:
     if root.exists():
         raise UserError(f"run directory {root} already exists; pass another --run-name or --resume {root}")
     return root
+
+
+def resumed_out_dir(argv: list[str], given: Path, root: Path) -> Path:
+    """A resumed run's --out-dir is the directory it actually lies in (its ledger goes there), whatever its
+    config.json says and whatever the current directory; an --out-dir given that names another place is refused."""
+    out = root.resolve().parent
+    named = any(a == "--out-dir" or a.startswith("--out-dir=") for a in argv)
+    if named and Path(given).resolve() != out:
+        raise UserError(
+            f"--out-dir {given}: the run being resumed lies in {out} (its ledger is {out / 'results.jsonl'}); "
+            f"drop --out-dir or pass {out}"
+        )
+    return out
 
 
 def open_records(s: Session, argv: list[str], root: Path, resumed: bool, state: RunState) -> Recorder:
@@ -252,7 +266,7 @@ def finish(s: Session, rec: Recorder, stop: Stop | None, t0: float) -> int:
         s.student.export(s.tok, rd.export, {adapter_name(r): rd.adapter(r) / adapter_name(r) for r in done})
     rep = report.build(rd.root)
     rec.emit("summary", -1, verdict=rep.verdict, seconds=time.time() - t0, rounds_done=len(done))
-    ledger.append(Path(s.cfg.out_dir) / "results.jsonl", ledger.row(rep.info, rep.verdict))
+    ledger.append(rd.root.parent / "results.jsonl", ledger.row(rep.info, rep.verdict))  # beside the run, always
     print("\n" + rep.text())
     expect = (
         f"trait moves in the persona's direction (sign {s.persona.sign:+d}) beyond the random null, more on the "
@@ -292,7 +306,9 @@ def run(cfg: RunConfig, argv: list[str] | None = None) -> int:
     resumed = cfg.resume is not None
     if resumed:
         rd = RunDir(cfg.resume)
+        given = cfg.out_dir
         cfg = resume_config(cfg, rd.read_config()["config"], argv, rd.root)
+        cfg = dataclasses.replace(cfg, out_dir=resumed_out_dir(argv, given, rd.root))
         state, root = read_state(rd), rd.root
     else:
         state, root = RunState([], None, None, None, None, None), planned_root(cfg)

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from steer_heal import events
+from steer_heal.config import RESUMABLE
 from steer_heal.errors import UserError
 from steer_heal.events import finite
 
@@ -271,11 +272,42 @@ class RunState:
         return self.done[-1] + 1 if self.done else 0
 
 
+def _flat(d: dict) -> dict:
+    """A nested config as {field name: value} (field names are unique across sections: flags are flat)."""
+    out = {}
+    for k, v in d.items():
+        out |= _flat(v) if isinstance(v, dict) else {k: v}
+    return out
+
+
+def config_edits(now: dict, started: dict, free: set[str]) -> list[str]:
+    """'--seed: 7 (was 0)' for each field outside `free` whose value in `now` differs from `started`."""
+    a, b = _flat(now), _flat(started)
+    keys = [k for k in sorted(set(a) | set(b)) if k not in free and a.get(k) != b.get(k)]
+    return [f"--{k.replace('_', '-')}: {a.get(k)!r} (was {b.get(k)!r})" for k in keys]
+
+
+def check_config_unchanged(rd: RunDir, recs: list[dict]) -> None:
+    """Refuse a config.json edited in an experiment setting since the run started (its `config` record): the
+    resume would run on the edited value while the events, summary and ledger still describe the old one."""
+    started = events.first(recs, "config")
+    if started is None or not isinstance(started.get("config"), dict):
+        return  # a run directory from before the config record: nothing to compare with
+    # where a run lives and how far it goes may change (RESUMABLE); nothing else may
+    edits = config_edits(finite(rd.read_config()["config"]), started["config"], RESUMABLE)
+    if edits:
+        raise UserError(
+            f"{rd.config}: changed since the run started (its config record in events.jsonl) in "
+            f"{'; '.join(edits)}; restore it, or start a new run with the new value"
+        )
+
+
 def read_state(rd: RunDir) -> RunState:
     """Finished rounds and the run-level records, from the DONE markers and events.jsonl. Refuses (with
     the reason) a directory whose rounds cannot be continued: a gap in the finished rounds, a DONE marker
-    with no round record, or a finished round without its adapter."""
+    with no round record, a finished round without its adapter, or a config.json edited since the start."""
     recs = events.read(rd.events)
+    check_config_unchanged(rd, recs)
     done = rd.completed_rounds()
     if done != list(range(len(done))):
         gap = next(r for r in range(len(done) + 1) if r not in done)

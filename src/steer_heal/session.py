@@ -6,7 +6,8 @@ The run and every diagnostic script use it.
     ev = s.evaluate(vectors=v, c=2.0)    # ev.m: metrics, ev.rows: per-vignette rows, ev.arm: for stats
     comps = s.generate([Row(...), ...], seed=0, desc="probe", vectors=v)
 
-Building one checks every input (persona, data files, model, layer band) before anything is written.
+Building one checks every input (every config value as the run does, persona, data files, model, layer band)
+before anything is written.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from steer_heal import data, extract, filters, models
 from steer_heal.bake import Student, lora_targets
-from steer_heal.config import RunConfig, parse_args
+from steer_heal.config import RunConfig, parse_args, validate
 from steer_heal.errors import UserError
 from steer_heal.evaluate import Scored, evaluate, ref_nll, reference_nll
 from steer_heal.generate import Completion, Row, Sampling, generate
@@ -51,6 +52,7 @@ class Session:
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> Session:
+        validate(cfg)  # the one gate every config passes, the run's and every script's: no per-script copies
         e = cfg.extract
         persona = data.persona(e.persona, e.persona_pos, e.persona_neg, e.personas_file)
         ctx = data.texts(e.contexts_file, "contexts.jsonl")
