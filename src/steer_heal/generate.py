@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from steer_heal import decode as decoding
 from steer_heal.errors import halve_and_retry
 from steer_heal.hooks import steer
 from steer_heal.models import input_device
@@ -97,13 +98,22 @@ def generate(
     batch_size: int,
     seed: int = 0,
     desc: str = "generate",
+    decode: str = "eager",
 ) -> list[Completion]:
-    """One Completion per row, in order. Batch b is seeded with seed * 100003 + b."""
+    """One Completion per row, in order. Batch b is seeded with seed * 100003 + b.
+
+    `decode`: eager = transformers' generate (the reference); compiled = decode.py's compiled static-cache
+    loop (same greedy tokens); auto = compiled on CUDA."""
     dev = input_device(model)
     stops = stop_ids(model, tok)
     kw = dict(eos_token_id=stops, pad_token_id=tok.pad_token_id, **sampling.hf_kwargs())
+    compiled = decoding.resolve(decode, dev) == "compiled"
 
-    def run(chunk: list[Row], seed_b: int) -> list[list[int]]:
+    def run(chunk: list[Row], seed_b: int, width: int = batch_size) -> list[list[int]]:
+        if compiled:  # a fixed batch width: one graph for every chunk, the last one padded
+            torch.manual_seed(seed_b)
+            return decoding.decoder(model).run(model, [r.prompt_ids for r in chunk], [r.coeff for r in chunk],
+                                               vectors, sampling, stops, tok.pad_token_id, width)  # fmt: skip
         enc = pad([r.prompt_ids for r in chunk], tok.pad_token_id, "left", dev)
         enc.pop("position_ids")  # generate derives positions from the attention mask
         coeff = torch.tensor([r.coeff for r in chunk], dtype=torch.float32, device=dev)
@@ -119,9 +129,10 @@ def generate(
         except torch.OutOfMemoryError:
             new = None  # retry outside the except block, so the failed call's tensors can be freed
         if new is None:
-            new = halve_and_retry(
-                chunk, lambda half, i, b=b: run(half, seed * 100_003 + b + 7919 * (i + 1)), "--gen-batch-size"
-            )
+            if compiled:
+                decoding.decoder(model).release()  # its cache was sized for the batch that did not fit
+            retry = lambda half, i, b=b: run(half, seed * 100_003 + b + 7919 * (i + 1), len(half))  # noqa: E731
+            new = halve_and_retry(chunk, retry, "--gen-batch-size")
         for r, row in zip(chunk, new):
             ids, eos = cut(row, stops)
             text = tok.decode(ids, skip_special_tokens=True)
