@@ -189,3 +189,12 @@ def test_decode_mode_auto_is_eager_on_cpu():
     with pytest.raises(UserError, match="--decode 'fast'"):
         decode.resolve("fast", torch.device("cpu"))
     assert decode.cache_length(129) == 256 and decode.cache_length(128) == 128
+
+
+def test_decode_bound_counts_the_kv_bytes():
+    """No K/V: the weights-only bound rows x bandwidth / weight bytes; K/V as large as the weights on every
+    step: half of it."""
+    from scripts.bench import decode_bound
+
+    assert decode_bound(1000, [0, 0, 0], 4, 1e6) == 4 * 1e6 / 1000
+    assert decode_bound(1000, [1000, 1000], 4, 1e6) == 2 * 1e6 / 1000
