@@ -101,7 +101,11 @@ def test_compiled_greedy_equals_eager_across_calls(model):
 
 
 def test_compiled_all_zero_coefficients_are_no_steering(model):
+    """All-zero coefficients with vectors give the unsteered tokens; so does no steering, on the same graph.
+    (transformers' output-capturing hooks, installed by asking for hidden states once, are allowed.)"""
     dec = decode.decoder(model)
+    model(torch.tensor([[3, 4, 5]]), output_hidden_states=True)
+    assert decode.foreign_hooks(model) == [] and any(b._forward_hooks for b in model.model.layers)
     rs = rows([0.0] * 5)
     plain = ids(model, rs, None, "eager")
     assert ids(model, rs, vectors(), "compiled") == plain

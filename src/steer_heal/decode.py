@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from loguru import logger
 from torch import nn
 from transformers import AttentionInterface
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
@@ -355,6 +356,10 @@ class Decoder:
             self.graphs += new
             self.recompiles += new if slot.stepped else new - 1
             self.compile_s += time.perf_counter() - t0
+            logger.info(
+                f"compiled decode step ({self.backend}): batch {slot.kv.batch}, cache {slot.kv.length}, "
+                f"{time.perf_counter() - t0:.1f} s; {self.graphs} graph(s), {self.recompiles} recompile(s)"
+            )
         slot.stepped = True
         return logits
 
@@ -367,36 +372,48 @@ class Decoder:
         if not 0 < len(prompts) <= width:
             raise ValueError(f"{len(prompts)} prompts for a batch of {width}")
         self.refuse(model)
-        dev = input_device(model)
-        n = len(prompts)
+        dev, n = input_device(model), len(prompts)
         enc = pad(prompts + [prompts[0]] * (width - n), pad_id, "left", dev)  # filler rows: coefficient 0
-        t0 = enc["input_ids"].shape[1]
-        slot = self._slot(model, width, t0 + sampling.max_new_tokens, dev)
+        slot = self._slot(model, width, enc["input_ids"].shape[1] + sampling.max_new_tokens, dev)
         slot.reset(enc["attention_mask"], [float(c) if vectors else 0.0 for c in coeffs] + [0.0] * (width - n))
         self._load_vectors(model, vectors, dev)
-        windows = layer_windows(model.config)
-        stop_t = torch.tensor(stops, device=dev)
-        done = torch.arange(width, device=dev) >= n  # filler rows never hold the loop open
-        self.active, out = slot, []
+        windows = layer_windows(model.config.get_text_config())
         limits = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True)
+        self.active = slot
         try:
             with self._installed(model), self._packed_attention(model), limits:
-                pre = model(input_ids=enc["input_ids"], position_ids=enc["position_ids"], use_cache=True,
-                            attention_mask=masks(slot.valid, torch.arange(t0, device=dev), windows),
-                            past_key_values=slot.kv, logits_to_keep=1)  # fmt: skip
-                slot.kv.index.fill_(t0)
-                logits, pos = pre.logits[:, -1].float(), enc["position_ids"][:, -1:]
-                for step in range(sampling.max_new_tokens):
-                    tok = torch.where(done, pad_id, next_token(logits, step, sampling, stop_t))
-                    out.append(tok)
-                    done = done | torch.isin(tok, stop_t)
-                    if step + 1 == sampling.max_new_tokens or bool(done.all()):  # as generate stops
-                        break
-                    pos = pos + 1
-                    logits = self._call_step(model, slot, windows, tok[:, None], pos)
+                logits = self._prefill(model, slot, enc, windows)
+                out = self._decode(model, slot, windows, logits, enc["position_ids"][:, -1:], n, sampling,
+                                   torch.tensor(stops, device=dev), pad_id)  # fmt: skip
         finally:
             self.active = None
-        return torch.stack(out, 1)[:n].tolist()
+        return out[:n].tolist()
+
+    @staticmethod
+    def _prefill(model, slot: Slot, enc: dict, windows) -> torch.Tensor:
+        """The prompts' K/V into the cache (eagerly: every prompt length would be another graph); fp32 logits
+        of each row's last prompt token."""
+        t0 = enc["input_ids"].shape[1]
+        q = torch.arange(t0, device=slot.valid.device)
+        out = model(input_ids=enc["input_ids"], position_ids=enc["position_ids"], past_key_values=slot.kv,
+                    attention_mask=masks(slot.valid, q, windows), use_cache=True, logits_to_keep=1)  # fmt: skip
+        slot.kv.index.fill_(t0)
+        return out.logits[:, -1].float()
+
+    def _decode(self, model, slot: Slot, windows, logits, pos, n: int, sampling, stops, pad_id: int) -> torch.Tensor:
+        """[width, steps] new ids, generate's loop: a finished row gets pad_id; stop once every real row has
+        hit a stop id or max_new_tokens is reached (filler rows, n and beyond, never hold it open)."""
+        done = torch.arange(slot.kv.batch, device=logits.device) >= n
+        out = []
+        for step in range(sampling.max_new_tokens):
+            tok = torch.where(done, pad_id, next_token(logits, step, sampling, stops))
+            out.append(tok)
+            done = done | torch.isin(tok, stops)
+            if step + 1 == sampling.max_new_tokens or bool(done.all()):
+                break
+            pos = pos + 1
+            logits = self._call_step(model, slot, windows, tok[:, None], pos)
+        return torch.stack(out, 1)
 
 
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
