@@ -159,6 +159,8 @@ def test_compiled_refuses_other_hooks_and_generation_options():
     model.generation_config.no_repeat_ngram_size = 3
     with pytest.raises(UserError, match="no_repeat_ngram_size=3"):
         ids(model, rs, None, "compiled")
+    assert decode.unsupported_kwargs(dict(eos_token_id=[1], repetition_penalty=1.0, top_k=0, top_p=0.9)) == []
+    assert decode.unsupported_kwargs(dict(stop_strings=["User:"], top_k=0)) == ["stop_strings=['User:']"]
 
 
 def test_compiled_masks_equal_transformers_masks():

@@ -165,6 +165,18 @@ def unsupported_options(gen_config) -> list[str]:
     return [f"{k}={getattr(gen_config, k)!r}" for k, bad in _UNSUPPORTED.items() if bad(getattr(gen_config, k, None))]
 
 
+# generate.py's keyword arguments to model.generate that the compiled loop reproduces (stop ids, pad id and
+# Sampling's fields); a new one there would be silently dropped here, so unsupported_kwargs names it instead
+HONOURED = {"eos_token_id", "pad_token_id", "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p"}
+
+
+def unsupported_kwargs(kw: dict) -> list[str]:
+    """'name=value' for each model.generate argument the compiled loop would not apply (repetition_penalty 1
+    and top_k 0 are the identity)."""
+    neutral = {"repetition_penalty": 1.0, "top_k": 0}
+    return [f"{k}={v!r}" for k, v in kw.items() if k not in HONOURED and neutral.get(k, object()) != v]
+
+
 def foreign_hooks(model: nn.Module) -> list[str]:
     """'<module>: <hook>' for every forward hook on the model that the compiled step would not contain.
 

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from steer_heal import decode as decoding
-from steer_heal.errors import halve_and_retry
+from steer_heal.errors import UserError, halve_and_retry
 from steer_heal.hooks import steer
 from steer_heal.models import input_device
 from steer_heal.tokens import batches, pad
@@ -108,6 +108,8 @@ def generate(
     stops = stop_ids(model, tok)
     kw = dict(eos_token_id=stops, pad_token_id=tok.pad_token_id, **sampling.hf_kwargs())
     compiled = decoding.resolve(decode, dev) == "compiled"
+    if compiled and decoding.unsupported_kwargs(kw):
+        raise UserError(f"compiled decoding does not apply {decoding.unsupported_kwargs(kw)}: use --decode eager")
 
     def run(chunk: list[Row], seed_b: int, width: int = batch_size) -> list[list[int]]:
         if compiled:  # a fixed batch width: one graph for every chunk, the last one padded
