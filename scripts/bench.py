@@ -7,7 +7,12 @@
 
 Measures, on the configured model (default: the smol preset):
   steer_overhead_ratio   steered / unsteered tokens/s, same batch, same token count (hook cost)
-  decode_frac_of_bound   decode-only tokens/s / (batch x copy bandwidth / weight bytes), the memory limit
+  decode_frac_of_bound   decode-only tokens/s (mixed-strength steered, transformers' generate) / the memory
+                         limit: every step reads the weights once and each row's K/V so far (decode_bound)
+  compiled_speedup       decode-only tokens/s of decode.py's compiled static-cache loop / the eager one, same
+                         rows, same process (decode_frac_of_bound_compiled; graphs, recompiles, compile_s)
+  top_p_step_ratio       one top-p sampling step (sort + cumsum) of batch x gemma's 262,208 logits / one
+                         compiled decode step of the bench model (top_p_ms: its milliseconds)
   batch_speedup          one mixed-strength batch / the same rows generated one at a time (tokens/s)
   filter_speedup         tail-ppl scoring completions/s, batched / one at a time
   kd_mem_ratio           (--kd) peak memory of one kl_teacher heal step / one sft step, same shape
@@ -45,12 +50,13 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
+from steer_heal import decode as decoding
 from steer_heal import extract, filters, stages
 from steer_heal.cli import cli, nonneg_int, positive_int
 from steer_heal.errors import UserError
 from steer_heal.evaluate import CONTENT_FREE, answer_logprobs, reference_nll
 from steer_heal.generate import Row, Sampling, generate
-from steer_heal.models import input_device
+from steer_heal.models import input_device, unwrap
 from steer_heal.records import RunInfo
 from steer_heal.session import Session
 
@@ -61,10 +67,20 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def gen(s: Session, rows, vectors, batch: int, n: int):
+GEMMA_VOCAB = 262_208  # gemma-3-4b-it's vocabulary: what top-p sorts per row and step in the research setting
+
+
+def gen(s: Session, rows, vectors, batch: int, n: int, decode: str = "eager"):
     """Greedy, exactly n new tokens per row (min = max), so steered and unsteered runs do equal work."""
     return generate(s.model, s.tok, rows, vectors, sampling=Sampling(n, do_sample=False, min_new_tokens=n),
-                    batch_size=batch)  # fmt: skip
+                    batch_size=batch, decode=decode)  # fmt: skip
+
+
+def decode_bound(weight_bytes: int, kv_bytes: list[int], rows: int, bandwidth: float) -> float:
+    """Decode tokens/s at the memory limit: step s must read every weight once and each row's K/V so far
+    (kv_bytes[s], summed over rows), so tokens/s <= rows x steps x bandwidth / sum_s (weight_bytes + kv_bytes[s]).
+    With no KV it is the weights-only bound rows x bandwidth / weight_bytes."""
+    return rows * len(kv_bytes) * bandwidth / sum(weight_bytes + kv for kv in kv_bytes)
 
 
 def copy_bandwidth(dev: torch.device, nbytes: int = 1 << 28, reps: int = 5) -> float:
@@ -188,10 +204,8 @@ class Bench:
         self.table.append([what, value, ratio])
 
     def generate(self, v, batch: int, n: int, single_rows: int | None = None) -> list:
-        """Steering-hook overhead, mixed-strength batching and decode rate against the bandwidth bound."""
-        s, alphas = self.s, self.s.cfg.generate.alphas
-        rows = [Row(i, s.prompts[i % len(s.prompts)], s.prompt_ids[i % len(s.prompts)], alphas[i % len(alphas)],
-                    alphas[i % len(alphas)]) for i in range(batch)]  # fmt: skip
+        """Steering-hook overhead and mixed-strength batching (transformers' generate)."""
+        s, rows = self.s, self.rows(batch)
         gen(s, rows, None, batch, 2), gen(s, rows, v, batch, 2)  # warm-up at the measured shapes (allocator, kernels)
         # Twice each, alternating, keeping the faster: on a GPU the first batch-64 pass ran at half the speed of
         # the second, which made steering look 1.85x *faster* than no steering.
@@ -212,18 +226,66 @@ class Bench:
         self.res["batch_speedup"] = tok_steer / tok_single
         self.add("generate, steered, one at a time", f"{tok_single:.1f} tok/s",
                  f"batch_speedup {self.res['batch_speedup']:.2f}")  # fmt: skip
-        # Each decode step reads every weight once: tokens/s <= batch x bandwidth / weight bytes (KV-cache
-        # reads ignored, which only lowers the limit).
-        _, t_one = timed(lambda: gen(s, rows, None, batch, 1))  # prefill + the first token
-        self.res["decode_tok_s"] = batch * (n - 1) / max(t_plain - t_one, 1e-9)
+        return steered
+
+    def rows(self, batch: int) -> list[Row]:
+        """`batch` generation prompts, the preset's strengths in turn (a mixed-strength batch)."""
+        s, alphas = self.s, self.s.cfg.generate.alphas
+        return [Row(i, s.prompts[i % len(s.prompts)], s.prompt_ids[i % len(s.prompts)], alphas[i % len(alphas)],
+                    alphas[i % len(alphas)]) for i in range(batch)]  # fmt: skip
+
+    def decode(self, v, batch: int, n: int, backend: str | None) -> None:
+        """Decode-only tokens/s of the eager loop (transformers' generate) and the compiled one (decode.py),
+        the same mixed-strength steered rows, alternating in this process, each against decode_bound."""
+        s, rows = self.s, self.rows(batch)
+        dec = decoding.decoder(s.model, backend)
+        _, t_compile = timed(lambda: gen(s, rows, v, batch, n, "compiled"))  # the first call compiles
+        gen(s, rows, v, batch, 2, "eager")  # warm-up at the measured shape
+        t1, tn = {"eager": float("inf"), "compiled": float("inf")}, {"eager": float("inf"), "compiled": float("inf")}
+        for _ in range(2):  # alternating, the faster of two each (see generate)
+            for mode in ("eager", "compiled"):
+                t1[mode] = min(t1[mode], timed(partial(gen, s, rows, v, batch, 1, mode))[1])  # prefill + token 1
+                tn[mode] = min(tn[mode], timed(partial(gen, s, rows, v, batch, n, mode))[1])
+        tok_s = {m: batch * (n - 1) / max(tn[m] - t1[m], 1e-9) for m in t1}
+        base = unwrap(s.model)
+        cfg, dtype = base.config.get_text_config(), next(base.parameters()).dtype
+        # the K/V each step must read: every row's real prompt tokens and those generated so far
+        kv = [sum(decoding.kv_read_bytes(cfg, dtype, len(r.prompt_ids) + k) for r in rows) for k in range(1, n)]
         bw = copy_bandwidth(input_device(s.model))
         wbytes = sum(p.numel() * p.element_size() for p in s.model.parameters())
-        self.res["decode_bound_tok_s"] = batch * bw / wbytes
-        self.res["decode_frac_of_bound"] = self.res["decode_tok_s"] / self.res["decode_bound_tok_s"]
-        self.add(f"decode only, unsteered, batch {batch}", f"{self.res['decode_tok_s']:.1f} tok/s",
-                 f"{self.res['decode_frac_of_bound']:.2f} of the bound {self.res['decode_bound_tok_s']:.0f} tok/s "
-                 f"({wbytes / 2**30:.2f} GiB weights, copy bandwidth {bw / 1e9:.1f} GB/s)")  # fmt: skip
-        return steered
+        bound, weights_only = decode_bound(wbytes, kv, batch, bw), batch * bw / wbytes
+        self.res |= {"decode_tok_s": tok_s["eager"], "decode_tok_s_compiled": tok_s["compiled"],
+                     "decode_bound_tok_s": bound, "decode_bound_weights_only_tok_s": weights_only,
+                     "decode_frac_of_bound": tok_s["eager"] / bound,
+                     "decode_frac_of_bound_compiled": tok_s["compiled"] / bound,
+                     "compiled_speedup": tok_s["compiled"] / tok_s["eager"], "compile_backend": [dec.backend, dec.mode],
+                     "compiled_graphs": dec.graphs, "compiled_recompiles": dec.recompiles,
+                     "compile_s": dec.compile_s, "compiled_first_call_s": t_compile}  # fmt: skip
+        mean_kv = sum(kv) / len(kv)
+        self.add(f"decode only, mixed-strength steered, batch {batch}, eager", f"{tok_s['eager']:.1f} tok/s",
+                 f"{self.res['decode_frac_of_bound']:.3f} of the bound {bound:.0f} tok/s ({wbytes / 2**30:.2f} GiB "
+                 f"weights + {mean_kv / 2**20:.1f} MiB K/V per step, copy bandwidth {bw / 1e9:.1f} GB/s; "
+                 f"weights only: {weights_only:.0f} tok/s)")  # fmt: skip
+        self.add(f"decode only, same rows, compiled ({dec.backend}{', ' + dec.mode if dec.mode else ''})",
+                 f"{tok_s['compiled']:.1f} tok/s",
+                 f"compiled_speedup {self.res['compiled_speedup']:.2f}, {self.res['decode_frac_of_bound_compiled']:.3f}"
+                 f" of the bound; {dec.graphs} graph(s), {dec.recompiles} recompile(s), compile {dec.compile_s:.1f} s"
+                 f" (first call {t_compile:.1f} s)")  # fmt: skip
+        self.top_p(batch, batch * (n - 1) / max(tn["compiled"] - t1["compiled"], 1e-9))
+
+    def top_p(self, batch: int, compiled_tok_s: float, reps: int = 5) -> None:
+        """Milliseconds of one top-p sampling step (decode.next_token at top-p 0.95: sort, softmax, cumsum,
+        scatter, multinomial) over batch x GEMMA_VOCAB fp32 logits, against one compiled decode step."""
+        dev = input_device(self.s.model)
+        logits = torch.randn(batch, GEMMA_VOCAB, device=dev)
+        stops, sampling = torch.tensor([0], device=dev), Sampling(1, top_p=0.95)
+        sync = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
+        decoding.next_token(logits, 1, sampling, stops), sync()  # warm-up
+        ms = min(timed(lambda: (decoding.next_token(logits, 1, sampling, stops), sync()))[1] for _ in range(reps)) * 1e3
+        step_ms = batch / compiled_tok_s * 1e3
+        self.res |= {"top_p_ms": ms, "top_p_step_ratio": ms / step_ms}
+        self.add(f"top-p 0.95 sampling step, {batch} x {GEMMA_VOCAB} logits", f"{ms:.1f} ms",
+                 f"top_p_step_ratio {ms / step_ms:.2f} (one compiled decode step: {step_ms:.1f} ms)")  # fmt: skip
 
     def filter(self, comps, batch: int) -> None:
         s, pairs = self.s, [(c.prompt_ids, c.ids) for c in comps]
@@ -336,8 +398,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--single-rows", type=positive_int, help="rows generated one at a time (default: --batch)")
     ap.add_argument("--think-tokens", type=nonneg_int, default=32, help="think budget to cost (0 = skip)")
     ap.add_argument("--think-vignettes", type=positive_int, default=28, help="vignettes for the think cost")
-    ap.add_argument("--only", nargs="+", choices=["generate", "filter", "eval", "think", "null", "heal"],
+    ap.add_argument("--only", nargs="+", choices=["generate", "decode", "filter", "eval", "think", "null", "heal"],
                     help="a subset")  # fmt: skip
+    ap.add_argument("--compile-backend", help="torch.compile backend of the compiled decode (default: inductor)")
     ap.add_argument("--null-reps", type=positive_int, default=3, help="random directions timed each way (null)")
     ap.add_argument("--kd", action="store_true", help="also the kl_teacher heal step's memory (vs sft)")
     ap.add_argument("--_heal-peak", choices=["lean", "naive", "kd"], help=argparse.SUPPRESS)
@@ -347,19 +410,22 @@ def main(argv: list[str]) -> int:
         print(*heal_step_peak(rest, a._heal_peak, a.heal_len, a.heal_batch, a._ckpt))
         return 0
     last_round = last_round_seconds(Path(a.run_dir)) if a.run_dir else None  # a bad --run-dir fails now, not later
-    want = set(a.only or ["generate", "filter", "eval", "think", "null", "heal"])
+    want = set(a.only or ["generate", "decode", "filter", "eval", "think", "null", "heal"])
     s = Session.from_argv(rest)
     b, n = Bench(s), a.new_tokens or s.cfg.generate.max_new_tokens
+    v = s.teacher() if want & {"generate", "decode", "filter", "null"} else None
     if want & {"generate", "filter"}:
-        comps = b.generate(s.teacher(), a.batch, n, a.single_rows)
+        comps = b.generate(v, a.batch, n, a.single_rows)
         if "filter" in want:
             b.filter(comps, a.batch)
+    if "decode" in want:
+        b.decode(v, a.batch, n, a.compile_backend)
     if "eval" in want:
         b.eval()
     if "think" in want and a.think_tokens:
         b.think(a.think_tokens, a.think_vignettes)
     if "null" in want:
-        b.null(s.teacher(), a.null_reps)
+        b.null(v, a.null_reps)
     if "heal" in want:
         b.heal_memory(rest, a.heal_len, a.heal_batch, a.kd)
     b.res["round_seconds"] = None

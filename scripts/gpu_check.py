@@ -14,8 +14,12 @@ fails, the file is written and says what failed):
           batch 64, LoRA band, gradient checkpointing), the filter's thresholds opened so random text
           passes, fewer contexts / vignettes / null directions for time; per-stage seconds and
           torch.cuda.max_memory_allocated per stage come from the round record
-  bench   scripts/bench.py: decode tokens/s at batch 64 against the bandwidth bound, steered / unsteered,
-          heal-step peak memory lean vs naive at L = 1024 with the 262k vocabulary
+          (generation runs decode.py's compiled loop: --decode auto is compiled on CUDA)
+  bench   scripts/bench.py: steered / unsteered tokens/s at batch 64, heal-step peak memory lean vs naive at
+          L = 1024 with the 262k vocabulary
+  decode  scripts/bench.py --only decode: decode tokens/s of the eager and the compiled loop side by side (batch
+          64, 256 new tokens) against the bound of weights + K/V bytes per step, graphs, recompiles, compile
+          seconds, and one top-p step over 64 x 262k logits
 """
 
 from __future__ import annotations
@@ -76,6 +80,14 @@ def sub(cmd: list[str], timeout: int, log: Path) -> dict:
     return {"code": code, "seconds": round(time.time() - t0, 1), "tail": (out + err)[-1500:], "last_line": last}
 
 
+def last_json(step: dict) -> dict | None:
+    """The JSON object bench.py prints as its last line, or None when the step did not get that far."""
+    try:
+        return json.loads(step["last_line"])
+    except json.JSONDecodeError:
+        return None
+
+
 def model_flags(a) -> list[str]:
     """gemma-3-4b-it's text architecture with random weights; --shrink: 2 thin layers, the real vocabulary."""
     cfg = GEMMA
@@ -128,7 +140,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shrink", action="store_true", help="tiny sizes (a CPU dry run)")
     ap.add_argument("--runs", type=Path, default=Path("/tmp/steer_heal_gpu_check"), help="run dirs (not $OUT)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["tests", "round", "bench"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["tests", "round", "bench", "decode"])
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     t0, py, res = time.time(), sys.executable, {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -140,7 +152,7 @@ def main(argv: list[str]) -> int:
 
     save()
     if "tests" not in a.skip:
-        res["tests"] = sub([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_devices.py"], 150,
+        res["tests"] = sub([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_devices.py"], 240,
                            a.out / "tests.log")  # fmt: skip
         save()
     plan_cmd = [py, "-m", "steer_heal.run", *round_flags(a, a.runs), "--plan", "--plan-memory-gb", "80"]
@@ -150,7 +162,8 @@ def main(argv: list[str]) -> int:
         import shutil
 
         shutil.rmtree(a.runs, ignore_errors=True)
-        res["round"] = sub([py, "-m", "steer_heal.run", *round_flags(a, a.runs)], 300, a.out / "round.log")
+        # 480 s: the round's generation compiles its decode step (per batch shape and adapter state) before it runs
+        res["round"] = sub([py, "-m", "steer_heal.run", *round_flags(a, a.runs)], 480, a.out / "round.log")
         try:
             res["round"]["record"] = round_record(a.runs)
         except Exception as e:  # noqa: BLE001 -- whatever went wrong, the check writes its JSON and goes on
@@ -162,12 +175,15 @@ def main(argv: list[str]) -> int:
             sizes = ["--batch", "8", "--single-rows", "2", "--new-tokens", "8", "--heal-len", "64", "--heal-batch", "2"]
         res["bench"] = sub([py, "scripts/bench.py", "--only", "generate", "heal", *sizes, *model_flags(a)], 240,
                            a.out / "bench.log")  # fmt: skip
-        try:
-            res["bench"]["figures"] = json.loads(res["bench"]["last_line"])  # bench.py prints its JSON last
-        except json.JSONDecodeError:
-            res["bench"]["figures"] = None
+        res["bench"]["figures"] = last_json(res["bench"])
         save()
-    ok = all(res.get(k, {}).get("code") == 0 for k in ("tests", "round", "bench") if k not in a.skip)
+    if "decode" not in a.skip:
+        sizes = ["--batch", "64", "--new-tokens", "256"] if not a.shrink else ["--batch", "8", "--new-tokens", "8"]
+        res["decode"] = sub([py, "scripts/bench.py", "--only", "decode", *sizes, *model_flags(a)], 300,
+                            a.out / "decode.log")  # fmt: skip
+        res["decode"]["figures"] = last_json(res["decode"])
+        save()
+    ok = all(res.get(k, {}).get("code") == 0 for k in ("tests", "round", "bench", "decode") if k not in a.skip)
     print(
         json.dumps(
             {k: (v.get("code"), v.get("seconds")) for k, v in res.items() if isinstance(v, dict) and "code" in v}

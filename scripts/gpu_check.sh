@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The prepared check of the research setting on one GPU: bf16, CUDA and gemma-3-4b-it's architecture
 # (random weights) at the gemma preset's sizes; see scripts/gpu_check.py for the steps. Writes
-# $OUT/gpu_check.json (out/gpu_check/ when OUT is unset). ~5 minutes on one H100.
+# $OUT/gpu_check.json (out/gpu_check/ when OUT is unset). ~5 minutes on one H100 before the compiled decode
+# loop (its compiles now run in the round, and the decode step is new): not re-measured, so split it into
+# device calls of under 10 minutes, the decode figures first:
+#   bash scripts/gpu_check.sh --skip tests round bench     (plan + the decode bench: eager vs compiled)
+#   bash scripts/gpu_check.sh --skip bench decode          (device tests + one round with compiled decoding)
 #
 # It runs under the machine's own python3 (its torch, transformers, peft, ...) with src/ on the path. The
 # pure-Python packages such a machine lacks (tyro, loguru and theirs) and SmolLM2's tokenizer files come

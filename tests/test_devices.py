@@ -107,3 +107,22 @@ def test_a_heal_step_on_the_device(model_on):
     cfg = HealConfig(reg="kl_rev", tau=0.0, heal_target="mix", epochs=1, heal_batch_size=2, lr=1e-2, lora_r=4)
     res = heal(st, pairs, cfg, 0, 0, tok.pad_token_id, teacher=teacher)
     assert res.steps == 2 and res.kd_last is not None and all(torch.isfinite(q).all() for q in st.trainable())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_decode_on_the_device(device):
+    """decode.py's compiled loop (aot_eager on the CPU, the CUDA default of inductor + CUDA graphs on a GPU)
+    gives generate's greedy tokens on the tiny model in fp32, steered per row, twice with one graph."""
+    from steer_heal import decode
+
+    torch.manual_seed(0)
+    model, tok = models.load("tiny-random", dtype="float32", device=device)
+    dec = decode.decoder(model, backend="aot_eager") if device == "cpu" else decode.decoder(model)
+    v = {1: torch.randn(model.config.hidden_size)}
+    prompts = ["Hi", "Give me a tip for a rainy day.", "Why?"]
+    rows = [Row(i, p, chat_ids(tok, p), c, c) for i, (p, c) in enumerate(zip(prompts, (0.0, 2.0, -1.0)))]
+    for _ in range(2):
+        kw = dict(sampling=Sampling(6, do_sample=False), batch_size=4)
+        eager = [c.ids for c in generate(model, tok, rows, v, **kw)]
+        assert [c.ids for c in generate(model, tok, rows, v, decode="compiled", **kw)] == eager
+    assert dec.recompiles == 0

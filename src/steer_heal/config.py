@@ -110,6 +110,9 @@ class GenerateConfig:
     """Nucleus sampling mass."""
     gen_batch_size: PosInt = 48
     """Rows per generate call (rows of different strengths share a batch)."""
+    decode: Literal["eager", "compiled", "auto"] = "auto"
+    """Decode loop: eager = transformers' generate (the reference); compiled = one torch.compile'd token step
+    over a static KV cache, steering in fixed buffers (decode.py); auto = compiled on CUDA, eager elsewhere."""
     iso_kl: PosFloat | None = None
     """Iso-KL calibration: target p95 per-token KL(steered || unsteered current student) in nats; alphas
     and --eval-alpha become multiples of the c* that hits it, re-found each round (None = off)."""

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from steer_heal import decode as decoding
 from steer_heal import formats
-from steer_heal.errors import halve_and_retry
+from steer_heal.errors import UserError, halve_and_retry
 from steer_heal.hooks import steer
 from steer_heal.models import input_device
 from steer_heal.tokens import batches, pad
@@ -106,16 +107,27 @@ def generate(
     batch_size: int,
     seed: int = 0,
     desc: str = "generate",
+    decode: str = "eager",
 ) -> list[Completion]:
-    """One Completion per row, in order. Batch b is seeded with seed * 100003 + b."""
+    """One Completion per row, in order. Batch b is seeded with seed * 100003 + b.
+
+    `decode`: eager = transformers' generate (the reference); compiled = decode.py's compiled static-cache
+    loop (same greedy tokens); auto = compiled on CUDA."""
     dev = input_device(model)
     stops = stop_ids(model, tok)
     texts = formats.stop_texts(model)
     kw = dict(eos_token_id=stops, pad_token_id=tok.pad_token_id, **sampling.hf_kwargs())
-    if texts:  # a pretrained model's next-turn marker (formats.py): generate needs the tokenizer to see it
-        kw |= dict(stop_strings=texts, tokenizer=tok)
+    compiled = decoding.resolve(decode, dev) == "compiled"
+    if compiled and decoding.unsupported_kwargs(kw):
+        raise UserError(f"compiled decoding does not apply {decoding.unsupported_kwargs(kw)}: use --decode eager")
+    if texts and not compiled:  # a pretrained model's next-turn marker (formats.py): generate needs the tokenizer
+        kw |= dict(stop_strings=texts, tokenizer=tok)  # the compiled loop runs on; `cut` drops the text all the same
 
-    def run(chunk: list[Row], seed_b: int) -> list[list[int]]:
+    def run(chunk: list[Row], seed_b: int, width: int = batch_size) -> list[list[int]]:
+        if compiled:  # a fixed batch width: one graph for every chunk, the last one padded
+            torch.manual_seed(seed_b)
+            return decoding.decoder(model).run(model, [r.prompt_ids for r in chunk], [r.coeff for r in chunk],
+                                               vectors, sampling, stops, tok.pad_token_id, width)  # fmt: skip
         enc = pad([r.prompt_ids for r in chunk], tok.pad_token_id, "left", dev)
         enc.pop("position_ids")  # generate derives positions from the attention mask
         coeff = torch.tensor([r.coeff for r in chunk], dtype=torch.float32, device=dev)
@@ -131,9 +143,10 @@ def generate(
         except torch.OutOfMemoryError:
             new = None  # retry outside the except block, so the failed call's tensors can be freed
         if new is None:
-            new = halve_and_retry(
-                chunk, lambda half, i, b=b: run(half, seed * 100_003 + b + 7919 * (i + 1)), "--gen-batch-size"
-            )
+            if compiled:
+                decoding.decoder(model).release()  # its cache was sized for the batch that did not fit
+            retry = lambda half, i, b=b: run(half, seed * 100_003 + b + 7919 * (i + 1), len(half))  # noqa: E731
+            new = halve_and_retry(chunk, retry, "--gen-batch-size")
         for r, row in zip(chunk, new):
             ids, eos = cut(row, stops, tok, texts)
             text = tok.decode(ids, skip_special_tokens=True)

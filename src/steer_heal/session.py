@@ -146,6 +146,7 @@ class Session:
         return generate(
             self.model, self.tok, rows, vectors, sampling=sampling or self.sampling,
             batch_size=batch_size or self.cfg.generate.gen_batch_size, seed=seed, desc=desc,
+            decode=self.cfg.generate.decode,
         )  # fmt: skip
 
     def prompt_rows(self, indices, alphas=(0.0,), kappa: float = 1.0, c_star: float = 1.0) -> list[Row]:
