@@ -129,3 +129,23 @@ def test_gemma_tokenizer_formats(gemma_tok):
     # the eval's answer tokens continue "Answer:" as single distinct tokens, so one forward pass scores them
     first = [ids[0] for ids in evaluate.label_ids(tok)]
     assert len(set(first)) == len(first)
+
+
+def test_compiled_decode_ends_a_qa_answer_where_eager_does(qa_model):
+    """The compiled loop does not stop on the next-turn text; `cut` drops it afterwards, so greedy completions
+    (ids and hit_eos) are the eager path's."""
+    from steer_heal import decode
+
+    model, tok = qa_model
+    decode.decoder(model, backend="aot_eager")
+    prompts = ["What should I do?", "Is it fair to the others?"]
+    rows = [Row(i, p, chat_ids(tok, p), 0.0, 0.0) for i, p in enumerate(prompts)]
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        greedy = Sampling(16, do_sample=False)
+        eager = generate(model, tok, rows, sampling=greedy, batch_size=2, decode="eager")
+        comp = generate(model, tok, rows, sampling=greedy, batch_size=2, decode="compiled")
+    finally:
+        torch.set_num_threads(n)
+    assert [(c.ids, c.hit_eos) for c in comp] == [(c.ids, c.hit_eos) for c in eager]
