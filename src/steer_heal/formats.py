@@ -51,16 +51,15 @@ QA = (
 class PromptFormat:
     name: str
     template: str | None  # a Jinja chat template; None = the tokenizer's own
-    answer_lead: str  # what separates the generation prompt from an answer's first word (" " after "Answer:")
     stop_markers: tuple[str, ...]  # single tokens that end an answer, besides EOS
     blank_line_stops: bool  # also stop at any token made only of >= 2 newlines
     stop_texts: tuple[str, ...] = ()  # multi-token texts that start the next turn: cut off, never kept
 
 
 FORMATS = {
-    "chat": PromptFormat("chat", None, "", (), False),
-    "gemma-turn": PromptFormat("gemma-turn", GEMMA_TURN, "", ("<end_of_turn>",), False),
-    "qa": PromptFormat("qa", QA, " ", (), True, ("\nQuestion:",)),
+    "chat": PromptFormat("chat", None, (), False),
+    "gemma-turn": PromptFormat("gemma-turn", GEMMA_TURN, ("<end_of_turn>",), False),
+    "qa": PromptFormat("qa", QA, (), True, ("\nQuestion:",)),
 }
 AUTO = "auto"
 CHOICES = (AUTO, *FORMATS)
@@ -109,13 +108,17 @@ def end_ids(fmt: PromptFormat, tok) -> list[int]:
     return sorted(ids)
 
 
+def id_list(ids: int | list[int] | None) -> list[int]:
+    """A generation config's eos_token_id (None, one id or a list) as a list."""
+    return [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
+
+
 def apply(fmt: PromptFormat, model, tok) -> None:
     """Install `fmt`: its template as the tokenizer's chat template, its end ids in the generation config."""
     if fmt.template is None:
         return
     tok.chat_template = fmt.template
-    have = model.generation_config.eos_token_id
-    have = [] if have is None else ([have] if isinstance(have, int) else list(have))
+    have = id_list(model.generation_config.eos_token_id)
     model.generation_config.eos_token_id = sorted(set(have) | set(end_ids(fmt, tok)))
     if fmt.stop_texts:
         model.generation_config.stop_strings = list(fmt.stop_texts)

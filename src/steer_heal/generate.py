@@ -75,25 +75,20 @@ class Completion:
 
 def stop_ids(model, tok) -> list[int]:
     """End-of-turn ids: the tokenizer's EOS plus any the generation config lists (e.g. Gemma's <end_of_turn>)."""
-    ids = model.generation_config.eos_token_id
-    ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
-    return sorted(set(ids) | {tok.eos_token_id})
+    return sorted(set(formats.id_list(model.generation_config.eos_token_id)) | {tok.eos_token_id})
 
 
 def cut(row: list[int], stops: list[int], tok=None, texts: list[str] = ()) -> tuple[list[int], bool]:
     """Completion ids up to and including the first stop id, or (if earlier) up to where one of the
     multi-token stop `texts` begins, which is dropped; (ids, hit_eos)."""
-    for i, t in enumerate(row):
-        if t in stops:
-            row = row[: i + 1]
-            break
-    else:
-        i = None
+    first = next((i for i, t in enumerate(row) if t in stops), None)
+    if first is not None:
+        row = row[: first + 1]
     if texts:
         trimmed, hit = formats.trim_at_texts(row, tok, texts)
         if hit:
             return trimmed, True
-    return row, i is not None
+    return row, first is not None
 
 
 @torch.no_grad()

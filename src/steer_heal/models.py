@@ -198,9 +198,8 @@ def model_source(spec: str) -> tuple[str, dict]:
         return str(p), {}
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise UserError(
-            f"--model {spec!r} is not a local path, a .gguf file, a hub id (org/name), {EMBEDDED!r}, {GEMMA270M!r}, "
-            f"{TINY!r} "
-            f"or {RANDOM}<config.json>"
+            f"--model {spec!r} is not a local path, a .gguf file, a hub id (org/name), {EMBEDDED!r}, "
+            f"{GEMMA270M!r}, {TINY!r} or {RANDOM}<config.json>"
         )
     return spec, {}
 

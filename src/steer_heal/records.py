@@ -167,6 +167,12 @@ def null_key(kind: str) -> str:
     return f"dtrait{stats.SUFFIX[kind]}"
 
 
+def separation_est(base, target: str, idx: np.ndarray) -> dict | None:
+    """{est, lo, hi} of the base arm's separation of the target over the draws `idx` (None where undefined)."""
+    sep = stats.separation(base, target)
+    return None if sep is None else stats.est(sep, stats.separation(base, target, idx))
+
+
 def round_stats(base, steered, healed, target: str, sign: int, idx: np.ndarray, null: dict | None) -> dict:
     """The round record's uncertainty fields from the three evals' per-vignette numbers (stats.Arm): paired
     bootstrap intervals of every delta (raw, calibrated, discriminative) and of retain, where each healed
@@ -187,9 +193,8 @@ def round_stats(base, steered, healed, target: str, sign: int, idx: np.ndarray, 
         e, xs = h[f"dTrait{stats.SUFFIX[kind]}"], null_values(null, kind)
         pct = stats.null_position(e["est"], xs, sign)["percentile"] if xs and e else None
         out[f"null_pct{stats.SUFFIX[kind]}"] = pct
-    sep = stats.separation(base, target)
-    if sep is not None:
-        e = stats.est(sep, stats.separation(base, target, idx))
+    e = separation_est(base, target, idx)
+    if e is not None:
         out["separation_base"], ci["separation_base"] = e["est"], pair(e)
     return out | {
         "ci": ci,
@@ -403,9 +408,8 @@ def base_instrument(base, target: str, idx: np.ndarray) -> tuple[str, bool] | No
     """(instrument_line, whether a discriminative verdict is possible) from the base eval's arm, with the
     same bootstrap draws the round records use, so the line printed before round 0 is the one they carry.
     None without calibrated log-odds or labelled groups."""
-    sep = stats.separation(base, target)
-    if sep is None:
+    e = separation_est(base, target, idx)
+    if e is None:
         return None
-    e = stats.est(sep, stats.separation(base, target, idx))
     shift = Shift(e["est"], [e["lo"], e["hi"]], None)
     return instrument_line(target, shift), shift.ok and shift.worst(1) > 0
