@@ -360,3 +360,26 @@ def test_null_check_reproduces_the_runs_null_and_scores_it_on_every_vignette(fas
     assert {(h["round"], h["trait"]) for h in d["healed"]} == {(r, k) for r in (0, 1) for k in ("raw", "cal", "disc")}
     assert all(0 <= h["beats, full vs full null"] <= 1 for h in d["healed"])
     assert "seconds per direction" in text and d["seconds_per_direction"]["full"] > 0
+
+
+def test_screen_doses_are_relative_to_the_residual_norm():
+    from scripts.diag_screen import at_dose
+
+    v = {2: torch.tensor([3.0, 4.0]), 5: torch.tensor([0.0, -2.0])}
+    out = at_dose(v, {2: 100.0, 5: 10.0}, 0.03)
+    assert float(out[2].norm()) == pytest.approx(3.0) and float(out[5].norm()) == pytest.approx(0.3)
+    assert torch.allclose(out[2] / out[2].norm(), v[2] / v[2].norm())  # the direction is kept
+
+
+def test_diag_screen_scores_each_pair_and_one_null_eval_per_band(tmp_path):
+    out = tmp_path / "screen.json"
+    _script("diag_screen.py", "--fast-dev-run", "--personas", "care_vs_authority", "warm_vs_cold",
+            "--bands", "0.3,0.4", "0.6,0.7", "--doses", "0", "0.5", "--out", out)  # fmt: skip
+    recs = json.loads(out.read_text())["records"]
+    assert len(recs) == 2 * 2 * 2 + 2 * 2 * 2  # (pairs x doses) persona rows + (doses x pairs) null rows, per band
+    zero = [r for r in recs if r["r"] == 0]
+    assert all(r["dTrait"]["est"] == 0 and r["dCoh"]["est"] == 0 for r in zero)  # r = 0 is the identity
+    nulls = [r for r in recs if r["kind"] == "null0" and r["r"] == 0.5]
+    for b in ([0.3, 0.4], [0.6, 0.7]):  # one direction per band, read for both pairs' traits
+        assert len({r["coherence"] for r in nulls if r["band"] == b}) == 1
+    assert {r["trait"] for r in nulls} == {"Authority", "Care"}
