@@ -52,7 +52,7 @@ from tabulate import tabulate
 
 from steer_heal import decode as decoding
 from steer_heal import extract, filters, stages
-from steer_heal.cli import cli, nonneg_int, positive_int
+from steer_heal.cli import ArgumentParser, cli, nonneg_int, positive_int
 from steer_heal.errors import UserError
 from steer_heal.evaluate import CONTENT_FREE, answer_logprobs, reference_nll
 from steer_heal.generate import Row, Sampling, generate
@@ -389,7 +389,7 @@ class Bench:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--batch", type=positive_int, default=32)
     ap.add_argument("--new-tokens", type=positive_int, help="tokens per row (default: the preset's --max-new-tokens)")
     ap.add_argument("--heal-len", type=positive_int, default=1024)

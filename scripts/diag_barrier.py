@@ -13,7 +13,6 @@ trait moved; blank when |dTrait| < 0.05 nats).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import sys
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 
 from steer_heal import paired
-from steer_heal.cli import cli, nonneg_float, nonneg_int
+from steer_heal.cli import ArgumentParser, cli, nonneg_float, nonneg_int
 from steer_heal.data import read_jsonl
 from steer_heal.errors import UserError
 from steer_heal.evaluate import Scored
@@ -47,7 +46,7 @@ def arm_name(arm: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("run_dir")
     ap.add_argument("--round", type=nonneg_int, default=0)
     ap.add_argument("--regs", nargs="+", default=["nll", "kl_rev"], choices=["nll", "kl_rev", "kl_fwd"])

@@ -11,20 +11,19 @@ positive means the signal warned that many rounds early, 0 means at the same rou
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from tabulate import tabulate
 
 from steer_heal import collapse, report
-from steer_heal.cli import cli, nonneg_float
+from steer_heal.cli import ArgumentParser, cli, nonneg_float
 from steer_heal.errors import UserError
 from steer_heal.records import RunInfo
 from steer_heal.rundir import atomic_write_json
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--coh-drop", type=nonneg_float, default=0.1, help="coherence fall below base = a drop")
     ap.add_argument("--move", type=nonneg_float, default=0.1, help="relative change vs base = a move")

@@ -12,20 +12,19 @@ Prints a table; writes one JSON record per c (c, <trait>_nats for all seven, coh
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 from tabulate import tabulate
 
 from steer_heal import stats
-from steer_heal.cli import cli, nonneg_float, nonneg_int
+from steer_heal.cli import ArgumentParser, cli, nonneg_float, nonneg_int
 from steer_heal.rundir import atomic_write_json
 from steer_heal.session import Session
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--cs", type=nonneg_float, nargs="+", default=[0, 0.5, 1, 2, 3, 4], help="steering strengths")
     ap.add_argument("--out", type=Path, help="write the records as JSON here")
     ap.add_argument("--prompt-index", type=nonneg_int, default=0, help="which generation prompt to complete per c")

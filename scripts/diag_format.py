@@ -13,7 +13,6 @@ the token cap, per strength. A greedy unsteered and a steered sample of the firs
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from steer_heal import stats
-from steer_heal.cli import cli
+from steer_heal.cli import ArgumentParser, cli
 from steer_heal.data import FOUNDATIONS, SHORT
 from steer_heal.filters import quantile
 from steer_heal.formats import FORMATS
@@ -76,7 +75,7 @@ def measure(fmt: str, rest: list[str]) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--formats", nargs="+", default=["qa", "gemma-turn"], choices=[f for f in FORMATS if f != "chat"])
     ap.add_argument("--out", type=Path, help="write the measurements as JSON here")
     args, rest = ap.parse_known_args(argv)

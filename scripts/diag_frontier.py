@@ -39,7 +39,6 @@ think budget, the vignettes and reference answers, the null's strength and the r
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -52,8 +51,8 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 
 from steer_heal import extract, paired, stages
-from steer_heal.cli import cli, nonneg_float, nonneg_int, positive_int
-from steer_heal.data import read_jsonl
+from steer_heal.cli import ArgumentParser, cli, nonneg_float, nonneg_int, positive_int
+from steer_heal.data import LadderRow, decoded, read_jsonl
 from steer_heal.errors import UserError
 from steer_heal.evaluate import Scored
 from steer_heal.figures import frontier_png
@@ -69,10 +68,10 @@ def ladder_from(path: Path | None, default: tuple[str, ...]) -> list[str]:
     if path is None:
         return list(default)
     if path.suffix == ".jsonl":
-        return [r["system"] for r in read_jsonl(path, ("system",))]
+        return [r.system for r in read_jsonl(path, LadderRow)]
     if not path.is_file():
         raise UserError(f"--ladder {path}: no such file")
-    lines = [x.strip() for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    lines = [x.strip() for x in decoded(path.read_bytes(), f"--ladder {path}").splitlines() if x.strip()]
     if not lines:
         raise UserError(f"--ladder {path}: no prompts in it (one system prompt per line)")
     return lines
@@ -195,7 +194,7 @@ def healed_points(run: paired.OpenRun, fresh: bool) -> list[Point]:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--cs", nargs="+", type=nonneg_float, help="steering strengths (default: 7, 0 to the run's max)")
     ap.add_argument("--n-null", type=nonneg_int, help="random directions for the null (default: the run's own number)")

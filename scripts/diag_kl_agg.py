@@ -9,19 +9,17 @@ positions that put nearly all mass on one token). Prints the four aggregates of 
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 
-from steer_heal.cli import cli, nonneg_float, positive_int
+from steer_heal.cli import ArgumentParser, cli, nonneg_float, positive_int
 from steer_heal.errors import UserError
 from steer_heal.losses import aggregate, kl_rev
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--positions", type=positive_int, default=60)
     ap.add_argument("--loop", type=positive_int, default=4, help="looping positions inside the completion")
     ap.add_argument("--vocab", type=positive_int, default=1000)

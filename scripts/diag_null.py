@@ -20,7 +20,6 @@ Writes <run>/null_check.json unless --out names another path.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 
 from steer_heal import extract, paired, stages, stats
-from steer_heal.cli import cli, positive_int
+from steer_heal.cli import ArgumentParser, cli, positive_int
 from steer_heal.data import read_jsonl
 from steer_heal.errors import UserError
 from steer_heal.evaluate import Scored
@@ -100,7 +99,7 @@ def footing(run: paired.OpenRun, base: Scored, ids: list[str], sub: dict, full: 
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--n-null", type=positive_int, help="score the first N of the run's directions (default all)")
     ap.add_argument("--out", type=Path, help="the JSON to write (default <run>/null_check.json)")

@@ -15,18 +15,17 @@ dTrait / dCoh are against base; retain = dTrait / dTrait(steered).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
 
 from steer_heal import extract, paired
-from steer_heal.cli import cli, positive_int
+from steer_heal.cli import ArgumentParser, cli, positive_int
 from steer_heal.evaluate import Scored
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--n-random", type=positive_int, default=3, help="random vectors (seeds 0..N-1)")
     ap.add_argument("--n-vignettes", type=positive_int, help="score only the first N vignettes (balanced order)")

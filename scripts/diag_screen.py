@@ -24,7 +24,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from steer_heal import data, extract, models, stats
-from steer_heal.cli import cli, nonneg_float, nonneg_int
+from steer_heal.cli import ArgumentParser, cli, nonneg_float, nonneg_int
 from steer_heal.errors import UserError
 from steer_heal.rundir import atomic_write_json
 from steer_heal.session import Session
@@ -45,7 +45,7 @@ def at_dose(v: dict, h_norm: dict, r: float) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--personas", nargs="+", required=True, help="persona pair names (data/personas.json)")
     ap.add_argument("--bands", type=band_arg, nargs="+", required=True, help="layer bands 'lo,hi'")
     ap.add_argument("--doses", type=nonneg_float, nargs="+", default=[0.5], help="relative doses r")

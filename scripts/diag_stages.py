@@ -12,16 +12,15 @@ slope = 100 * dCoh / dTrait. Use --eval-vignettes to re-score a run on a held-ou
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from steer_heal import paired
-from steer_heal.cli import cli, nonneg_float, positive_int
+from steer_heal.cli import ArgumentParser, cli, nonneg_float, positive_int
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--cs", nargs="+", type=nonneg_float, default=[1.0, 2.0, 3.0], help="steering strengths to score")
     ap.add_argument("--n-vignettes", type=positive_int, help="score only the first N vignettes (balanced order)")

@@ -13,7 +13,6 @@ t-interval over fewer than 3 runs is not a claim (flagged).
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 from tabulate import tabulate
 
 from steer_heal import ledger, stats
-from steer_heal.cli import cli
+from steer_heal.cli import ArgumentParser, cli
 from steer_heal.errors import UserError
 from steer_heal.rundir import RunDir, atomic_write_json
 
@@ -110,7 +109,7 @@ def advantage_table(docs: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("runs", type=Path, nargs="+", help="run directories (or frontier.json files), one per seed")
     ap.add_argument("--out", type=Path, help="write the tables as JSON here")
     a = ap.parse_args(argv)

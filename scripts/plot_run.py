@@ -5,15 +5,14 @@ uv run python scripts/plot_run.py out/<run>
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from steer_heal import report
-from steer_heal.cli import cli
+from steer_heal.cli import ArgumentParser, cli
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("run_dir", type=Path)
     a = ap.parse_args(argv)
     rep = report.build(a.run_dir)

@@ -12,17 +12,16 @@ seeds).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from steer_heal import ledger
-from steer_heal.cli import cli
+from steer_heal.cli import ArgumentParser, cli
 from steer_heal.errors import UserError
 from steer_heal.rundir import atomic_write_json
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--ledger", type=Path, default=Path("out/results.jsonl"))
     ap.add_argument("--by", nargs="+", help="group by these ledger fields (default: the config minus the seed)")
     ap.add_argument("--out", type=Path, help="write the aggregate as JSON here")

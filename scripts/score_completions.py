@@ -3,7 +3,8 @@
     uv run python scripts/score_completions.py in.jsonl > scored.jsonl
     cat in.jsonl | uv run python scripts/score_completions.py - [--ppl-max 30] [run flags: --preset, --model, ...]
 
-Input lines: {"prompt": <user message>, "completion": <text>}. Output: each line with its scores
+Input lines: {"prompt": <user message>, "completion": <text>} (data.Completion: optionally a `label`,
+coherent or degenerate, and a `kind`; other fields are passed through). Output: each line with its scores
 (tail_ppl under the original model, rep, compress, distinct2, top_word, english, narration, refusal),
 `keep` and `reason` ('' when kept). As in a run, the perplexity threshold is calibrated against what
 coherent text scores under the model (its own unsteered samples on the generation prompts and the
@@ -13,24 +14,25 @@ run keeps the sampled ids instead). data/filter_labelled.jsonl is a labelled set
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from steer_heal import filters, stages
-from steer_heal.cli import cli
-from steer_heal.data import parse_jsonl, read_jsonl
+from steer_heal.cli import ArgumentParser, cli
+from steer_heal.data import Completion, parse_jsonl, read_jsonl
 from steer_heal.session import Session
 from steer_heal.tokens import chat_ids
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("input", help="JSONL file, or - for stdin")
     args, rest = ap.parse_known_args(argv)
-    need = ("prompt", "completion")
-    rows = parse_jsonl(sys.stdin, "stdin", need) if args.input == "-" else read_jsonl(Path(args.input), need)
+    if args.input == "-":  # bytes, so that a non-UTF-8 line is named like one in a file
+        rows = parse_jsonl(sys.stdin.buffer.read(), "stdin", Completion)
+    else:
+        rows = read_jsonl(Path(args.input), Completion)
     s = Session.from_argv(rest)
     ppl_max = s.cfg.filter.ppl_max
     if ppl_max is None:
@@ -39,10 +41,11 @@ def main(argv: list[str]) -> int:
         q, mult = cal["ppl_quantile"], cal["ppl_mult"]
         print(f"calibrated ppl_max = {ppl_max:.2f} ({mult:g} x q{q:g} of coherent text's tail-ppl)", file=sys.stderr)
     th = s.thresholds(ppl_max)
-    pairs = [(chat_ids(s.tok, r["prompt"]), s.tok(r["completion"], add_special_tokens=False).input_ids) for r in rows]
+    pairs = [(chat_ids(s.tok, r.prompt), s.tok(r.completion, add_special_tokens=False).input_ids) for r in rows]
     persona = (s.persona.pos, s.persona.neg)
     for r, (_, ids), p in zip(rows, pairs, s.base_tail_ppl(pairs)):
-        print(json.dumps({**r, **filters.judge(r["completion"], len(ids), p, persona, th)}, ensure_ascii=False))
+        scores = filters.judge(r.completion, len(ids), p, persona, th)
+        print(json.dumps({**r.model_dump(exclude_unset=True), **scores}, ensure_ascii=False))
     return 0
 
 

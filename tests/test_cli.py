@@ -144,7 +144,7 @@ def test_bad_files_are_refused_before_a_run_directory_exists(capsys, tmp_path):
                 "--persona",
                 "odd",
             ],  # fmt: skip
-            "sign 0 must be -1",
+            "field sign: 0 must be -1",
         ),
         "short contexts file": (
             ["--contexts-file", _write(tmp_path / "c.jsonl", '{"text": "hi"}\n' * 5)],

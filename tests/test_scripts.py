@@ -133,8 +133,8 @@ def _command(capsys, script: str, *args, stdin: str | None = None, monkeypatch=N
 
     from steer_heal.cli import command
 
-    if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    if stdin is not None:  # bytes underneath, as a real stdin has (the script decodes them itself)
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin.encode("utf-8", "surrogateescape"))))
     try:
         code = command(importlib.import_module(f"scripts.{script}").main, [str(a) for a in args])
     except SystemExit as e:  # argparse: --help, or a value its type refuses
@@ -174,7 +174,7 @@ def test_scripts_refuse_bad_input_in_one_line(capsys, script, args, message):
 def test_score_completions_names_the_bad_stdin_line(capsys, monkeypatch):
     code, _, err = _command(capsys, "score_completions", "-", "--fast-dev-run", stdin='{"prompt": "a"}\n{oops\n',
                             monkeypatch=monkeypatch)  # fmt: skip
-    assert code == 2 and "stdin:1: missing field(s) ['completion']" in err
+    assert code == 2 and "stdin:1: missing field 'completion' (each record needs ['prompt', 'completion'])" in err
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """Command-line plumbing shared by `python -m steer_heal.run` and every script: logging set up for a
 person skimming the tail, third-party noise quieted, and bad input turned into one line.
 
+    ap = ArgumentParser(description=__doc__)   # a script's own arguments: a mistake is one error line too
     if __name__ == "__main__":
         cli(main)          # main(argv) -> exit code
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import warnings
 
@@ -31,20 +33,26 @@ def setup_logging() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
+def one_line(text: str) -> str:
+    """text as one printable line: line breaks (a library's message may hold some) become spaces, and bytes
+    that were not UTF-8 (lone surrogates, from a file name) become escapes instead of an encoding error."""
+    return re.sub(r"\s*\n\s*", " ", text).strip().encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def command(main, argv: list[str]) -> int:
     """Run `main(argv) -> exit code`. A UserError becomes one 'error: ...' line on stderr and exit 2,
     Ctrl-C one 'interrupted' line and exit 130, an I/O failure (e.g. a full disk) one line and exit 2."""
     try:
         return main(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C)", file=sys.stderr)
         return 130
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
-        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        print(f"error: {one_line(f'{e.strerror or e}{where}')}", file=sys.stderr)
         return 2
 
 
@@ -54,7 +62,20 @@ def cli(main) -> None:
     sys.exit(command(main, sys.argv[1:]))
 
 
-# ---------------------------------------------------------------- argparse value types for the scripts
+# ---------------------------------------------------------------- argparse for the scripts
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The scripts' parser: a mistake is a UserError, so `command` prints it as the run prints its own, in one
+    `error:` line (argparse prints its usage and then the error, and exits itself). --help is unchanged."""
+
+    def __init__(self, **kw):
+        kw.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(**kw)
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
 
 
 def _number(kind, ok, what):

@@ -6,7 +6,8 @@ unique across stages. A preset is a plain `RunConfig` object; `parse_args` picks
 
 Each numeric field states what it accepts in its type (`PosInt`, `Frac`, ...); `validate` walks the
 fields and checks them all, naming the flag, so a new field cannot be forgotten by a hand-kept list.
-Every float must be finite. `resume_config` merges a stored run's config with the command line.
+Every float must be finite, and bounds.py adds the bounds a flag's meaning puts on it (a strength, the
+lambda schedule over --n-rounds, ...). `resume_config` merges a stored run's config with the command line.
 
     uv run python -m steer_heal.run --help
 """
@@ -24,7 +25,9 @@ from typing import Annotated, Literal
 
 import tyro
 
+from steer_heal import bounds, flags
 from steer_heal.errors import UserError
+from steer_heal.flags import Range, flag, leaves, range_of
 
 Reg = Literal["nll", "kl_rev", "kl_fwd"]
 KlAgg = Literal["mean", "rmse", "p95", "max"]
@@ -33,31 +36,6 @@ HealTarget = Literal["sft", "kl_teacher", "mix"]
 HealData = Literal["steered", "on_policy"]
 PresetName = Literal["fast", "smol", "gemma270m", "gemma"]
 PromptFormatName = Literal["auto", "chat", "gemma-turn", "qa"]  # formats.CHOICES
-
-
-@dataclass(frozen=True)
-class Range:
-    """A field's valid values: lo <(=) x <(=) hi (open ends are strict). Tuples are checked per item."""
-
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    hi_open: bool = False
-    min_len: int = 0
-
-    def ok(self, x: float) -> bool:
-        if not math.isfinite(x):
-            return False
-        if self.lo is not None and not (x > self.lo if self.lo_open else x >= self.lo):
-            return False
-        return self.hi is None or (x < self.hi if self.hi_open else x <= self.hi)
-
-    def describe(self, kind: str) -> str:
-        """'an integer >= 1', 'a finite number > 0 and <= 1', ... (`kind` names the value's type)."""
-        num = lambda x: str(int(x)) if float(x).is_integer() else f"{x:g}"  # noqa: E731
-        lo = None if self.lo is None else f"{'>' if self.lo_open else '>='} {num(self.lo)}"
-        hi = None if self.hi is None else f"{'<' if self.hi_open else '<='} {num(self.hi)}"
-        return " ".join([kind, " and ".join(x for x in (lo, hi) if x)]).strip()
 
 
 PosInt = Annotated[int, Range(1)]
@@ -190,7 +168,8 @@ class HealConfig:
     kl_agg: KlAgg = "rmse"
     """How per-position KL is aggregated over a completion."""
     lam_round_pow: float = 0.0
-    """lambda_r = lambda * (1 + round)^p; p < 0 decays the barrier over rounds."""
+    """lambda_r = lambda * (1 + round)^p; p < 0 decays the barrier over rounds (lambda_r must stay a float32
+    number in every round up to --n-rounds)."""
     barrier_ref: BarrierRef = "base"
     """Reference for the barrier: base = original weights, prev = student before this round."""
     spectral_lam: NonNegFloat = 0.0
@@ -409,9 +388,9 @@ def _preset_from_argv(argv: list[str]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> RunConfig:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = flags.checked(sys.argv[1:] if argv is None else argv, RunConfig())  # one line per mistake, not a box
     default = preset(_preset_from_argv(argv))
-    cfg = tyro.cli(tyro.conf.OmitArgPrefixes[RunConfig], default=default, args=argv, description=__doc__)
+    cfg = flags.quiet_cli(tyro.conf.OmitArgPrefixes[RunConfig], default, argv, __doc__)
     if cfg.fast_dev_run and cfg.preset != "fast":
         cfg = dataclasses.replace(cfg, preset="fast")
     return cfg
@@ -420,37 +399,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
 # ---------------------------------------------------------------- validation, derived from the fields
 
 
-def flag(name: str) -> str:
-    """The command-line flag of a config field (flags are flat: the field name with dashes)."""
-    return "--" + name.replace("_", "-")
-
-
 def _show(v) -> str:
     return " ".join(map(str, v)) if isinstance(v, tuple) else str(v)
-
-
-def _range_of(hint) -> tuple[Range | None, type | None]:
-    """The Range in a field's type (inside Optional / Annotated) and the annotated base type."""
-    if typing.get_origin(hint) is typing.Union or type(hint).__name__ == "UnionType":
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _range_of(args[0]) if len(args) == 1 else (None, None)
-    if typing.get_origin(hint) is Annotated:
-        base, *meta = typing.get_args(hint)
-        return next((m for m in meta if isinstance(m, Range)), None), base
-    return None, hint
-
-
-def leaves(cfg) -> list[tuple[str, str, object, object]]:
-    """(section, field name, value, type hint) for every leaf field of a (nested) config."""
-    out = []
-    hints = typing.get_type_hints(type(cfg), include_extras=True)
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(v):
-            out += [(f.name, n, x, h) for _, n, x, h in leaves(v)]
-        else:
-            out.append(("", f.name, v, hints[f.name]))
-    return out
 
 
 def _field_error(name: str, v, hint) -> str | None:
@@ -459,7 +409,7 @@ def _field_error(name: str, v, hint) -> str | None:
         return None
     if isinstance(v, float) and not math.isfinite(v):
         return f"{flag(name)} {v} must be a finite number"
-    rng, base = _range_of(hint)
+    rng, base = range_of(hint)
     if rng is None:
         return None
     if hint == Band:
@@ -474,7 +424,7 @@ def _field_error(name: str, v, hint) -> str | None:
     return None if rng.ok(v) else f"{flag(name)} {_show(v)} must be {rng.describe(kind)}"
 
 
-_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 def validate(cfg: RunConfig) -> None:
@@ -496,8 +446,24 @@ def validate(cfg: RunConfig) -> None:
             "--heal-data on_policy needs --heal-target kl_teacher or mix: SFT on the student's own samples "
             "teaches it nothing the steered teacher knows"
         )
-    if not _DEVICE.match(cfg.device):
+    if not _DEVICE.fullmatch(cfg.device):  # fullmatch: "cpu\n" is not cpu
         raise UserError(f"--device {cfg.device!r} must be auto, cpu, cuda, cuda:N or mps")
+    if err := next((x for x in meaning_errors(cfg) if x), None):
+        raise UserError(err)
+
+
+def meaning_errors(cfg: RunConfig) -> list[str | None]:
+    """What each bound a flag's meaning puts on it says about this config (None: within it); bounds.py gives
+    each bound and its reason. Strengths, the lambda schedule over --n-rounds, sampling, decay, walk-C's reach."""
+    g, f, h = cfg.generate, cfg.filter, cfg.heal
+    return [
+        bounds.strength_error("--alphas", g.alphas, f.kappa_floor),
+        bounds.strength_error("--eval-alpha", (cfg.eval.eval_alpha or 0.0,), 1.0),
+        bounds.lam_schedule_error(h.lam, h.lam_round_pow, cfg.n_rounds),
+        bounds.temperature_error(g.temperature),
+        bounds.decay_error(h.lr, h.weight_decay),
+        bounds.walk_c_capacity_error(f.min_train, g.n_prompts, len(g.alphas), f.max_collect_batches),
+    ]
 
 
 # ---------------------------------------------------------------- dicts and resume

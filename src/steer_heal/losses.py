@@ -263,8 +263,10 @@ def hinge(d: torch.Tensor, tau: float, lam: float) -> torch.Tensor:
 
 
 def lam_at_round(lam: float, round: int, power: float) -> float:
-    """lambda_r = lambda * (1 + round)^p (p < 0 decays the barrier over rounds; p = 0 keeps it fixed)."""
-    return lam * (1 + round) ** power
+    """lambda_r = lambda * (1 + round)^p (p < 0 decays the barrier over rounds; p = 0 keeps it fixed).
+    lambda = 0 is no barrier whatever p (the factor alone may pass float range; bounds.lam_schedule_error keeps
+    lambda_r within float32 otherwise)."""
+    return lam * (1 + round) ** power if lam else 0.0
 
 
 def spectral_norm_lowrank(A: torch.Tensor, B: torch.Tensor, scale: float, iters: int = 8) -> torch.Tensor:

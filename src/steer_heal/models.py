@@ -254,6 +254,13 @@ def describe(model: nn.Module) -> str:
     return f"{type(unwrap(model)).__name__}, {n / 1e6:.1f} M params, {p.dtype}, {p.device}"
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The positions the model was built for (max_position_embeddings of its text config), None if unstated."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = getattr(cfg, "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
 def input_device(model: nn.Module) -> torch.device:
     """Where a model's inputs go: the device of its input embeddings. With device_map="auto" a model spans
     several devices, and its first parameter need not sit where the token ids are looked up."""

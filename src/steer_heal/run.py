@@ -14,6 +14,7 @@ halving), 3 starved (too few coherent completions), 4 non-finite heal loss.
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -31,9 +32,21 @@ from steer_heal.config import RunConfig, parse_args, resume_config, to_dict, val
 from steer_heal.data import read_jsonl
 from steer_heal.errors import NonFiniteLoss, OutOfMemory, Starved, UserError, exit_code
 from steer_heal.evaluate import Scored
+from steer_heal.flags import canonical
 from steer_heal.recorder import Recorder
 from steer_heal.records import COLLAPSE_KEYS, RoundRecord, base_instrument, round_stats
-from steer_heal.rundir import RunDir, RunState, git_commit, read_state, safe_name, versions, writable_dir
+from steer_heal.rundir import (
+    RunDir,
+    RunState,
+    create_run_dir,
+    discard_run_dir,
+    git_commit,
+    read_state,
+    safe_name,
+    usable_path,
+    versions,
+    writable_dir,
+)
 from steer_heal.session import Session
 from steer_heal.stats import cal_key
 
@@ -44,13 +57,14 @@ STOPS = (Starved, NonFiniteLoss, OutOfMemory)  # a round that raises one of thes
 
 
 def planned_root(cfg: RunConfig) -> Path:
-    """Where a new run will live: --out-dir must be writable and the run name free (checked before the
-    model loads, so a bad --out-dir or --run-name costs nothing and leaves nothing behind)."""
+    """Where a new run will live: --out-dir resolved once (a symlink loop or an undecodable name is refused),
+    writable, and the run name free. Checked before the model loads, so a bad --out-dir or --run-name costs
+    nothing; and nothing is created yet (the run directory is made once every input has been read)."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    model_tag = Path(cfg.model).name.replace(".gguf", "") or "model"
+    model_tag = re.sub(r"[^A-Za-z0-9._+-]", "_", Path(cfg.model).name.replace(".gguf", "")) or "model"
     name = safe_name(cfg.run_name or f"{stamp}_{model_tag}_{cfg.heal.reg}_s{cfg.seed}")
     writable_dir(Path(cfg.out_dir), "--out-dir")
-    root = Path(cfg.out_dir) / name
+    root = usable_path(Path(cfg.out_dir), "--out-dir") / name
     if root.exists():
         raise UserError(f"run directory {root} already exists; pass another --run-name or --resume {root}")
     return root
@@ -61,7 +75,7 @@ def resumed_out_dir(argv: list[str], given: Path, root: Path) -> Path:
     config.json says and whatever the current directory; an --out-dir given that names another place is refused."""
     out = root.resolve().parent
     named = any(a == "--out-dir" or a.startswith("--out-dir=") for a in argv)
-    if named and Path(given).resolve() != out:
+    if named and usable_path(Path(given), "--out-dir") != out:
         raise UserError(
             f"--out-dir {given}: the run being resumed lies in {out} (its ledger is {out / 'results.jsonl'}); "
             f"drop --out-dir or pass {out}"
@@ -74,7 +88,6 @@ def open_records(s: Session, argv: list[str], root: Path, resumed: bool, state: 
     rd = RunDir(root)
     rec = Recorder(rd, s.persona.trait_key)
     if not resumed:
-        root.mkdir(parents=True)
         meta = dict(config=to_dict(s.cfg), argv=argv, git_commit=git_commit(), versions=versions(),
                     trait_key=s.persona.trait_key, trait_sign=s.persona.sign, coh_floor=s.cfg.coh_floor)  # fmt: skip
         rec.config(meta)
@@ -296,8 +309,9 @@ def interrupted(rec: Recorder, stop: Stop) -> int:
 
 
 def run(cfg: RunConfig, argv: list[str] | None = None) -> int:
-    """Run (or resume) the loop; returns the exit code. Every input is checked before a directory is made."""
-    argv = sys.argv[1:] if argv is None else argv
+    """Run (or resume) the loop; returns the exit code. Every input is checked before a directory is made, and a
+    refusal found later, before any round is complete, removes the directory again."""
+    argv = [canonical(a) for a in (sys.argv[1:] if argv is None else argv)]
     validate(cfg)
     if cfg.plan:
         text, fits = plan.report(cfg, cfg.plan_memory_gb)
@@ -305,7 +319,7 @@ def run(cfg: RunConfig, argv: list[str] | None = None) -> int:
         return 0 if fits else 1
     resumed = cfg.resume is not None
     if resumed:
-        rd = RunDir(cfg.resume)
+        rd = RunDir(usable_path(Path(cfg.resume), "--resume"))
         given = cfg.out_dir
         cfg = resume_config(cfg, rd.read_config()["config"], argv, rd.root)
         cfg = dataclasses.replace(cfg, out_dir=resumed_out_dir(argv, given, rd.root))
@@ -313,10 +327,20 @@ def run(cfg: RunConfig, argv: list[str] | None = None) -> int:
     else:
         state, root = RunState([], None, None, None, None, None), planned_root(cfg)
     s = Session.from_config(cfg)
-    rec = open_records(s, argv, root, resumed, state)
-    sink = logger.add(root / "run.log", level="INFO", enqueue=False)
+    created = [] if resumed else create_run_dir(root)
     try:
-        logger.info(f"run directory {root}; model {s.cfg.model} ({models.describe(s.model)})")
+        return logged(s, open_records(s, argv, root, resumed, state), state)
+    except UserError:
+        if not RunDir(root).completed_rounds():  # e.g. an --iso-kl target round 0 cannot reach
+            discard_run_dir(created)
+        raise
+
+
+def logged(s: Session, rec: Recorder, state: RunState) -> int:
+    """The rounds and the closing report, with the log copied to <run>/run.log."""
+    sink = logger.add(rec.rd.root / "run.log", level="INFO", enqueue=False)
+    try:
+        logger.info(f"run directory {rec.rd.root}; model {s.cfg.model} ({models.describe(s.model)})")
         t0 = time.time()
         return finish(s, rec, rounds(s, rec, state), t0)
     finally:

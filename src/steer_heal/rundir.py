@@ -31,6 +31,7 @@ from steer_heal import events
 from steer_heal.config import RESUMABLE
 from steer_heal.errors import UserError
 from steer_heal.events import finite
+from steer_heal.flags import undecodable
 
 
 def _tmp(path: Path) -> Path:
@@ -113,12 +114,38 @@ def pseudo_fs(real: Path) -> Path | None:
     return None if under(SHM) else next((p for p in PSEUDO_FS if under(p)), None)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # a newline, a tab, an escape ...: no log line shows such a name faithfully
+
+
+def _name_error(flag: str, text: str, what: str = "") -> str | None:
+    if undecodable(text):
+        return f"{flag} {text!r}:{what} has bytes that are not UTF-8; choose a UTF-8 path"
+    if _CONTROL.search(text):
+        return f"{flag} {text!r}:{what} holds a control character; choose a plain path"
+    return None
+
+
+def usable_path(path: Path, flag: str) -> Path:
+    """`path` resolved, once: absolute, its symlinks followed. A UserError in one line if its name has bytes that
+    are not UTF-8 or a control character (config.json, the log and the events record it as UTF-8 text), or if
+    it cannot be resolved (a symlink loop). Checked before anything is created."""
+    if err := _name_error(flag, str(path)):
+        raise UserError(err)
+    try:
+        real = Path(path).resolve()
+    except (RuntimeError, OSError) as e:  # Python < 3.13 raises RuntimeError on a symlink loop
+        raise UserError(f"{flag} {str(path)!r}: cannot be resolved ({e}); is it a symlink loop?") from e
+    if err := _name_error(flag, str(real), " resolves to a path that"):  # a symlink, or the current directory
+        raise UserError(err)
+    return real
+
+
 def writable_dir(path: Path, flag: str) -> None:
-    """Create `path` if needed and check a file written in it reads back; a UserError naming `flag` if not.
-    Nothing is left behind on failure: directories this call created are removed again."""
+    """Check that `path` is (or can be created as) a directory in which a file written reads back; a UserError
+    naming `flag` if not. Leaves the file system as it found it: the directories this call created are
+    removed again, so a refusal found later (a bad model, a bad data file) leaves nothing behind."""
     path = Path(path)
-    real = path.resolve()
-    fs = pseudo_fs(real)
+    fs = pseudo_fs(usable_path(path, flag))
     if fs is not None:
         raise UserError(f"{flag} {path}: inside {fs}, a kernel pseudo-filesystem, not storage; choose a directory "
                         "on a disk")  # fmt: skip
@@ -137,14 +164,35 @@ def writable_dir(path: Path, flag: str) -> None:
         if back != token:
             raise OSError(f"a file written there read back as {len(back)} other bytes")
     except OSError as e:
-        for p in missing:
-            try:
-                p.rmdir()
-            except FileNotFoundError:  # mkdir stopped before it got this deep
-                continue
-            except OSError:
-                break
+        remove_empty(missing)
         raise UserError(f"{flag} {path}: cannot write there ({e.strerror or e}); choose a writable directory") from e
+    remove_empty(missing)
+
+
+def remove_empty(dirs: list[Path]) -> None:
+    """rmdir each of `dirs` (deepest first) that exists and is empty; stop at the first that is not."""
+    for p in dirs:
+        try:
+            p.rmdir()
+        except FileNotFoundError:  # never created (mkdir stopped before it got this deep)
+            continue
+        except OSError:
+            break
+
+
+def create_run_dir(root: Path) -> list[Path]:
+    """mkdir the run directory (and its missing parents); returns what it created, deepest first."""
+    created = [p for p in (root, *root.parents) if not p.exists()]
+    root.mkdir(parents=True)
+    return created
+
+
+def discard_run_dir(created: list[Path]) -> None:
+    """Remove a run directory this process created and the parents it made for it: what a refusal found
+    after the directory exists (before any round is complete) does, so that it too leaves nothing behind."""
+    if created:
+        shutil.rmtree(created[0], ignore_errors=True)
+        remove_empty(created[1:])
 
 
 PACKAGES = ("torch", "transformers", "peft", "safetensors", "accelerate", "tyro", "gguf")
@@ -172,12 +220,13 @@ def versions() -> dict[str, str]:
     return out
 
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,200}$")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,200}")
 
 
 def safe_name(name: str) -> str:
-    """A run name is one path component: no separators, no '..', nothing that escapes --out-dir."""
-    if not _SAFE_NAME.match(name) or ".." in name:
+    """A run name is one path component: no separators, no '..', nothing that escapes --out-dir. fullmatch,
+    not match + '$', which lets a trailing newline through."""
+    if not _SAFE_NAME.fullmatch(name) or ".." in name:
         raise UserError(f"run name {name!r} must be one path component of letters, digits and . _ + -")
     return name
 

@@ -32,6 +32,18 @@ from steer_heal.tokens import answer_ids, chat_ids
 N_SAMPLE_PROMPTS = 3  # greedy samples saved per round for a person to read
 
 
+def fits_context(limit: int | None, longest_prompt: int, max_new_tokens: int) -> None:
+    """A completion is sampled after its prompt: the longest generation prompt plus --max-new-tokens must fit
+    the positions the model was built for (beyond them a learned position table has no entry, and a rotary
+    model was never trained there), or the run could not sample its own data."""
+    if limit is not None and longest_prompt + max_new_tokens > limit:
+        raise UserError(
+            f"--max-new-tokens {max_new_tokens}: the longest generation prompt ({longest_prompt} tokens) plus it is "
+            f"more than the model's context length ({limit} positions); valid: --max-new-tokens <= "
+            f"{max(0, limit - longest_prompt)} for these prompts"
+        )
+
+
 @dataclass
 class Session:
     cfg: RunConfig
@@ -72,6 +84,8 @@ class Session:
         )
         layers = models.band(len(models.decoder_layers(model)), e.steer_layers, "--steer-layers")
         lora_targets(model, cfg.heal.lora_layers, cfg.heal.lora_targets)  # fails now, not at round 0's heal
+        prompt_ids = [chat_ids(tok, p) for p in prompts]
+        fits_context(models.context_length(model), max(map(len, prompt_ids)), cfg.generate.max_new_tokens)
         return cls(
             cfg=cfg,
             student=Student(model),
@@ -79,7 +93,7 @@ class Session:
             persona=persona,
             contexts=ctx[: e.n_contexts],
             prompts=prompts,
-            prompt_ids=[chat_ids(tok, p) for p in prompts],
+            prompt_ids=prompt_ids,
             vig_source=src,
             vigs=data.balanced(vigs, cfg.eval.n_vignettes),
             layers=layers,

@@ -21,7 +21,7 @@ import torch
 from loguru import logger
 from tqdm.auto import tqdm
 
-from steer_heal import collapse, data, extract, filters, isokl, stats
+from steer_heal import bounds, collapse, data, extract, filters, isokl, stats
 from steer_heal.clock import Clock
 from steer_heal.config import RunConfig
 from steer_heal.errors import Starved, UserError
@@ -77,6 +77,13 @@ def iso_kl(s: Session, v: dict[int, torch.Tensor]) -> dict:
         c_star, achieved, tried = isokl.solve_log(d, g.iso_kl, tol=g.iso_kl_tol)
     except ValueError as e:
         raise UserError(f"--iso-kl {g.iso_kl}: {e}; choose a target this vector can reach") from e
+    scaled = f"--iso-kl {g.iso_kl} gives c* {c_star:.3g}, and"  # the strengths are multiples of c* from here on
+    for err in (
+        bounds.strength_error(f"{scaled} --alphas x c*", tuple(a * c_star for a in g.alphas), s.cfg.filter.kappa_floor),
+        bounds.strength_error(f"{scaled} --eval-alpha x c*", ((s.cfg.eval.eval_alpha or 0.0) * c_star,), 1.0),
+    ):
+        if err:
+            raise UserError(err)
     return {"target": g.iso_kl, "c_star": c_star, "kl_p95": achieved, "tried": tried}
 
 

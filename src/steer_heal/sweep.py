@@ -24,7 +24,6 @@ sd and a 95 % t-interval (DIR/aggregate.md, aggregate.json, arms.png); failed ce
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import itertools
 import json
@@ -37,7 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from steer_heal import config, ledger
-from steer_heal.cli import cli, positive_int
+from steer_heal.cli import ArgumentParser, cli, positive_int
 from steer_heal.errors import UserError
 from steer_heal.rundir import atomic_write_json, atomic_write_text
 
@@ -298,7 +297,7 @@ def run_sweep(spec: Spec, cells: list[Cell], out: Path, a) -> int:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("spec", type=Path, help="the sweep file (TOML)")
     ap.add_argument("--out-dir", type=Path, help="the sweep directory (default out/sweeps/<spec name>)")
     ap.add_argument("--launcher", choices=["local", "slurm"], default="local")
