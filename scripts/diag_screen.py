@@ -41,7 +41,7 @@ def band_arg(text: str) -> tuple[float, float]:
 
 def at_dose(v: dict, h_norm: dict, r: float) -> dict:
     """Each layer's vector rescaled to r * the layer's mean residual norm (applied at c = 1)."""
-    return {L: x / x.norm().clamp_min(1e-12) * (r * h_norm[L]) for L, x in v.items()}
+    return {L: x * (r * h_norm[L]) for L, x in extract.unit(v).items()}
 
 
 def main(argv: list[str]) -> int:

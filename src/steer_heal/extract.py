@@ -40,14 +40,17 @@ def last_token_acts(
     return {L: torch.cat(v) for L, v in out.items()}
 
 
+def unit(v: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """v_L / |v_L| per layer (a zero vector stays zero)."""
+    return {L: x / x.norm().clamp_min(1e-12) for L, x in v.items()}
+
+
 def mean_diff(
     pos: dict[int, torch.Tensor], neg: dict[int, torch.Tensor], normalize: bool = False
 ) -> dict[int, torch.Tensor]:
     """v_L = mean(pos_L) - mean(neg_L); unit-normalised per layer when `normalize`."""
     v = {L: pos[L].mean(0) - neg[L].mean(0) for L in pos}
-    if normalize:
-        v = {L: x / x.norm().clamp_min(1e-12) for L, x in v.items()}
-    return v
+    return unit(v) if normalize else v
 
 
 def teacher_vector(
