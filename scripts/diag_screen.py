@@ -36,6 +36,8 @@ def band_arg(text: str) -> tuple[float, float]:
         lo, hi = (float(x) for x in text.split(","))
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"band {text!r} is not 'lo,hi' (fractions of depth, e.g. 0.3,0.4)") from e
+    if not (0 <= lo <= hi <= 1):  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"band {text!r} must be fractions of depth with 0 <= lo <= hi <= 1")
     return lo, hi
 
 

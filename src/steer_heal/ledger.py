@@ -19,6 +19,7 @@ from loguru import logger
 from tabulate import tabulate
 
 from steer_heal import stats
+from steer_heal.data import decoded
 from steer_heal.errors import UserError
 from steer_heal.events import ends_mid_line, finite
 from steer_heal.records import RunInfo, isfinite
@@ -111,7 +112,7 @@ def read(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     by_run: dict[str, dict] = {}
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(decoded(path.read_bytes(), str(path)).splitlines(), 1):  # a bad byte: file and line
         if not line.strip():
             continue
         try:

@@ -25,6 +25,7 @@ import struct
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from loguru import logger
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -35,6 +36,10 @@ from steer_heal.errors import UserError
 EMBEDDED = "smollm2"
 GEMMA270M = "gemma3-270m"
 TINY = "tiny-random"
+# What transformers raises for a checkpoint it cannot build: a missing file (OSError), a config without a model
+# type or with inconsistent sizes (ValueError, or huggingface_hub's strict-dataclass error), a config.json that is
+# not an object (TypeError), a tokenizer file without its vocabulary (ValueError, KeyError).
+LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, StrictDataclassError)
 RANDOM = "random:"  # random:<config.json> = that architecture with random weights (benchmarks)
 
 
@@ -233,8 +238,9 @@ def load(spec: str, dtype: str = "auto", device: str = "auto", trust_remote_code
             model = AutoModelForCausalLM.from_pretrained(
                 src, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kw, **placement
             )
-    except OSError as e:
-        raise UserError(f"--model {spec!r} could not be loaded: {str(e).splitlines()[0]}") from e
+    except LOAD_ERRORS as e:  # a checkpoint's config, tokenizer or weights that transformers cannot build
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"--model {spec!r} could not be loaded: {first}") from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
