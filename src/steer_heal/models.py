@@ -239,8 +239,9 @@ def load(spec: str, dtype: str = "auto", device: str = "auto", trust_remote_code
                 src, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kw, **placement
             )
     except LOAD_ERRORS as e:  # a checkpoint's config, tokenizer or weights that transformers cannot build
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"--model {spec!r} could not be loaded: {first}") from e
+        said = " ".join(str(e).split()) or type(e).__name__  # its first line alone is often just "Error in:"
+        said = said if len(said) <= 300 else said[:297] + "..."
+        raise UserError(f"--model {spec!r} could not be loaded: {said}") from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
