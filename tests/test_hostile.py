@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 from pathlib import Path
 
@@ -42,6 +43,12 @@ def refused(capsys, root: Path, argv: list[str], needle: str, entry=main) -> str
     assert needle in errors[0], errors[0]
     assert tree(root) == before, sorted(tree(root) ^ before)  # nothing created, nothing removed
     return errors[0]
+
+
+def _link_loop(tmp: Path, name: str) -> str:
+    """A path that is a symlink to itself: resolving it never ends."""
+    (tmp / name).symlink_to(tmp / name)
+    return str(tmp / name)
 
 
 def _bytes(s: str) -> str:
@@ -202,8 +209,7 @@ def _dir_not_file(tmp):
 
 
 def _loop(tmp):
-    (tmp / "loop").symlink_to(tmp / "loop")
-    return ["--contexts-file", str(tmp / "loop")], "loop"
+    return ["--contexts-file", _link_loop(tmp, "loop")], "loop"
 
 
 def _missing(tmp):
@@ -239,13 +245,8 @@ def _model_dir(files: dict[str, bytes]):
     return make
 
 
-def _model_link_loop(tmp):
-    (tmp / "m.gguf").symlink_to(tmp / "m.gguf")
-    return str(tmp / "m.gguf")
-
-
 MODELS = {
-    "random bytes as a GGUF": (_model_file("m.gguf", os.urandom(4096)), "m.gguf"),
+    "random bytes as a GGUF": (_model_file("m.gguf", random.Random(0).randbytes(4096)), "m.gguf"),
     "an empty GGUF": (_model_file("m.gguf", b""), "m.gguf"),
     "a GGUF of the wrong version": (_model_file("m.gguf", b"GGUF\xff\xff\xff\xff" + b"\0" * 64), "m.gguf"),
     "a text file": (_model_file("notes.txt", b"hello"), "notes.txt"),
@@ -258,7 +259,7 @@ MODELS = {
         "ckpt",
     ),  # fmt: skip
     "config.json not UTF-8": (_model_dir({"config.json": b'{"model_type": "\xff"}'}), "ckpt"),
-    "a symlink loop": (_model_link_loop, "m.gguf"),
+    "a symlink loop": (lambda tmp: _link_loop(tmp, "m.gguf"), "m.gguf"),
 }
 
 
@@ -273,11 +274,6 @@ def test_model_files(capsys, tmp_path, monkeypatch, make, needle):
 
 def _out(path):
     return lambda tmp: ["--out-dir", path(tmp) if callable(path) else path]
-
-
-def _out_loop(tmp):
-    (tmp / "o").symlink_to(tmp / "o")
-    return ["--out-dir", str(tmp / "o")]
 
 
 def _out_under_file(tmp):
@@ -308,13 +304,8 @@ def _resume_empty(tmp):
     return str(tmp / "e")
 
 
-def _resume_loop(tmp):
-    (tmp / "r").symlink_to(tmp / "r")
-    return str(tmp / "r")
-
-
 PATHS = {
-    "out-dir a symlink loop": (_out_loop, "is it a symlink loop?"),
+    "out-dir a symlink loop": (_out(lambda t: _link_loop(t, "o")), "is it a symlink loop?"),
     "out-dir not UTF-8": (_out(lambda t: _bytes(str(t / "o"))), "has bytes that are not UTF-8"),
     "out-dir with a newline": (_out(lambda t: str(t / "o\nx")), "holds a control character"),
     "out-dir with an escape": (_out(lambda t: str(t / "o\x1b[2J")), "holds a control character"),
@@ -332,7 +323,7 @@ PATHS = {
     "resume a missing directory": (_resume(lambda t: str(t / "nowhere")), "not a steer_heal run directory"),
     "resume a file": (_resume(_resume_file), "not a steer_heal run directory"),
     "resume an empty directory": (_resume(_resume_empty), "not a steer_heal run directory"),
-    "resume a symlink loop": (_resume(_resume_loop), "is it a symlink loop?"),
+    "resume a symlink loop": (_resume(lambda t: _link_loop(t, "r")), "is it a symlink loop?"),
     "resume not UTF-8": (_resume(lambda t: _bytes(str(t / "r"))), "not UTF-8"),
 }
 
@@ -376,36 +367,32 @@ def _kill_at_done(recorder):
     return recorder, "atomic_write_text", dying
 
 
-def _kills():
+def _kill_table():
     from steer_heal import bake, recorder, stages
     from steer_heal.recorder import Recorder
     from steer_heal.session import Session
 
-    return {
-        "base eval": _kill_on(Session, "evaluate", 1),
-        "filter calibration": _kill_on(stages, "calibrate"),
-        "base collapse signals": _kill_on(stages, "collapse_signals", 1),
-        "extract": _kill_on(Session, "teacher", 1),
-        "generate and filter": _kill_on(stages, "collect"),
-        "steered eval": _kill_on(Session, "evaluate", 2),
-        "random null": _kill_on(stages, "random_null"),
-        "heal data": _kill_on(stages, "heal_data"),
-        "heal": _kill_on(stages, "heal"),
-        "bake": _kill_on(bake.Student, "bake"),
-        "healed eval": _kill_on(Session, "evaluate", 3),
-        "healed collapse signals": _kill_on(stages, "collapse_signals", 2),
-        "round record": _kill_on(Recorder, "round"),
-        "DONE marker": _kill_at_done(recorder),
-        "round 1 extract": _kill_on(Session, "teacher", 2),
-        "round 1 heal": _kill_on(stages, "heal", 2),
+    return {  # where -> a patch (obj, name, dying); built per test, so each counts its own calls
+        "base eval": lambda: _kill_on(Session, "evaluate", 1),
+        "filter calibration": lambda: _kill_on(stages, "calibrate"),
+        "base collapse signals": lambda: _kill_on(stages, "collapse_signals", 1),
+        "extract": lambda: _kill_on(Session, "teacher", 1),
+        "generate and filter": lambda: _kill_on(stages, "collect"),
+        "steered eval": lambda: _kill_on(Session, "evaluate", 2),
+        "random null": lambda: _kill_on(stages, "random_null"),
+        "heal data": lambda: _kill_on(stages, "heal_data"),
+        "heal": lambda: _kill_on(stages, "heal"),
+        "bake": lambda: _kill_on(bake.Student, "bake"),
+        "healed eval": lambda: _kill_on(Session, "evaluate", 3),
+        "healed collapse signals": lambda: _kill_on(stages, "collapse_signals", 2),
+        "round record": lambda: _kill_on(Recorder, "round"),
+        "DONE marker": lambda: _kill_at_done(recorder),
+        "round 1 extract": lambda: _kill_on(Session, "teacher", 2),
+        "round 1 heal": lambda: _kill_on(stages, "heal", 2),
     }
 
 
-KILLS = [
-    "base eval", "filter calibration", "base collapse signals", "extract", "generate and filter", "steered eval",
-    "random null", "heal data", "heal", "bake", "healed eval", "healed collapse signals", "round record",
-    "DONE marker", "round 1 extract", "round 1 heal",
-]  # fmt: skip
+KILLS = _kill_table()
 TIMING = {"ts", "seconds", "peak_mib"}  # how long it took differs between runs; what it computed must not
 
 
@@ -426,7 +413,7 @@ def test_a_run_killed_at_each_stage_resumes_to_the_same_numbers(capsys, tmp_path
     from tests.conftest import fast_args
 
     rounds = 2 if where.startswith("round 1") else 1  # a kill in round 0 needs no round 1 to show its harm
-    monkeypatch.setattr(*_kills()[where])
+    monkeypatch.setattr(*KILLS[where]())
     with pytest.raises(Killed):
         main(fast_args(tmp_path, "a", rounds=rounds))  # fast_run's flags and name: its numbers are the reference
     monkeypatch.undo()

@@ -31,6 +31,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from steer_heal import formats
+from steer_heal.cli import one_line
 from steer_heal.errors import UserError
 
 EMBEDDED = "smollm2"
@@ -239,7 +240,7 @@ def load(spec: str, dtype: str = "auto", device: str = "auto", trust_remote_code
                 src, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kw, **placement
             )
     except LOAD_ERRORS as e:  # a checkpoint's config, tokenizer or weights that transformers cannot build
-        said = " ".join(str(e).split()) or type(e).__name__  # its first line alone is often just "Error in:"
+        said = one_line(str(e)) or type(e).__name__  # the whole message: its first line is often just "... in:"
         said = said if len(said) <= 300 else said[:297] + "..."
         raise UserError(f"--model {spec!r} could not be loaded: {said}") from e
     if tok.pad_token_id is None:
