@@ -51,7 +51,7 @@ import torch
 from tabulate import tabulate
 
 from steer_heal import decode as decoding
-from steer_heal import extract, filters, stages
+from steer_heal import extract, filters, null
 from steer_heal.cli import ArgumentParser, cli, nonneg_int, positive_int
 from steer_heal.errors import UserError
 from steer_heal.evaluate import CONTENT_FREE, answer_logprobs, reference_nll
@@ -328,7 +328,7 @@ class Bench:
         """One random direction of the null, the old way (every vignette and ref_nll) against the new way (the
         seeded subset, no ref_nll), `reps` directions each, alternating; then the whole stage both ways."""
         s, e = self.s, self.s.cfg.eval
-        c, sub = statistics.median(s.cfg.generate.alphas), stages.null_vignettes(s)
+        c, sub = statistics.median(s.cfg.generate.alphas), null.null_vignettes(s)
         # the old way had no content-free rows either (prior=False), so the ratio is not flattered by them
         old = lambda seed: s.evaluate(extract.random_like(v, seed), c, desc="old", prior=False)  # noqa: E731
         new = lambda seed: s.evaluate(extract.random_like(v, seed), c, desc="new", vigs=sub, references=False)  # noqa: E731

@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
     recs = []
     tk = s.persona.trait_key
     base = s.evaluate(desc="eval c=0")
-    idx = stats.resamples(len(s.vigs), s.cfg.eval.n_boot, s.cfg.seed)
+    idx = s.resamples()
     for c, comp, p in zip(args.cs, comps, ppl):
         ev = base if c == 0 else s.evaluate(v, c, desc=f"eval c={c:g}")
         m, d = ev.m, stats.paired_deltas(ev.arm, base.arm, s.persona.trait, idx)

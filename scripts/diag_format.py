@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from steer_heal import stats
+from steer_heal import seeds, stats
 from steer_heal.cli import ArgumentParser, cli
 from steer_heal.data import FOUNDATIONS, SHORT
 from steer_heal.filters import quantile
@@ -31,7 +31,7 @@ from steer_heal.stages import calibrate, score
 
 def separations(s: Session, arm: stats.Arm) -> dict[str, str]:
     """'est [lo, hi]' of every foundation's separation on one arm, over the run's bootstrap draws."""
-    idx = stats.resamples(len(s.vigs), s.cfg.eval.n_boot, s.cfg.seed)
+    idx = s.resamples()
     out = {}
     for f in FOUNDATIONS:
         sep = stats.separation(arm, f)
@@ -42,7 +42,7 @@ def separations(s: Session, arm: stats.Arm) -> dict[str, str]:
 def steered_batch(s: Session, v, ppl_max: float) -> list[dict]:
     """One collect batch at the run's alphas (no dose control), each completion judged by the filter."""
     rows = s.prompt_rows(range(min(s.cfg.generate.n_prompts, len(s.prompts))), s.cfg.generate.alphas)
-    return score(s, s.generate(rows, s.cfg.seed, "steered", v), s.thresholds(ppl_max))
+    return score(s, s.generate(rows, seeds.derive(s.cfg.seed, "complete"), "steered", v), s.thresholds(ppl_max))
 
 
 def per_alpha(scored: list[dict]) -> list[dict]:

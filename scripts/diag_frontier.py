@@ -48,9 +48,9 @@ from pathlib import Path
 
 import numpy as np
 from tabulate import tabulate
-from tqdm.auto import tqdm
 
-from steer_heal import extract, paired, stages
+from steer_heal import null as nulls
+from steer_heal import paired
 from steer_heal.cli import ArgumentParser, cli, nonneg_float, nonneg_int, positive_int
 from steer_heal.data import LadderRow, decoded, read_jsonl
 from steer_heal.errors import UserError
@@ -59,6 +59,7 @@ from steer_heal.figures import frontier_png
 from steer_heal.frontier import AXES, Point, compare, foundation_table, verdict_lines
 from steer_heal.records import prior_key
 from steer_heal.rundir import atomic_write_json, atomic_write_jsonl
+from steer_heal.seeds import derive
 
 ARMS = "frontier_arms.jsonl"  # beside the default frontier.json
 
@@ -98,7 +99,7 @@ def run_null(run: paired.OpenRun, base: Scored, n: int) -> list[Scored]:
     for i in range(n):
         if "trait" in null:  # schema 1.3: a subset of the vignettes, no ref_nll
             m, ids = {tk: null["trait"][i], "coherence": null["coherence"][i]}, null["vignette_ids"]
-            if ids != [v.id for v in stages.null_vignettes(run.s)]:
+            if ids != [v.id for v in nulls.null_vignettes(run.s)]:
                 return []
         else:  # before: every vignette, with ref_nll
             m = {tk: base.m[tk] + null["dtrait"][i], "coherence": base.m["coherence"] + null["dcoh"][i],
@@ -125,12 +126,11 @@ def measure(run: paired.OpenRun, cs: list[float], ladder: list[str], n_null: int
         points.append(Point(f"prompt {k}", "prompt", s.evaluate(system=system, desc=f"eval prompt {k}"),
                             {"force": k, "system": system}))  # fmt: skip
     null = [] if fresh else run_null(run, base, n_null)
-    seeds = info.null["seeds"] if null else [s.cfg.seed * 1000 + i for i in range(n_null)]
-    vigs = stages.null_vignettes(s)
-    for i, seed in enumerate(tqdm(seeds[:n_null], desc="random directions", leave=False)):
-        ev = null[i] if null else s.evaluate(extract.random_like(v0, seed), c_run, desc=f"eval random {seed}",
-                                             vigs=vigs, references=False)  # fmt: skip
-        points.append(Point(f"random {i}", "random", ev, {"c": c_run, "seed": seed}))
+    seeds = info.null["seeds"][:n_null] if null else nulls.null_seeds(s.cfg, n_null)
+    evs = null or nulls.direction_evals(s, v0, c_run, seeds, nulls.null_vignettes(s), "random")
+    points += [
+        Point(f"random {i}", "random", ev, {"c": c_run, "seed": sd}) for i, (sd, ev) in enumerate(zip(seeds, evs))
+    ]
     return points
 
 
@@ -151,7 +151,7 @@ def arms_key(run: paired.OpenRun) -> dict:
     return {"model": cfg.model, "dtype": str(param.dtype), "device": param.device.type, "tokenizer": cfg.tokenizer,
             "persona": cfg.extract.persona, "think_tokens": cfg.eval.eval_think_tokens,
             "vignettes": digest([dataclasses.astuple(v) for v in s.vigs]), "references": digest(s.reference_pairs()),
-            "null_vignettes": digest([v.id for v in stages.null_vignettes(s)]), "c_null": run.steered_c(0),
+            "null_vignettes": digest([v.id for v in nulls.null_vignettes(s)]), "c_null": run.steered_c(0),
             "vector": vec.hexdigest()}  # fmt: skip
 
 
@@ -225,12 +225,14 @@ def main(argv: list[str]) -> int:
         cs = sorted({float(c) for c in a.cs or np.linspace(0, c_max, 7).round(3)} | {0.0})
         ladder = ladder_from(a.ladder, run.s.persona.prompt_ladder())
         print(f"{run.rd.root.name}: {len(s.vigs)} vignettes; steer at {cs}; {len(ladder)} prompts; {a.n_null} "
-              f"random directions at c={run.steered_c(0):g} on {len(stages.null_vignettes(s))} vignettes",
+              f"random directions at c={run.steered_c(0):g} on {len(nulls.null_vignettes(s))} vignettes",
               file=sys.stderr)  # fmt: skip
         points = measure(run, cs, ladder, a.n_null, a.fresh)
     save_arms(out.with_name(f"{out.stem}_arms.jsonl"), key, points)  # so a third run can point here too
     points += healed_points(run, a.fresh)
-    rows, by_trait = compare(points, points[0].ev, s.persona.trait, sign, run.idx, s.cfg.seed, prior_key(tk))
+    rows, by_trait = compare(
+        points, points[0].ev, s.persona.trait, sign, run.idx, derive(s.cfg.seed, "bootstrap"), prior_key(tk)
+    )
     by_axis = by_trait["raw"]
     adv = by_axis.get(a.x) or []
     cols = ["arm", tk, "coherence", "ref_nll", "dTrait", "dTrait_cal", "dTrait_disc", "dPrior", "dCoh", "null_pct",

@@ -26,15 +26,16 @@ from pathlib import Path
 
 import numpy as np
 from tabulate import tabulate
-from tqdm.auto import tqdm
 
-from steer_heal import extract, paired, stages, stats
+from steer_heal import null as nulls
+from steer_heal import paired, stats
 from steer_heal.cli import ArgumentParser, cli, positive_int
 from steer_heal.data import read_jsonl
 from steer_heal.errors import UserError
 from steer_heal.evaluate import Scored
 from steer_heal.records import null_key
 from steer_heal.rundir import atomic_write_json
+from steer_heal.seeds import derive
 
 
 def compare(sub: dict[str, np.ndarray], full: dict[str, np.ndarray], sub_draws, full_draws, n_boot: int, seed: int):
@@ -56,25 +57,10 @@ def compare(sub: dict[str, np.ndarray], full: dict[str, np.ndarray], sub_draws, 
     return out
 
 
-def shifts(evs: list[Scored], base: Scored, target: str, n_boot: int, seed: int):
-    """Per kind: each direction's shift [D] and its draws over vignette resamples [D, B], paired with base
-    on the directions' vignettes."""
-    ids = evs[0].arm.ids
-    b, idx = base.arm.take(ids), stats.resamples(len(ids), n_boot, seed)
-    est, draws = {}, {}
-    for kind in stats.TRAITS:
-        sh = [stats.shift(kind, ev.arm, b, target, idx) for ev in evs]
-        if all(x is not None for x in sh):
-            est[kind], draws[kind] = np.array([x[0] for x in sh]), np.stack([x[1] for x in sh])
-    return est, draws
-
-
-def score(s, v0, seeds: list[int], c: float, vigs, desc: str) -> tuple[list[Scored], float]:
-    """Each direction's eval on `vigs` (base model, no ref_nll), and the seconds per direction."""
-    t0, evs = time.time(), []
-    with s.as_model("base"):
-        for sd in tqdm(seeds, desc=desc, leave=False):
-            evs.append(s.evaluate(extract.random_like(v0, sd), c, desc=f"{desc} {sd}", vigs=vigs, references=False))
+def timed(s, v0, seeds: list[int], c: float, vigs, desc: str) -> tuple[list[Scored], float]:
+    """Each direction's eval on `vigs` (the package's null loop), and the seconds per direction."""
+    t0 = time.time()
+    evs = nulls.direction_evals(s, v0, c, seeds, vigs, desc)
     return evs, (time.time() - t0) / len(seeds)
 
 
@@ -111,21 +97,21 @@ def main(argv: list[str]) -> int:
                         "run it with --null-vectors > 0")  # fmt: skip
     n = min(a.n_null or len(null["seeds"]), len(null["seeds"]))
     ids, seeds, c = null["vignette_ids"], null["seeds"][:n], null["c"]
-    sub_vigs = stages.null_vignettes(s)
+    sub_vigs = nulls.null_vignettes(s)
     if ids != [v.id for v in sub_vigs]:
         raise UserError(f"{run.rd.root}: the null's vignette subset is not the one its config draws; re-run it")
     base = Scored(run.info.base, read_jsonl(run.rd.eval_rows(-1, "base")))
-    v0, nb, seed = run.rd.vectors(0), s.cfg.eval.n_boot, s.cfg.seed
+    v0, nb, seed = run.rd.vectors(0), s.cfg.eval.n_boot, derive(s.cfg.seed, "bootstrap")
     print(f"{run.rd.root.name}: {n} directions at c={c:g}; subset {len(ids)} vignettes, full {len(s.vigs)}",
           file=sys.stderr)  # fmt: skip
-    sub_evs, t_sub = score(s, v0, seeds, c, sub_vigs, "subset")
-    full_evs, t_full = score(s, v0, seeds, c, s.vigs, "full")
-    sub, sub_d = shifts(sub_evs, base, target, nb, seed)
+    sub_evs, t_sub = timed(s, v0, seeds, c, sub_vigs, "subset")
+    full_evs, t_full = timed(s, v0, seeds, c, s.vigs, "full")
+    sub, sub_d = nulls.direction_shifts(sub_evs, base, target, nb, seed)
     saved = np.array(null[null_key("raw")][:n])
     if not np.allclose(sub["raw"], saved, atol=1e-4):
         raise UserError(f"{run.rd.root}: the directions re-scored on the subset do not reproduce the run's null "
                         f"(max diff {np.abs(sub['raw'] - saved).max():.2g}); another model state or code?")  # fmt: skip
-    full, full_d = shifts(full_evs, base, target, nb, seed)
+    full, full_d = nulls.direction_shifts(full_evs, base, target, nb, seed)
     res = compare(sub, full, sub_d, full_d, nb, seed)
     fmt = lambda r, e: f"{r[e]:+.3f} [{r[f'{e}_ci'][0]:+.3f}, {r[f'{e}_ci'][1]:+.3f}]"  # noqa: E731
     table = [{"trait": k, "subset lo [95% CI]": fmt(r["subset"], "lo"), "full lo [95% CI]": fmt(r["full"], "lo"),

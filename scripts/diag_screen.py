@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from steer_heal import data, extract, models, stats
+from steer_heal import data, extract, models, seeds, stats
 from steer_heal.cli import ArgumentParser, cli, nonneg_float, nonneg_int
 from steer_heal.errors import UserError
 from steer_heal.rundir import atomic_write_json
@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
     acts = extract.last_token_acts(s.model, s.neutral_ids, all_layers, s.tok.pad_token_id, e.extract_batch_size)
     h_norm = {L: float(acts[L].norm(dim=-1).mean()) for L in all_layers}
     base = s.evaluate(desc="eval base", references=False)
-    idx = stats.resamples(len(s.vigs), s.cfg.eval.n_boot, s.cfg.seed)
+    idx = s.resamples()
     recs = []
 
     def measure(kind: str, scored: list[data.Persona], b, r: float, v: dict, raw_c: float | None) -> None:
@@ -90,7 +90,7 @@ def main(argv: list[str]) -> int:
                 measure("persona", [p], b, r, at_dose(v, h_norm, r), raw_c)
         for k in range(args.n_null):
             # A direction per band and k, the same at every dose; its own seed range, apart from the run's
-            rand = extract.random_like({L: acts[L][0] for L in layers}, 10**6 + 1000 * s.cfg.seed + k)
+            rand = extract.random_like({L: acts[L][0] for L in layers}, seeds.derive(s.cfg.seed, "screen", -1, k))
             for r in args.doses:
                 measure(f"null{k}", pairs, b, r, at_dose(rand, h_norm, r), None)
     cols = ["kind", "persona", "band", "r", "raw_c", "coherence", "dTrait", "dTrait_cal", "dTrait_disc", "dCoh"]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from steer_heal import null
 from steer_heal.run import main
 
 LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING) ")  # our own log lines may precede the error
@@ -379,7 +380,7 @@ def _kill_table():
         "extract": lambda: _kill_on(Session, "teacher", 1),
         "generate and filter": lambda: _kill_on(stages, "collect"),
         "steered eval": lambda: _kill_on(Session, "evaluate", 2),
-        "random null": lambda: _kill_on(stages, "random_null"),
+        "random null": lambda: _kill_on(null, "random_null"),
         "heal data": lambda: _kill_on(stages, "heal_data"),
         "heal": lambda: _kill_on(stages, "heal"),
         "bake": lambda: _kill_on(bake.Student, "bake"),

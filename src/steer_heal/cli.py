@@ -77,7 +77,6 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
-
 def _number(kind, ok, what):
     def parse(text: str):
         try:

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from steer_heal import decode as decoding
-from steer_heal import formats
+from steer_heal import formats, seeds
 from steer_heal.errors import UserError, halve_and_retry
 from steer_heal.hooks import steer
 from steer_heal.models import input_device
@@ -104,7 +104,7 @@ def generate(
     desc: str = "generate",
     decode: str = "eager",
 ) -> list[Completion]:
-    """One Completion per row, in order. Batch b is seeded with seed * 100003 + b.
+    """One Completion per row, in order. Batch b is seeded with seeds.child(seed, b).
 
     `decode`: eager = transformers' generate (the reference); compiled = decode.py's compiled static-cache
     loop (same greedy tokens); auto = compiled on CUDA."""
@@ -134,13 +134,13 @@ def generate(
     out: list[Completion] = []
     for b, chunk in enumerate(tqdm(list(batches(rows, batch_size)), desc=desc, leave=False)):
         try:
-            new = run(chunk, seed * 100_003 + b)
+            new = run(chunk, seeds.child(seed, b))
         except torch.OutOfMemoryError:
             new = None  # retry outside the except block, so the failed call's tensors can be freed
         if new is None:
             if compiled:
                 decoding.decoder(model).release()  # its cache was sized for the batch that did not fit
-            retry = lambda half, i, b=b: run(half, seed * 100_003 + b + 7919 * (i + 1), len(half))  # noqa: E731
+            retry = lambda half, i, b=b: run(half, seeds.child(seed, b, i), len(half))  # noqa: E731
             new = halve_and_retry(chunk, retry, "--gen-batch-size")
         for r, row in zip(chunk, new):
             ids, eos = cut(row, stops, tok, texts)

@@ -39,7 +39,7 @@ from loguru import logger
 from peft import LoraConfig
 from tqdm.auto import tqdm
 
-from steer_heal import losses
+from steer_heal import losses, seeds
 from steer_heal.bake import Student, lora_targets
 from steer_heal.config import HealConfig
 from steer_heal.errors import NonFiniteLoss, OutOfMemory, Starved, free_memory
@@ -359,7 +359,7 @@ def heal(
         if teacher is None:
             raise ValueError(f"--heal-target {cfg.heal_target} needs the round's steered teacher")
         prep = prepare(student, pairs, cfg, teacher, pad_id)  # before the adapter exists: the teacher is prev
-    torch.manual_seed(seed * 7919 + round)
+    torch.manual_seed(seeds.derive(seed, "heal_init", round))
     name = student.add_adapter(round, lora_config(student, cfg))
     job = Job(student, name, pairs, cfg, round, seed, pad_id, emit, log_every, teacher, prep)
     try:
@@ -397,7 +397,7 @@ def _train(job: Job) -> HealResult:
     cfg, r = job.cfg, job.round
     params = job.student.trainable()
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    groups = plan(len(job.pairs), cfg, random.Random(job.seed * 31 + r))
+    groups = plan(len(job.pairs), cfg, random.Random(seeds.derive(job.seed, "heal_order", r)))
     total, warm = len(groups), max(1, int(cfg.warmup_frac * len(groups)))
     lam_r, dev = lam_at_round(cfg.lam, r, cfg.lam_round_pow), input_device(job.student.model)
     safety, trace, t0 = Safety(r, cfg), Trace(), time.time()

@@ -50,7 +50,7 @@ class OpenRun:
     @cached_property
     def idx(self) -> np.ndarray:
         """The bootstrap resamples of the vignettes, shared by every row (so the rows are paired)."""
-        return stats.resamples(len(self.s.vigs), self.s.cfg.eval.n_boot, self.s.cfg.seed)
+        return self.s.resamples()
 
     def require_rounds(self) -> list[int]:
         """The completed rounds; a UserError naming the directory when there are none."""

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from steer_heal import extract, ledger, models, plan, report, stages, stats
+from steer_heal import extract, ledger, models, null, plan, report, stages
 from steer_heal.bake import adapter_name
 from steer_heal.cli import command, setup_logging
 from steer_heal.clock import Clock
@@ -148,7 +148,7 @@ def base_stage(s: Session, rec: Recorder, state: RunState) -> Base:
 
 def announce_instrument(s: Session, base: Scored) -> None:
     """Say before round 0 whether the eval can see a judgement of the target on this model at all."""
-    idx = stats.resamples(len(s.vigs), s.cfg.eval.n_boot, s.cfg.seed)
+    idx = s.resamples()
     inst = base_instrument(base.arm, s.persona.trait, idx)
     if inst is None:
         logger.info("instrument: no calibrated, labelled base eval; no discriminative verdict is possible")
@@ -197,7 +197,7 @@ def run_round(s: Session, rec: Recorder, r: int, base: Base) -> RoundRecord:
     steered, steered_samples = evaluated(s, rec, clock, r, "steered", v, c_eval)
     if base.null is None and cfg.eval.null_vectors > 0:  # once per run, on the base model
         with clock("null"):
-            base.null, evs = stages.random_null(s, v, c_eval, base.eval)
+            base.null, evs = null.random_null(s, v, c_eval, base.eval)
         rec.null(r, base.null, evs, clock["null"])
     data = stages.heal_data(s, r, col, base.ppl_max, clock)
     with clock("heal"):
@@ -212,7 +212,7 @@ def run_round(s: Session, rec: Recorder, r: int, base: Base) -> RoundRecord:
         sig = stages.collapse_signals(s, "healed", acts)
     rec.collapse(r, "healed", sig, clock["collapse"])
     rec.samples(r, steered_samples, healed_samples)
-    idx = stats.resamples(len(s.vigs), cfg.eval.n_boot, cfg.seed)
+    idx = s.resamples()
     intervals = round_stats(base.eval.arm, steered.arm, healed.arm, s.persona.trait, s.persona.sign, idx, base.null)
     record = RoundRecord.build(
         r, base.eval.m, steered.m, healed.m, s.persona.trait_key, **intervals, c_eval=c_eval, c_star=c_star,

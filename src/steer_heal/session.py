@@ -20,7 +20,7 @@ from functools import cached_property
 
 import torch
 
-from steer_heal import data, extract, filters, models
+from steer_heal import data, extract, filters, models, seeds, stats
 from steer_heal.bake import Student, lora_targets
 from steer_heal.config import RunConfig, parse_args, validate
 from steer_heal.errors import UserError
@@ -73,12 +73,12 @@ class Session:
                 f"{e.contexts_file or 'data/contexts.jsonl'} has {len(ctx)} contexts; --n-contexts {e.n_contexts} "
                 f"needs at least that many (pass --n-contexts {len(ctx)} or a longer file)"
             )
-        random.Random(cfg.seed).shuffle(ctx)
+        random.Random(seeds.derive(cfg.seed, "contexts")).shuffle(ctx)
         prompts = data.texts(cfg.generate.prompts_file, "dilemmas.jsonl")
-        random.Random(cfg.seed + 1).shuffle(prompts)
+        random.Random(seeds.derive(cfg.seed, "prompts")).shuffle(prompts)
         src, vigs = data.vignettes(cfg.eval.eval_vignettes)
-        random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
+        random.seed(seeds.derive(cfg.seed, "global"))
+        torch.manual_seed(seeds.derive(cfg.seed, "global"))
         model, tok = models.load(
             cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code, cfg.device_map, cfg.tokenizer, cfg.prompt_format
         )
@@ -115,6 +115,11 @@ class Session:
         """The extraction contexts under the default (neutral) system prompt, tokenised once per session:
         the student vector, the collapse signals and the amplification gauge all read them."""
         return [chat_ids(self.tok, x) for x in self.contexts]
+
+    def resamples(self):
+        """The bootstrap resamples of the session's vignettes [n_boot, n] that every interval of a run shares
+        (the same draws for every arm, so the arms are paired)."""
+        return stats.resamples(len(self.vigs), self.cfg.eval.n_boot, seeds.derive(self.cfg.seed, "bootstrap"))
 
     def as_model(self, which: str):
         """Context: the original weights for `base`, the current student for anything else."""
@@ -170,7 +175,7 @@ class Session:
     def samples(self, vectors, c: float) -> list[dict]:
         """Greedy completions of the first few generation prompts (steered at c when vectors are given)."""
         rows = self.prompt_rows(range(min(N_SAMPLE_PROMPTS, len(self.prompts))), (c,))
-        comps = self.generate(rows, 0, "samples", vectors, self.sampling.greedy())
+        comps = self.generate(rows, seeds.derive(self.cfg.seed, "samples"), "samples", vectors, self.sampling.greedy())
         return [{"prompt": x.prompt, "text": x.text} for x in comps]
 
     def complete(self, vectors, cs: list[float], prompt: str, greedy: bool = True, max_new_tokens: int | None = None):
@@ -179,7 +184,9 @@ class Session:
         rows = [Row(0, prompt, ids, c, c) for c in cs]
         n = max_new_tokens or self.sampling.max_new_tokens
         sampling = dataclasses.replace(self.sampling, max_new_tokens=n, do_sample=not greedy)
-        return self.generate(rows, self.cfg.seed, "complete", vectors, sampling, batch_size=len(rows))
+        return self.generate(
+            rows, seeds.derive(self.cfg.seed, "complete"), "complete", vectors, sampling, batch_size=len(rows)
+        )
 
     def base_tail_ppl(self, pairs: list[tuple[list[int], list[int]]]) -> list[float | None]:
         """Tail perplexity of (prompt ids, completion ids) under the ORIGINAL model; None for empty completions."""
@@ -197,7 +204,7 @@ class Session:
         """Tail-ppl of the base model's own unsteered samples on the first generation prompts (>= 8)."""
         k = min(len(self.prompts), max(self.cfg.generate.n_prompts, 8))
         with self.student.base():
-            comps = self.generate(self.prompt_rows(range(k)), self.cfg.seed, "calibrate")
+            comps = self.generate(self.prompt_rows(range(k)), seeds.derive(self.cfg.seed, "calibrate"), "calibrate")
         return [p for p in self.base_tail_ppl([(c.prompt_ids, c.ids) for c in comps]) if p is not None]
 
     def reference_pairs(self, system: str | None = None) -> list[tuple[list[int], list[int]]]:

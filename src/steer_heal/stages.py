@@ -16,19 +16,15 @@ import json
 import statistics
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from loguru import logger
-from tqdm.auto import tqdm
 
-from steer_heal import bounds, collapse, data, extract, filters, isokl, stats
+from steer_heal import bounds, collapse, extract, filters, isokl, seeds
 from steer_heal.clock import Clock
 from steer_heal.config import RunConfig
 from steer_heal.errors import Starved, UserError
-from steer_heal.evaluate import Scored
 from steer_heal.generate import Completion, Row
 from steer_heal.heal import HealResult, SteeredTeacher, heal_with_retry
-from steer_heal.records import null_key
 from steer_heal.session import Session
 
 N_STUDENT_CONTEXTS = 64  # a mean over 64 neutral prompts is enough for a cosine; the teacher uses all
@@ -71,7 +67,8 @@ def iso_kl(s: Session, v: dict[int, torch.Tensor]) -> dict:
     ids = s.prompt_ids[: g.iso_kl_prompts]
 
     def d(c: float) -> float:
-        return isokl.steered_kl_p95(s.model, s.tok, ids, v, c, g.max_new_tokens, g.gen_batch_size, s.cfg.seed)
+        seed = seeds.derive(s.cfg.seed, "iso_kl")
+        return isokl.steered_kl_p95(s.model, s.tok, ids, v, c, g.max_new_tokens, g.gen_batch_size, seed)
 
     try:
         c_star, achieved, tried = isokl.solve_log(d, g.iso_kl, tol=g.iso_kl_tol)
@@ -129,7 +126,7 @@ def collect(s: Session, r: int, vectors, ppl_max: float, c_star: float, clock: C
         idx = [(offset + b * g.n_prompts + j) % len(s.prompts) for j in range(g.n_prompts)]
         rows = s.prompt_rows(idx, g.alphas, kappa, c_star)
         with clock("generate"):
-            comps = s.generate(rows, cfg.seed * 1000 + r * 50 + b, f"generate r{r} k={kappa:g}", vectors)
+            comps = s.generate(rows, seeds.derive(cfg.seed, "generate", r, b), f"generate r{r} k={kappa:g}", vectors)
         totals["n"] += len(comps)
         totals["tokens"] += sum(len(c.ids) for c in comps)
         with clock("filter"):
@@ -143,46 +140,6 @@ def eval_strength(cfg: RunConfig, kappa: float, c_star: float) -> float:
     """--eval-alpha, or the median alpha at the dose walk-C settled on; in units of c* on the raw vector."""
     c = cfg.eval.eval_alpha if cfg.eval.eval_alpha is not None else statistics.median(cfg.generate.alphas) * kappa
     return c * c_star
-
-
-def null_vignettes(s: Session) -> list:
-    """The fixed, seeded, label-balanced subset of the run's vignettes the null is measured on."""
-    return data.seeded_subset(s.vigs, s.cfg.eval.null_vignettes, s.cfg.seed)
-
-
-def random_null(s: Session, v: dict[int, torch.Tensor], c: float, base: Scored) -> tuple[dict, list[Scored]]:
-    """The trait shifts of the base model steered at c by --null-vectors random directions with v's norms
-    per layer (seeded by the run's seed), on the --null-vignettes subset (null_vignettes), paired with the
-    base eval on the same vignettes: how far each trait kind (raw, calibrated, discriminative) moves for
-    reasons other than this vector. No ref_nll: the null is about the trait. Returns the summary (the `null`
-    event: per direction its shifts and absolute trait and coherence, and per kind the null's 95 % range with a
-    two-level bootstrap interval) and each direction's eval."""
-    e, target = s.cfg.eval, s.persona.trait
-    seeds = [s.cfg.seed * 1000 + i for i in range(e.null_vectors)]
-    vigs = null_vignettes(s)
-    evs = []
-    with s.as_model("base"):
-        for seed in tqdm(seeds, desc="null directions", leave=False):
-            evs.append(s.evaluate(extract.random_like(v, seed), c, desc=f"null {seed}", vigs=vigs, references=False))
-    ids = [x.id for x in vigs]
-    sub, idx = base.arm.take(ids), stats.resamples(len(ids), e.n_boot, s.cfg.seed)
-    summary = {
-        "c": c,
-        "seeds": seeds,
-        "vignette_ids": ids,
-        "n_vignettes": len(ids),
-        "trait": [ev.m[s.persona.trait_key] for ev in evs],
-        "coherence": [ev.m["coherence"] for ev in evs],
-        "dcoh": [ev.arm.coherence() - sub.coherence() for ev in evs],
-        "range": {},
-    }
-    for kind in stats.TRAITS:
-        shifts = [stats.shift(kind, ev.arm, sub, target, idx) for ev in evs]
-        if all(x is not None for x in shifts):
-            summary[null_key(kind)] = [x[0] for x in shifts]
-            draws = np.stack([x[1] for x in shifts])
-            summary["range"][kind] = stats.null_range(summary[null_key(kind)], draws, e.n_boot, s.cfg.seed)
-    return summary, evs
 
 
 @dataclass
@@ -206,7 +163,7 @@ def heal_data(s: Session, r: int, col: Collected, ppl_max: float, clock: Clock) 
     n_on = round(h.on_policy_frac * len(kept))
     rows = [Row(x["prompt_idx"], x["prompt"], x["prompt_ids"], x["alpha"], x["coeff"]) for x in kept[:n_on]]
     with clock("on_policy"):
-        comps = s.generate(rows, s.cfg.seed * 1000 + r * 50 + 49, f"on-policy r{r}")  # no vectors: unsteered
+        comps = s.generate(rows, seeds.derive(s.cfg.seed, "on_policy", r), f"on-policy r{r}")  # no vectors: unsteered
         scored = score(s, comps, s.thresholds(ppl_max))
     mine = [(x["prompt_ids"], x["ids"], x["coeff"]) for x in scored if x["keep"]]
     both = mine + steered[n_on:]
@@ -253,10 +210,11 @@ def collapse_signals(s: Session, which: str, acts: dict[int, torch.Tensor]) -> d
         if c.entropy_prompts > 0:
             k = min(c.entropy_prompts, len(s.contexts))
             rows = [Row(i, s.contexts[i], s.neutral_ids[i]) for i in range(k)]
-            comps = s.generate(rows, s.cfg.seed * 1000 + 999, f"entropy {which}")  # same seed every round
+            comps = s.generate(rows, seeds.derive(s.cfg.seed, "entropy"), f"entropy {which}")  # same seed every round
             pairs = [(x.prompt_ids, x.ids) for x in comps]
             rec |= collapse.output_entropy(s.model, pairs, s.tok.pad_token_id, s.cfg.heal.heal_batch_size)
         if c.amp_gauge:
             ids = s.neutral_ids[: c.amp_prompts]
-            rec |= collapse.amplification(s.model, ids, s.layers[0], s.layers[-1], c.amp_iters, s.cfg.seed)
+            seed = seeds.derive(s.cfg.seed, "amplification")
+            rec |= collapse.amplification(s.model, ids, s.layers[0], s.layers[-1], c.amp_iters, seed)
     return rec
