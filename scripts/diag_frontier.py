@@ -59,7 +59,6 @@ from steer_heal.figures import frontier_png
 from steer_heal.frontier import AXES, Point, compare, foundation_table, verdict_lines
 from steer_heal.records import prior_key
 from steer_heal.rundir import atomic_write_json, atomic_write_jsonl
-from steer_heal.seeds import derive
 
 ARMS = "frontier_arms.jsonl"  # beside the default frontier.json
 
@@ -95,12 +94,12 @@ def run_null(run: paired.OpenRun, base: Scored, n: int) -> list[Scored]:
     null, tk = run.info.null, run.trait_key
     if not null or len(null["seeds"]) < n:
         return []
+    if "trait" in null and null["vignette_ids"] != [v.id for v in nulls.null_vignettes(run.s)]:
+        return []  # schema 1.3, measured on another subset than these vignettes give
     out = []
     for i in range(n):
         if "trait" in null:  # schema 1.3: a subset of the vignettes, no ref_nll
             m, ids = {tk: null["trait"][i], "coherence": null["coherence"][i]}, null["vignette_ids"]
-            if ids != [v.id for v in nulls.null_vignettes(run.s)]:
-                return []
         else:  # before: every vignette, with ref_nll
             m = {tk: base.m[tk] + null["dtrait"][i], "coherence": base.m["coherence"] + null["dcoh"][i],
                  "ref_nll": null["ref_nll"][i], "ref_items": null["ref_items"][i]}  # fmt: skip
@@ -230,9 +229,7 @@ def main(argv: list[str]) -> int:
         points = measure(run, cs, ladder, a.n_null, a.fresh)
     save_arms(out.with_name(f"{out.stem}_arms.jsonl"), key, points)  # so a third run can point here too
     points += healed_points(run, a.fresh)
-    rows, by_trait = compare(
-        points, points[0].ev, s.persona.trait, sign, run.idx, derive(s.cfg.seed, "bootstrap"), prior_key(tk)
-    )
+    rows, by_trait = compare(points, points[0].ev, s.persona.trait, sign, run.idx, s.bootstrap_seed, prior_key(tk))
     by_axis = by_trait["raw"]
     adv = by_axis.get(a.x) or []
     cols = ["arm", tk, "coherence", "ref_nll", "dTrait", "dTrait_cal", "dTrait_disc", "dPrior", "dCoh", "null_pct",

@@ -35,7 +35,6 @@ from steer_heal.errors import UserError
 from steer_heal.evaluate import Scored
 from steer_heal.records import null_key
 from steer_heal.rundir import atomic_write_json
-from steer_heal.seeds import derive
 
 
 def compare(sub: dict[str, np.ndarray], full: dict[str, np.ndarray], sub_draws, full_draws, n_boot: int, seed: int):
@@ -101,7 +100,7 @@ def main(argv: list[str]) -> int:
     if ids != [v.id for v in sub_vigs]:
         raise UserError(f"{run.rd.root}: the null's vignette subset is not the one its config draws; re-run it")
     base = Scored(run.info.base, read_jsonl(run.rd.eval_rows(-1, "base")))
-    v0, nb, seed = run.rd.vectors(0), s.cfg.eval.n_boot, derive(s.cfg.seed, "bootstrap")
+    v0, nb, seed = run.rd.vectors(0), s.cfg.eval.n_boot, s.bootstrap_seed
     print(f"{run.rd.root.name}: {n} directions at c={c:g}; subset {len(ids)} vignettes, full {len(s.vigs)}",
           file=sys.stderr)  # fmt: skip
     sub_evs, t_sub = timed(s, v0, seeds, c, sub_vigs, "subset")

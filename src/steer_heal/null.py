@@ -30,12 +30,12 @@ def null_vignettes(s) -> list[data.Vignette]:
     return data.seeded_subset(s.vigs, s.cfg.eval.null_vignettes, seeds.derive(s.cfg.seed, "null_vignettes"))
 
 
-def direction_evals(s, v: dict[int, torch.Tensor], c: float, seeds_: list[int], vigs, desc: str = "null"):
+def direction_evals(s, v: dict[int, torch.Tensor], c: float, dir_seeds: list[int], vigs, desc: str = "null"):
     """The base model's eval on `vigs` steered at c by one random direction per seed (v's norms per layer), no
     ref_nll: the null is about the trait."""
     evs = []
     with s.as_model("base"):
-        for sd in tqdm(seeds_, desc=f"{desc} directions", leave=False):
+        for sd in tqdm(dir_seeds, desc=f"{desc} directions", leave=False):
             evs.append(s.evaluate(extract.random_like(v, sd), c, desc=f"{desc} {sd}", vigs=vigs, references=False))
     return evs
 
@@ -72,7 +72,7 @@ def random_null(s, v: dict[int, torch.Tensor], c: float, base: Scored) -> tuple[
         "dcoh": [ev.arm.coherence() - sub.coherence() for ev in evs],
         "range": {},
     }
-    boot = seeds.derive(s.cfg.seed, "bootstrap")
+    boot = s.bootstrap_seed
     est, draws = direction_shifts(evs, base, s.persona.trait, e.n_boot, boot)
     for kind, x in est.items():
         summary[null_key(kind)] = x.tolist()

@@ -116,10 +116,15 @@ class Session:
         the student vector, the collapse signals and the amplification gauge all read them."""
         return [chat_ids(self.tok, x) for x in self.contexts]
 
+    @property
+    def bootstrap_seed(self) -> int:
+        """The seed of every vignette resample of the run (its intervals, the null's range, the frontier's)."""
+        return seeds.derive(self.cfg.seed, "bootstrap")
+
     def resamples(self):
         """The bootstrap resamples of the session's vignettes [n_boot, n] that every interval of a run shares
         (the same draws for every arm, so the arms are paired)."""
-        return stats.resamples(len(self.vigs), self.cfg.eval.n_boot, seeds.derive(self.cfg.seed, "bootstrap"))
+        return stats.resamples(len(self.vigs), self.cfg.eval.n_boot, self.bootstrap_seed)
 
     def as_model(self, which: str):
         """Context: the original weights for `base`, the current student for anything else."""
