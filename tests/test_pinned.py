@@ -14,13 +14,14 @@ from steer_heal import events
 
 REL = 1e-4
 
-FAST_ROUND_0 = {  # the fast preset's round 0 (tiny random model), as the `fast_run` fixture runs it
-    "base_trait": -1.8768399713454698,
-    "steered_trait": -1.8741577754439283,
-    "healed_trait": -1.8794531511407349,
-    "healed_coh": 0.00015042487939354032,
-    "heal_nll": 10.755016326904297,
-    "dtrait_healed": -0.002613179795265097,
+FAST_ROUND_0 = {  # the fast preset's round 0 (tiny random model), as the `fast_run` fixture runs it; re-read
+    # when seeds.py moved from arithmetic to BLAKE2b seeds (every sampled number, and the tiny model, changed)
+    "base_trait": -1.8177558449246742,
+    "steered_trait": -1.833988586456178,
+    "healed_trait": -1.8218604076061093,
+    "healed_coh": 0.00014084491704124957,
+    "heal_nll": 10.75165843963623,
+    "dtrait_healed": -0.004104562681435109,
     "n_kept": 12,
     "kappa": 1.0,
 }

@@ -6,9 +6,15 @@
 
 Round -1 is the run as a whole (the base stage, the null, the data order); index numbers the draws of one stage
 in one round (batches, directions).
+
+A seed is the first 63 bits of BLAKE2b over the draw's full name, so two draws share a seed only if they are the
+same draw (or by a 2^-63 accident per pair: tests/test_seeds.py checks every draw of every allowed --n-rounds).
+Arithmetic schemes (s*1000 + r*50 + b) collide as soon as one field outgrows its stride; a hash has no stride.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 STAGES = (
     "contexts",  # the extraction contexts' order
@@ -30,30 +36,34 @@ STAGES = (
     "screen",  # diag_screen's random directions
 )
 
+BITS = 63  # torch, numpy and random all take a non-negative int64
+
+
+def _hash(*parts: object) -> int:
+    """seed = int(BLAKE2b-64("part|part|...")) >> 1: uniform over [0, 2^63), the same on every platform."""
+    digest = hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> (64 - BITS)
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"seed {name} {value!r}; valid: an integer >= {low}")
+
 
 def derive(run_seed: int, stage: str, round: int = -1, index: int = 0) -> int:
-    """The seed of draw `index` of `stage` in `round` of the run seeded `run_seed`.
-
-    These are the formulas each stage used before they were gathered here, so the numbers of every run so far
-    are unchanged; they collide (round 20 of seed s is round 0 of seed s+1; round 19's on-policy draw is the
-    entropy seed), which the next change replaces."""
+    """The seed of draw `index` of `stage` in `round` (-1 = the run as a whole) of the run seeded `run_seed`."""
     if stage not in STAGES:
         raise ValueError(f"seed stage {stage!r}; valid: {', '.join(STAGES)}")
-    s = run_seed
-    legacy = {
-        "prompts": s + 1,
-        "generate": s * 1000 + round * 50 + index,
-        "on_policy": s * 1000 + round * 50 + 49,
-        "entropy": s * 1000 + 999,
-        "null": s * 1000 + index,
-        "heal_init": s * 7919 + round,
-        "heal_order": s * 31 + round,
-        "screen": 10**6 + 1000 * s + index,
-    }
-    return legacy.get(stage, s)
+    _check_int("run seed", run_seed, 0)
+    _check_int("round", round, -1)
+    _check_int("index", index, 0)
+    return _hash("derive", run_seed, stage, round, index)
 
 
 def child(seed: int, index: int, retry: int | None = None) -> int:
     """The seed of chunk `index` inside one call seeded `seed` (of its `retry`-th half after out of memory)."""
-    base = seed * 100_003 + index
-    return base if retry is None else base + 7919 * (retry + 1)
+    _check_int("parent", seed, 0)
+    _check_int("chunk", index, 0)
+    if retry is not None:
+        _check_int("retry", retry, 0)
+    return _hash("child", seed, index, "-" if retry is None else retry)
