@@ -57,7 +57,7 @@ collapse RUN *ARGS:
 # The headline: healed students against steering at a lower dose and against a prompt ladder, at matched
 # coherence, with 95% intervals and the random-vector null (writes RUN/frontier.json and frontier.png).
 frontier RUN *ARGS:
-    HF_HUB_OFFLINE=1 uv run python scripts/diag_frontier.py {{RUN}} {{ARGS}}
+    HF_HUB_OFFLINE=1 uv run python -m steer_heal.frontier_run {{RUN}} {{ARGS}}
 
 # `just seeds out/r_s0 out/r_s1 out/r_s2`: raw / calibrated / discriminative shift per arm, advantages per round.
 # Several seeds' frontiers side by side, as mean and 95% t-interval across the runs.

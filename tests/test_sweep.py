@@ -96,3 +96,16 @@ def test_a_failing_cell_is_reported_while_the_others_finish(tmp_path):
     assert good["state"] == "done" and good["code"] == 0
     md = (out / "aggregate.md").read_text()
     assert "1 of 2 cells finished" in md and "lam--1.0_s0: failed (exit 2" in md
+
+
+def test_a_sweep_measures_each_cells_frontier_from_outside_the_checkout(tmp_path, monkeypatch):
+    """--frontier runs the package's frontier module on each finished cell: no script path, so it works from
+    any directory (it once ran scripts/diag_frontier.py by path, which only exists in a checkout)."""
+    spec, out = tmp_path / "s.toml", tmp_path / "out"
+    spec.write_text(SPEC.replace('reg = ["nll", "kl_rev"]', 'reg = ["kl_rev"]').replace("seeds = [0, 1]", "seeds = [0]"))
+    monkeypatch.chdir(tmp_path)
+    assert sweep.main([str(spec), "--out-dir", str(out), "--frontier"]) == 0
+    st = json.loads((out / "cells" / "reg-kl_rev_s0.json").read_text())
+    assert st["state"] == "done" and st["frontier_code"] == 0
+    doc = json.loads((out / "reg-kl_rev_s0" / "frontier.json").read_text())
+    assert doc["run"] == "reg-kl_rev_s0" and {r["kind"] for r in doc["rows"]} >= {"base", "steer", "prompt", "healed"}

@@ -139,12 +139,9 @@ def cell_argv(cell: Cell, out: Path) -> list[str]:
     return [*cell.flags, "--out-dir", str(out), "--run-name", cell.id]
 
 
-FRONTIER = Path(__file__).resolve().parents[2] / "scripts" / "diag_frontier.py"
-
-
 def run_cell(cell: Cell, out: Path, frontier: bool = False) -> dict:
     """Run one cell under its lock and record its state; a finished cell is skipped, a busy one left alone.
-    With `frontier`, scripts/diag_frontier.py then measures the cell's frontier (A_steer / A_prompt)."""
+    With `frontier`, steer_heal.frontier_run then measures the cell's frontier (A_steer / A_prompt)."""
     out = Path(out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     with open(out / "cells" / f"{cell.id}.lock", "w") as lock:
@@ -167,7 +164,9 @@ def run_cell(cell: Cell, out: Path, frontier: bool = False) -> dict:
         st["state"] = DONE_CODES.get(p.returncode, "failed")
         if frontier and p.returncode == 0 and not (out / cell.id / "frontier.json").is_file():
             with log.open("a", encoding="utf-8") as f:
-                q = subprocess.run([sys.executable, str(FRONTIER), str(out / cell.id)], stdout=f, stderr=f)
+                q = subprocess.run(
+                    [sys.executable, "-m", "steer_heal.frontier_run", str(out / cell.id)], stdout=f, stderr=f
+                )
             st["frontier_code"] = q.returncode
         atomic_write_json(state_path(out, cell.id), st)
         return st
