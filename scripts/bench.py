@@ -191,7 +191,7 @@ def last_round_seconds(run_dir: Path) -> tuple[int, dict[str, float]]:
     info = RunInfo.read(run_dir)
     if not info.rounds:
         raise UserError(f"--run-dir {run_dir}: no finished round to time (no round record in events.jsonl)")
-    return info.rounds[-1].round, info.rounds[-1].seconds
+    return info.rounds[-1].round, info.rounds[-1]["seconds"]
 
 
 class Bench:

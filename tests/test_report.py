@@ -7,7 +7,7 @@ import math
 import pytest
 
 from steer_heal import events, ledger, report
-from steer_heal.records import RoundRecord, RunInfo, deltas, run_verdict, slope
+from steer_heal.records import RoundRecord, RunInfo, deltas, eval_part, run_verdict, slope
 
 
 def _run(tmp_path, rounds, base=(-5.0, 0.7), stop=None, floor=0.5, half_width=0.02, null=(0.2, -0.1, 0.3, 0.0),
@@ -38,8 +38,9 @@ def _run(tmp_path, rounds, base=(-5.0, 0.7), stop=None, floor=0.5, half_width=0.
         extra = {}
         if sep is not None:
             extra["separation_base"], ci["separation_base"] = sep[0], list(sep[1:])
-        rec = RoundRecord.build(r, b, steered, {"auth_nats": trait, "coherence": coh}, "auth_nats", kappa=1.0, ci=ci,
-                                dtrait_disc_healed=dd, dtrait_cal_healed=dc, **extra)  # fmt: skip
+        evals = eval_part(b, steered, {"auth_nats": trait, "coherence": coh}, "auth_nats")
+        rec = RoundRecord.compose(r, evals, {"kappa": 1.0, "ci": ci, "dtrait_disc_healed": dd, "dtrait_cal_healed": dc},
+                                  extra)  # fmt: skip
         ev.emit("round", r, **rec.fields())
     if stop:
         ev.emit("stop", len(rounds), reason=stop, code=3)
@@ -139,8 +140,25 @@ def test_summary_names_the_eval_s_item_discrimination_on_the_base_model(tmp_path
 def test_round_record_round_trips_through_an_event(tmp_path):
     info = RunInfo.read(_run(tmp_path, [(-5.5, 0.65)]))
     (r,) = info.rounds
-    assert r.round == 0 and r.healed_trait == -5.5 and r.dtrait_healed == -0.5 and r.kappa == 1.0
-    assert r.amp is None and r.seconds == {}  # not recorded: stays None / empty
+    assert r.round == 0 and r["healed_trait"] == -5.5 and r["dtrait_healed"] == -0.5 and r["kappa"] == 1.0
+    assert r.get("amp") is None and r.get("seconds") is None  # not recorded: reads None
+    assert r.fields() == {k: v for k, v in events.read(tmp_path / "run", "round")[0].items()
+                          if k not in ("schema", "ts", "stage", "round")}  # fmt: skip
+
+
+def test_a_round_record_refuses_a_name_two_stages_claim():
+    with pytest.raises(ValueError, match="round record: kappa claimed by two stages"):
+        RoundRecord.compose(0, {"kappa": 1.0, "n_kept": 3}, {"kappa": 0.5})
+
+
+def test_a_recorded_field_reaches_the_round_record_under_its_record_name():
+    """One field on a stage's result is all a new round metric needs (records.recorded)."""
+    from steer_heal.heal import HealResult
+    from steer_heal.records import record_part
+
+    res = HealResult("a", 10, 3.0, 2.5, 0.1, 0.2, None, 1.0, barrier_skipped=1, steps_skipped=2)
+    assert record_part(res) == {"heal_nll": 2.5, "heal_d": 0.1, "barrier_fired": 0.2, "barrier_skipped": 1,
+                                "steps_skipped": 2}  # fmt: skip
 
 
 def test_ledger_reads_back_after_a_column_is_added(tmp_path):

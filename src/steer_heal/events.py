@@ -37,6 +37,7 @@ from loguru import logger
 
 from steer_heal.errors import UserError
 
+ENVELOPE = ("schema", "ts", "stage")  # what `emit` adds to every record besides its round
 SCHEMA = "1.3"  # 1.1: `collapse`, `isokl`, heal safety counts; 1.2: `null`, intervals, ref_nll; 1.3: cal, disc
 STAGES = (
     "config",

@@ -22,8 +22,8 @@ def _per_round(ax_trait, ax_coh, info: RunInfo) -> None:
     """Trait and coherence against round, steered and healed, with the base and the floor as lines."""
     rs = [r.round for r in info.rounds]
     for m, style in (("steered", "o--"), ("healed", "s-")):
-        ax_trait.plot(rs, [getattr(r, f"{m}_trait") for r in info.rounds], style, label=m)
-        ax_coh.plot(rs, [getattr(r, f"{m}_coh") for r in info.rounds], style, label=m)
+        ax_trait.plot(rs, [r.get(f"{m}_trait") for r in info.rounds], style, label=m)
+        ax_coh.plot(rs, [r.get(f"{m}_coh") for r in info.rounds], style, label=m)
     if info.base:
         ax_trait.axhline(info.base[info.trait_key], color="gray", ls=":", label="base")
         ax_coh.axhline(info.base["coherence"], color="gray", ls=":", label="base")
@@ -40,7 +40,7 @@ def _map(ax, info: RunInfo) -> None:
         prev = (info.base[tk], info.base["coherence"])
         ax.scatter(*prev, c="gray", marker="*", s=160, label="base", zorder=3)
     for r in info.rounds:
-        s, h = (r.steered_trait, r.steered_coh), (r.healed_trait, r.healed_coh)
+        s, h = (r.get("steered_trait"), r.get("steered_coh")), (r.get("healed_trait"), r.get("healed_coh"))
         if None not in s:
             ax.scatter(*s, c="tab:blue", marker="o")
         if None not in h:
@@ -74,7 +74,7 @@ def _shifts(ax, info: RunInfo) -> None:
     for kind, (name, color) in styles.items():
         key = null_key(kind)  # dtrait, dtrait_cal, dtrait_disc: the round record's stems
         for m, style, dx in (("healed", "s-", 0.0), ("steered", "o:", 0.12)):
-            ys = [getattr(r, f"{key}_{m}") for r in info.rounds]
+            ys = [r.get(f"{key}_{m}") for r in info.rounds]
             if not any(isfinite(y) for y in ys):
                 continue
             cis = [r.ci.get(f"{key}_{m}") or [None, None] for r in info.rounds]

@@ -57,21 +57,24 @@ from steer_heal.losses import (
     spectral_norm_lowrank,
 )
 from steer_heal.models import input_device, unwrap
+from steer_heal.records import recorded
 from steer_heal.tokens import batches
 
 
 @dataclass
 class HealResult:
+    """What a heal did: the `heal` event stores every field; the round record the `recorded` ones."""
+
     adapter: str
     steps: int
     nll_first: float
-    nll_last: float
-    d_mean: float
-    fired_frac: float
+    nll_last: float = recorded("heal_nll")  # the last good micro-batch's completion NLL, nats per token
+    d_mean: float = recorded("heal_d")  # the divergence D under the barrier, mean over good micro-batches
+    fired_frac: float = recorded("barrier_fired")  # share of good micro-batches whose barrier was above 0
     grad_ratio_mean: float | None
     seconds: float
-    barrier_skipped: int = 0
-    steps_skipped: int = 0
+    barrier_skipped: int = recorded(default=0)  # micro-batches whose runaway barrier the safety check dropped
+    steps_skipped: int = recorded(default=0)  # micro-batches (or group updates) skipped as non-finite
     batch_size: int = 0
     grad_accum: int = 0
     target: str = "sft"

@@ -46,12 +46,13 @@ def row(info: RunInfo, verdict_line: str) -> dict:
     rounds, c = info.rounds, info.config
     heal = c.get("heal", {})
     last = rounds[-1] if rounds else None
-    ok = [r for r in rounds if isfinite(r.healed_coh) and r.healed_coh >= info.coh_floor and isfinite(r.dtrait_healed)]
-    best = max(ok, key=lambda r: info.sign * r.dtrait_healed) if ok else None
+    ok = [r for r in rounds if isfinite(r.get("healed_coh")) and r["healed_coh"] >= info.coh_floor
+          and isfinite(r.get("dtrait_healed"))]  # fmt: skip
+    best = max(ok, key=lambda r: info.sign * r["dtrait_healed"]) if ok else None
     base = info.base or {}
 
     def of(r, key):  # a field of a round that may not exist
-        return getattr(r, key) if r is not None else None
+        return r.get(key) if r is not None else None
 
     return {
         "run": info.root.name,

@@ -150,7 +150,8 @@ class Recorder:
         atomic_write_text(self.rd.done(rec.round), json.dumps({"round": rec.round, "ts": ev["ts"]}) + "\n")
         d = lambda x: "n/a" if x is None else f"{x:+.3f}"  # noqa: E731
         logger.info(
-            f"round {rec.round}: {self.tk} steered {rec.steered_trait:+.3f} healed {rec.healed_trait:+.3f} "
-            f"(base {rec.base_trait:+.3f}), coherence {rec.healed_coh:.3f}, retain {rec.retain}; healed shift raw "
-            f"{d(rec.dtrait_healed)}, calibrated {d(rec.dtrait_cal_healed)}, discriminative {d(rec.dtrait_disc_healed)}"
+            f"round {rec.round}: {self.tk} steered {rec['steered_trait']:+.3f} healed {rec['healed_trait']:+.3f} "
+            f"(base {rec['base_trait']:+.3f}), coherence {rec['healed_coh']:.3f}, retain {rec['retain']}; healed shift "
+            f"raw {d(rec['dtrait_healed'])}, calibrated {d(rec.get('dtrait_cal_healed'))}, discriminative "
+            f"{d(rec.get('dtrait_disc_healed'))}"
         )

@@ -1,8 +1,8 @@
 """What a result is: the round record, deltas against the base row, slope, retain, and the verdict.
 
-The run writes one `round` event per finished round from a `RoundRecord`; the report, the ledger, the
-paired diagnostic tables and the scripts read runs back through `RunInfo.read(run_dir)`. Nothing else
-defines these keys.
+The run writes one `round` event per finished round from a `RoundRecord`, composed of its stages' parts
+(`recorded` fields of each stage's result); the report, the ledger, the paired diagnostic tables and the
+scripts read runs back through `RunInfo.read(run_dir)`.
 
     dTrait = trait(stage) - trait(base)             dCoh = coherence(stage) - coherence(base)
     retain = dTrait(healed) / dTrait(steered)       slope = 100 * dCoh / dTrait (coherence points per nat)
@@ -61,99 +61,75 @@ def deltas(base: dict, steered: dict | None, healed: dict | None, trait_key: str
     return out
 
 
-@dataclass
-class RoundRecord:
-    """One finished round, as its `round` event stores it (None = not measured / not defined)."""
+RECORD = "round_record"  # dataclass field metadata: the name the field has in the round record
 
-    round: int
-    steered_trait: float | None = None
-    healed_trait: float | None = None
-    steered_coh: float | None = None
-    healed_coh: float | None = None
-    base_trait: float | None = None
-    base_coh: float | None = None
-    dtrait_steered: float | None = None
-    dtrait_healed: float | None = None
-    dcoh_steered: float | None = None
-    dcoh_healed: float | None = None
-    retain: float | None = None
-    slope_healed: float | None = None
-    slope_steered: float | None = None
-    c_eval: float | None = None  # steered-eval strength on the raw vector
-    c_star: float | None = None  # iso-KL unit (1.0 when off)
-    cos_v0: float | None = None  # cos(teacher vector of this round, round 0's)
-    cos_student_teacher: float | None = None  # cos(v_student, v_teacher)
-    norm_v: float | None = None
-    norm_student: float | None = None
-    kappa: float | None = None  # walk-C dose multiplier
-    n_generated: int | None = None
-    n_kept: int | None = None
-    heal_nll: float | None = None
-    heal_d: float | None = None
-    barrier_fired: float | None = None
-    barrier_skipped: int | None = None
-    steps_skipped: int | None = None
-    pr_band: float | None = None
-    pr_final: float | None = None
-    erank_band: float | None = None
-    erank_final: float | None = None
-    entropy_mean: float | None = None
-    entropy_p5: float | None = None
-    amp: float | None = None
-    base_ref_nll: float | None = None  # capability tax: reference answers' NLL per token, nats
-    steered_ref_nll: float | None = None
-    healed_ref_nll: float | None = None
-    base_trait_cal: float | None = None  # the trait on the calibrated choice distribution
-    steered_trait_cal: float | None = None
-    healed_trait_cal: float | None = None
-    dtrait_cal_steered: float | None = None
-    dtrait_cal_healed: float | None = None
-    dtrait_disc_steered: float | None = None  # shift on target-labelled vignettes minus shift on the rest
-    dtrait_disc_healed: float | None = None
-    dprior_steered: float | None = None  # shift of the target answer's content-free prior, nats
-    dprior_healed: float | None = None
-    separation_base: float | None = None  # base: the eval's item discrimination of the target (stats.separation)
-    ci: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # 95 % intervals: dtrait_healed, ...
-    null_pct: float | None = None  # share of the random null's shifts the healed shift beats (1 = all)
-    null_pct_cal: float | None = None  # the same for the calibrated shift against the null's calibrated shifts
-    null_pct_disc: float | None = None  # ... and for the discriminative shift
-    specificity: float | None = None  # healed: sign * dTarget - max |dF| of the other six foundations
-    anti_steerable: float | None = None  # healed: share of vignettes whose target score moved the wrong way
-    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
-    peak_mib: dict[str, float] = dataclasses.field(default_factory=dict)  # per stage, CUDA only
+
+def recorded(name: str | None = None, **kw):
+    """A field of a stage's result that the round record carries, under `name` (default: the field's own name).
+
+    This is all a new round metric needs: `record_part` picks it up, the `round` event stores it, and
+    `RunInfo` reads it back (the report's columns are chosen in report.py)."""
+    return dataclasses.field(metadata={RECORD: name}, **kw)
+
+
+def record_part(result) -> dict:
+    """A stage result's part of the round record: its `recorded` fields under their record names."""
+    return {
+        f.metadata[RECORD] or f.name: getattr(result, f.name)
+        for f in dataclasses.fields(result)
+        if RECORD in f.metadata
+    }
+
+
+def eval_part(base: dict, steered: dict, healed: dict, trait_key: str) -> dict:
+    """The three evals' part of the round record: trait (raw and calibrated), coherence and ref_nll of base,
+    steered and healed; their deltas, retain and slopes (`deltas`); the shift of the target answer's
+    content-free prior (dprior_steered / dprior_healed, nats). The uncertainty fields are `round_stats`'."""
+    evals = {}
+    for m, ev in (("base", base), ("steered", steered), ("healed", healed)):
+        evals |= {f"{m}_trait": ev[trait_key], f"{m}_coh": ev["coherence"], f"{m}_ref_nll": ev.get("ref_nll"),
+                  f"{m}_trait_cal": ev.get(cal_key(trait_key))}  # fmt: skip
+    prior = prior_key(trait_key)
+    dprior = {f"dprior_{m}": ev[prior] - base[prior] if isfinite(ev.get(prior)) and isfinite(base.get(prior))
+              else None for m, ev in (("steered", steered), ("healed", healed))}  # fmt: skip
+    return evals | deltas(base, steered, healed, trait_key) | dprior
+
+
+class RoundRecord(dict):
+    """One finished round, as its `round` event stores it: the round index and each stage's part, flat
+    (name -> value, None = not measured). The parts: `eval_part` and `round_stats` (the evals), and the
+    `recorded` fields of the round's vectors (stages.RoundVectors), walk-C (stages.Collected), the heal
+    (heal.HealResult), the collapse signals (COLLAPSE_KEYS) and the stage clock. A name a run did not record
+    (an older schema) reads None through `.get`."""
+
+    @property
+    def round(self) -> int:
+        return self["round"]
+
+    @property
+    def ci(self) -> dict[str, list[float]]:
+        """95 % intervals by field name: dtrait_healed, dtrait_cal_healed, retain, ..."""
+        return self.get("ci") or {}
 
     @classmethod
-    def build(cls, r: int, base: dict, steered: dict, healed: dict, trait_key: str, **fields) -> RoundRecord:
-        """From the three evals (base, steered, healed) and the round's other measurements."""
-        evals = dict(
-            steered_trait=steered[trait_key],
-            healed_trait=healed[trait_key],
-            steered_coh=steered["coherence"],
-            healed_coh=healed["coherence"],
-            base_trait=base[trait_key],
-            base_coh=base["coherence"],
-            base_ref_nll=base.get("ref_nll"),
-            steered_ref_nll=steered.get("ref_nll"),
-            healed_ref_nll=healed.get("ref_nll"),
-            base_trait_cal=base.get(cal_key(trait_key)),
-            steered_trait_cal=steered.get(cal_key(trait_key)),
-            healed_trait_cal=healed.get(cal_key(trait_key)),
-        )
-        prior = prior_key(trait_key)
-        dprior = {f"dprior_{m}": ev[prior] - base[prior] if isfinite(ev.get(prior)) and isfinite(base.get(prior))
-                  else None for m, ev in (("steered", steered), ("healed", healed))}  # fmt: skip
-        return cls(round=r, **evals, **deltas(base, steered, healed, trait_key), **dprior, **fields)
+    def compose(cls, r: int, *parts: dict) -> RoundRecord:
+        """The record of round r from its stages' parts; a name two parts both claim is a bug, not a merge."""
+        out = cls(round=r)
+        for part in parts:
+            clash = sorted(out.keys() & part.keys())
+            if clash:
+                raise ValueError(f"round record: {', '.join(clash)} claimed by two stages")
+            out.update(part)
+        return out
 
     @classmethod
     def from_event(cls, rec: dict) -> RoundRecord:
-        """Read a `round` event back (fields a run did not record stay None)."""
-        return cls(**{f.name: rec[f.name] for f in dataclasses.fields(cls) if rec.get(f.name) is not None})
+        """Read a `round` event back: every field but the event's envelope (schema, ts, stage)."""
+        return cls({k: v for k, v in rec.items() if k not in events.ENVELOPE})
 
     def fields(self) -> dict:
         """The event fields (everything but the round index, which every event carries anyway)."""
-        d = dataclasses.asdict(self)
-        d.pop("round")
-        return d
+        return {k: v for k, v in self.items() if k != "round"}
 
 
 def prior_key(trait_key: str) -> str:
@@ -194,8 +170,9 @@ def round_stats(base, steered, healed, target: str, sign: int, idx: np.ndarray, 
         pct = stats.null_position(e["est"], xs, sign)["percentile"] if xs and e else None
         out[f"null_pct{stats.SUFFIX[kind]}"] = pct
     e = separation_est(base, target, idx)
+    out["separation_base"] = e["est"] if e is not None else None
     if e is not None:
-        out["separation_base"], ci["separation_base"] = e["est"], pair(e)
+        ci["separation_base"] = pair(e)
     return out | {
         "ci": ci,
         "specificity": stats.specificity(healed, base, target, sign, idx)["est"],
@@ -369,12 +346,12 @@ def run_verdict(info: RunInfo) -> str:
     if info.base is None:
         return "FAIL: no base eval recorded"
     last = info.rounds[-1] if info.rounds else None
-    healed = {info.trait_key: last.healed_trait, "coherence": last.healed_coh} if last else None
+    healed = {info.trait_key: last["healed_trait"], "coherence": last["healed_coh"]} if last else None
     reason = info.stop.get("reason") if info.stop else None
     if last is None:
         return verdict(info.base, healed, info.trait_key, info.sign, info.coh_floor, reason)
     keys = {kind: f"{null_key(kind)}_healed" for kind in stats.TRAITS}  # dtrait_healed, dtrait_cal_healed, ...
-    shifts = {k: Shift(getattr(last, key), last.ci.get(key), null_values(info.null, k)) for k, key in keys.items()}
+    shifts = {k: Shift(last.get(key), last.ci.get(key), null_values(info.null, k)) for k, key in keys.items()}
     return verdict(info.base, healed, info.trait_key, info.sign, info.coh_floor, reason, **shifts)
 
 
@@ -382,10 +359,10 @@ def separation_line(info: RunInfo) -> str | None:
     """One line on the eval as an instrument (instrument_line), from the last round record's separation_base;
     None where none was recorded."""
     last = info.rounds[-1] if info.rounds else None
-    if last is None or last.separation_base is None:
+    if last is None or last.get("separation_base") is None:
         return None
     target = {short: f for f, short in SHORT.items()}.get(info.trait_key.removesuffix("_nats"), info.trait_key)
-    return instrument_line(target, Shift(last.separation_base, last.ci.get("separation_base"), None))
+    return instrument_line(target, Shift(last["separation_base"], last.ci.get("separation_base"), None))
 
 
 def instrument_line(target: str, sep: Shift) -> str:

@@ -46,21 +46,21 @@ def summary_rows(info: RunInfo) -> list[dict]:
                 {
                     "round": r.round,
                     "model": m,
-                    tk: fmt(getattr(r, f"{m}_trait")),
-                    "coherence": fmt(getattr(r, f"{m}_coh")),
-                    "ref_nll": fmt(getattr(r, f"{m}_ref_nll")),
-                    "dTrait [95% CI]": with_ci(getattr(r, f"dtrait_{m}"), r.ci.get(f"dtrait_{m}")),
-                    "dCal [95% CI]": with_ci(getattr(r, f"dtrait_cal_{m}"), r.ci.get(f"dtrait_cal_{m}")),
-                    "dDisc [95% CI]": with_ci(getattr(r, f"dtrait_disc_{m}"), r.ci.get(f"dtrait_disc_{m}")),
-                    "dCoh [95% CI]": with_ci(getattr(r, f"dcoh_{m}"), r.ci.get(f"dcoh_{m}")),
-                    "retain": "" if steered else with_ci(r.retain, r.ci.get("retain"), ".2f"),
-                    "slope": fmt(getattr(r, f"slope_{m}"), ".1f"),
-                    "null_pct": "" if steered else fmt(r.null_pct, ".2f"),
-                    "null_pct_disc": "" if steered else fmt(r.null_pct_disc, ".2f"),
-                    "kappa": fmt(r.kappa, ".2f") if steered else "",
-                    "kept": f"{r.n_kept}/{r.n_generated}" if steered else "",
-                    "cos_v0": fmt(r.cos_v0, ".2f") if steered else "",
-                    "cos_stu": "" if steered else fmt(r.cos_student_teacher, ".2f"),
+                    tk: fmt(r.get(f"{m}_trait")),
+                    "coherence": fmt(r.get(f"{m}_coh")),
+                    "ref_nll": fmt(r.get(f"{m}_ref_nll")),
+                    "dTrait [95% CI]": with_ci(r.get(f"dtrait_{m}"), r.ci.get(f"dtrait_{m}")),
+                    "dCal [95% CI]": with_ci(r.get(f"dtrait_cal_{m}"), r.ci.get(f"dtrait_cal_{m}")),
+                    "dDisc [95% CI]": with_ci(r.get(f"dtrait_disc_{m}"), r.ci.get(f"dtrait_disc_{m}")),
+                    "dCoh [95% CI]": with_ci(r.get(f"dcoh_{m}"), r.ci.get(f"dcoh_{m}")),
+                    "retain": "" if steered else with_ci(r.get("retain"), r.ci.get("retain"), ".2f"),
+                    "slope": fmt(r.get(f"slope_{m}"), ".1f"),
+                    "null_pct": "" if steered else fmt(r.get("null_pct"), ".2f"),
+                    "null_pct_disc": "" if steered else fmt(r.get("null_pct_disc"), ".2f"),
+                    "kappa": fmt(r.get("kappa"), ".2f") if steered else "",
+                    "kept": f"{r.get('n_kept')}/{r.get('n_generated')}" if steered else "",
+                    "cos_v0": fmt(r.get("cos_v0"), ".2f") if steered else "",
+                    "cos_stu": "" if steered else fmt(r.get("cos_student_teacher"), ".2f"),
                 }
             )
     return rows
@@ -75,9 +75,9 @@ def collapse_rows(info: RunInfo) -> list[dict]:
         if r >= 0 and r not in done:
             continue  # a round that did not finish has no coherence to compare with
         rec = done.get(r)
-        row = {"round": "base" if r < 0 else r, "coherence": base.get("coherence") if r < 0 else rec.healed_coh}
+        row = {"round": "base" if r < 0 else r, "coherence": base.get("coherence") if r < 0 else rec.get("healed_coh")}
         row |= {k: c.get(k) for k in COLLAPSE_KEYS}
-        row["skipped"] = "" if r < 0 else f"{rec.barrier_skipped or 0}/{rec.steps_skipped or 0}"
+        row["skipped"] = "" if r < 0 else f"{rec.get('barrier_skipped') or 0}/{rec.get('steps_skipped') or 0}"
         out.append(row)
     return out
 

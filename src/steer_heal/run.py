@@ -34,7 +34,7 @@ from steer_heal.errors import NonFiniteLoss, OutOfMemory, Starved, UserError, ex
 from steer_heal.evaluate import Scored
 from steer_heal.flags import canonical
 from steer_heal.recorder import Recorder
-from steer_heal.records import COLLAPSE_KEYS, RoundRecord, base_instrument, round_stats
+from steer_heal.records import COLLAPSE_KEYS, RoundRecord, base_instrument, eval_part, record_part, round_stats
 from steer_heal.rundir import (
     RunDir,
     RunState,
@@ -212,16 +212,15 @@ def run_round(s: Session, rec: Recorder, r: int, base: Base) -> RoundRecord:
         sig = stages.collapse_signals(s, "healed", acts)
     rec.collapse(r, "healed", sig, clock["collapse"])
     rec.samples(r, steered_samples, healed_samples)
-    idx = s.resamples()
-    intervals = round_stats(base.eval.arm, steered.arm, healed.arm, s.persona.trait, s.persona.sign, idx, base.null)
-    record = RoundRecord.build(
-        r, base.eval.m, steered.m, healed.m, s.persona.trait_key, **intervals, c_eval=c_eval, c_star=c_star,
-        cos_v0=cos_v0, cos_student_teacher=extract.cosine(vs, v), norm_v=extract.norm(v), norm_student=extract.norm(vs),
-        kappa=col.kappa, n_generated=col.n_generated, n_kept=len(col.kept), heal_nll=res.nll_last,
-        heal_d=res.d_mean, barrier_fired=res.fired_frac, barrier_skipped=res.barrier_skipped,
-        steps_skipped=res.steps_skipped, **{k: sig.get(k) for k in COLLAPSE_KEYS}, seconds=clock.seconds,
-        peak_mib=clock.peak_mib,
-    )  # fmt: skip
+    vectors = stages.RoundVectors(c_eval, c_star, cos_v0, extract.cosine(vs, v), extract.norm(v), extract.norm(vs))
+    record = RoundRecord.compose(
+        r,
+        eval_part(base.eval.m, steered.m, healed.m, s.persona.trait_key),
+        round_stats(base.eval.arm, steered.arm, healed.arm, s.persona.trait, s.persona.sign, s.resamples(), base.null),
+        *map(record_part, (vectors, col, res)),
+        {k: sig.get(k) for k in COLLAPSE_KEYS},
+        {"seconds": clock.seconds, "peak_mib": clock.peak_mib},
+    )
     rec.round(record)
     return record
 
@@ -254,8 +253,8 @@ def rounds(s: Session, rec: Recorder, state: RunState) -> Stop | None:
                 record = run_round(s, rec, r, base)
             except STOPS as e:
                 return stopped(e, r, rec.rd)
-            if not record.healed_coh >= s.cfg.coh_floor:
-                stop = Stop(r, f"healed coherence {record.healed_coh:.3f} < floor {s.cfg.coh_floor} at round {r}", 0)
+            if not record["healed_coh"] >= s.cfg.coh_floor:
+                stop = Stop(r, f"healed coherence {record['healed_coh']:.3f} < floor {s.cfg.coh_floor} at round {r}", 0)
                 logger.warning(stop.reason)
                 return stop
     except KeyboardInterrupt:

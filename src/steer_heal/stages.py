@@ -25,6 +25,7 @@ from steer_heal.config import RunConfig
 from steer_heal.errors import Starved, UserError
 from steer_heal.generate import Completion, Row
 from steer_heal.heal import HealResult, SteeredTeacher, heal_with_retry
+from steer_heal.records import recorded
 from steer_heal.session import Session
 
 N_STUDENT_CONTEXTS = 64  # a mean over 64 neutral prompts is enough for a cosine; the teacher uses all
@@ -88,10 +89,14 @@ def iso_kl(s: Session, v: dict[int, torch.Tensor]) -> dict:
 class Collected:
     """What walk-C banked in a round: every scored completion, and the dose it settled on."""
 
-    kappa: float
+    kappa: float = recorded()  # walk-C dose multiplier
     scored: list[dict]
-    n_generated: int
+    n_generated: int = recorded()
     tokens: int
+    n_kept: int = recorded(init=False)
+
+    def __post_init__(self):
+        self.n_kept = len(self.kept)
 
     @property
     def kept(self) -> list[dict]:
@@ -140,6 +145,18 @@ def eval_strength(cfg: RunConfig, kappa: float, c_star: float) -> float:
     """--eval-alpha, or the median alpha at the dose walk-C settled on; in units of c* on the raw vector."""
     c = cfg.eval.eval_alpha if cfg.eval.eval_alpha is not None else statistics.median(cfg.generate.alphas) * kappa
     return c * c_star
+
+
+@dataclass
+class RoundVectors:
+    """The round's vectors and strengths, as the round record reports them."""
+
+    c_eval: float = recorded()  # steered-eval strength on the raw vector
+    c_star: float = recorded()  # iso-KL unit (1.0 when off)
+    cos_v0: float = recorded()  # cos(teacher vector of this round, round 0's)
+    cos_student_teacher: float = recorded()  # cos(v_student, v_teacher): how much of the vector the heal baked in
+    norm_v: float = recorded()
+    norm_student: float = recorded()
 
 
 @dataclass
