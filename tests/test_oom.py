@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -78,3 +80,15 @@ def test_heal_fails_clearly_when_half_still_ooms(fresh_tiny, monkeypatch):
         heal_with_retry(st, _pairs(tok), HealConfig(reg="nll", heal_batch_size=4, lora_r=4), 0, 0, tok.pad_token_id,
                         emit=lambda **kw: None)  # fmt: skip
     assert st.training is None  # the failed adapter is gone; the student is as before the round
+
+
+def test_the_orchestrator_is_handed_the_smaller_heal_batch_to_keep():
+    """stages.heal changes no setting: it returns the result, and kept_heal_settings says what to keep."""
+    from steer_heal import stages
+    from steer_heal.heal import HealResult
+
+    cfg = HealConfig(heal_batch_size=4, grad_accum=1)
+    res = HealResult("a", 2, 3.0, 2.5, 0.1, 0.2, None, 1.0, batch_size=4, grad_accum=1)
+    assert stages.kept_heal_settings(cfg, res) is None
+    kept = stages.kept_heal_settings(cfg, dataclasses.replace(res, batch_size=2, grad_accum=2))
+    assert (kept.heal_batch_size, kept.grad_accum) == (2, 2) and cfg.heal_batch_size == 4  # cfg is not changed

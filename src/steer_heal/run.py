@@ -202,6 +202,8 @@ def run_round(s: Session, rec: Recorder, r: int, base: Base) -> RoundRecord:
     data = stages.heal_data(s, r, col, base.ppl_max, clock)
     with clock("heal"):
         res = stages.heal(s, data, r, rec.heal_step(r), v)
+    if (kept := stages.kept_heal_settings(s.cfg.heal, res)) is not None:
+        s.cfg = dataclasses.replace(s.cfg, heal=kept)  # the rest of the run heals at the size that fit
     rec.heal(r, res, data, s.cfg.heal)
     with clock("bake"):
         rec.bake(r, s.student, s.student.bake())

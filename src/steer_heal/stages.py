@@ -21,7 +21,7 @@ from loguru import logger
 
 from steer_heal import bounds, collapse, extract, filters, isokl, seeds
 from steer_heal.clock import Clock
-from steer_heal.config import RunConfig
+from steer_heal.config import HealConfig, RunConfig
 from steer_heal.errors import Starved, UserError
 from steer_heal.generate import Completion, Row
 from steer_heal.heal import HealResult, SteeredTeacher, heal_with_retry
@@ -196,16 +196,18 @@ def heal_data(s: Session, r: int, col: Collected, ppl_max: float, clock: Clock) 
 
 
 def heal(s: Session, data: HealData, r: int, emit, vectors: dict[int, torch.Tensor]) -> HealResult:
-    """The round's heal. An out-of-memory retry's smaller batch is kept for the rest of the session."""
-    h = s.cfg.heal
+    """The round's heal (halving its micro-batch once on out of memory: see `kept_heal_settings`)."""
     teacher = SteeredTeacher(vectors, data.coeffs)
-    res = heal_with_retry(s.student, data.pairs, h, r, s.cfg.seed, s.tok.pad_token_id, emit, teacher)
-    if res.batch_size != h.heal_batch_size:
-        logger.warning(f"heal batch {res.batch_size} x grad-accum {res.grad_accum} from now on (after out of memory)")
-        s.cfg = dataclasses.replace(
-            s.cfg, heal=dataclasses.replace(h, heal_batch_size=res.batch_size, grad_accum=res.grad_accum)
-        )
-    return res
+    return heal_with_retry(s.student, data.pairs, s.cfg.heal, r, s.cfg.seed, s.tok.pad_token_id, emit, teacher)
+
+
+def kept_heal_settings(h: HealConfig, res: HealResult) -> HealConfig | None:
+    """The smaller micro-batch an out-of-memory retry fell back to, for the orchestrator to keep for the rest of
+    the run (None when the heal ran at the configured size)."""
+    if res.batch_size == h.heal_batch_size:
+        return None
+    logger.warning(f"heal batch {res.batch_size} x grad-accum {res.grad_accum} from now on (after out of memory)")
+    return dataclasses.replace(h, heal_batch_size=res.batch_size, grad_accum=res.grad_accum)
 
 
 def neutral_acts(s: Session, which: str) -> dict[int, torch.Tensor]:
