@@ -71,6 +71,8 @@ def test_fast_run_records_intervals_the_null_and_the_capability_tax(fast_run):
         assert x["dtrait_cal_healed"] == pytest.approx(x["healed_trait_cal"] - x["base_trait_cal"], abs=1e-6)
         assert 0 <= x["null_pct"] <= 1 and 0 <= x["null_pct_disc"] <= 1 and x["healed_ref_nll"] > 0
         assert 0 <= x["anti_steerable"] <= 1
+        heal_ev = events.first(recs, "heal", round=x["round"])  # the heal's recorded fields, under their record names
+        assert (x["heal_nll_first"], x["heal_nll"]) == (heal_ev["nll_first"], heal_ev["nll_last"])
 
 
 def test_fast_run_artifacts(fast_run):

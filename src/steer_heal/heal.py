@@ -67,7 +67,7 @@ class HealResult:
 
     adapter: str
     steps: int
-    nll_first: float
+    nll_first: float = recorded("heal_nll_first")  # the first good micro-batch's completion NLL
     nll_last: float = recorded("heal_nll")  # the last good micro-batch's completion NLL, nats per token
     d_mean: float = recorded("heal_d")  # the divergence D under the barrier, mean over good micro-batches
     fired_frac: float = recorded("barrier_fired")  # share of good micro-batches whose barrier was above 0
