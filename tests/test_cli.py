@@ -276,7 +276,7 @@ def finished(fast_run, tmp_path):
     root = tmp_path / "run"
     shutil.copytree(fast_run / "a", root)
     meta = json.loads((root / "config.json").read_text())
-    meta["config"]["out_dir"] = str(tmp_path)
+    meta["config"]["where"]["out_dir"] = str(tmp_path)
     (root / "config.json").write_text(json.dumps(meta))
     return root
 
@@ -394,7 +394,7 @@ def test_resume_writes_the_ledger_beside_the_run_whatever_config_json_and_the_cw
     from steer_heal import ledger
 
     meta = json.loads((finished / "config.json").read_text())
-    meta["config"]["out_dir"] = "elsewhere"  # relative, and not where the run lies
+    meta["config"]["where"]["out_dir"] = "elsewhere"  # relative, and not where the run lies
     (finished / "config.json").write_text(json.dumps(meta))
     (finished.parent / "cwd").mkdir()
     monkeypatch.chdir(finished.parent / "cwd")

@@ -59,7 +59,7 @@ def test_resume_takes_the_stored_config_and_only_n_rounds():
     stored = to_dict(parse_args(["--fast-dev-run", "--seed", "3"]))
     cmd = parse_args(["--resume", "x", "--n-rounds", "5"])
     merged = resume_config(cmd, stored, ["--resume", "x", "--n-rounds", "5"], "x")
-    assert merged.seed == 3 and merged.preset == "fast" and merged.n_rounds == 5 and str(merged.resume) == "x"
+    assert merged.seed == 3 and merged.preset == "fast" and merged.n_rounds == 5 and str(merged.where.resume) == "x"
 
 
 def test_resume_with_agreeing_flags_keeps_the_stored_config():
@@ -93,3 +93,24 @@ def test_fields_are_unique_across_stages():
     names = [name for _, name, _, _ in leaves(config.RunConfig())]
     assert len(names) == len(set(names))
     assert dataclasses.is_dataclass(config.RunConfig().heal)
+
+
+def test_where_a_run_lives_is_one_dataclass_that_the_resume_ledger_and_sweep_lists_read():
+    """RESUMABLE, ledger.NOT_ARM and the sweep's reserved axes all come from WhereConfig's fields."""
+    from steer_heal import ledger
+    from steer_heal.config import RESUMABLE, WHERE
+
+    assert set(WHERE) == {"out_dir", "run_name", "resume", "plan", "plan_memory_gb"}
+    assert RESUMABLE == {"n_rounds", *WHERE} and set(WHERE) < set(ledger.NOT_ARM)
+    cfg = parse_args(["--out-dir", "o", "--run-name", "n", "--plan"])
+    assert (str(cfg.where.out_dir), cfg.where.run_name, cfg.where.plan) == ("o", "n", True)  # flags stay flat
+    a, b = to_dict(parse_args(["--seed", "1", "--out-dir", "x"])), to_dict(parse_args(["--run-name", "y"]))
+    assert ledger.arm_config(a) == ledger.arm_config(b)  # one arm: they differ only in where and the seed
+
+
+def test_a_stored_config_from_before_the_split_still_resumes():
+    """config.json written before WhereConfig held out_dir / run_name / fast_dev_run at the top level."""
+    stored = to_dict(parse_args(["--fast-dev-run", "--seed", "3"]))
+    old = {k: v for k, v in stored.items() if k != "where"} | {"out_dir": "out", "run_name": "r", "fast_dev_run": True}
+    merged = resume_config(parse_args(["--resume", "x"]), old, ["--resume", "x"], "x")
+    assert merged.seed == 3 and merged.preset == "fast" and str(merged.where.resume) == "x"

@@ -2,7 +2,8 @@
 
 Flags are flat on the command line (`--reg kl_rev`, not `--heal.reg kl_rev`), so every field name is
 unique across stages. A preset is a plain `RunConfig` object; `parse_args` picks it from
-`--preset NAME` (or `--fast-dev-run`) and then lets every other flag override its fields.
+`--preset NAME` (`--fast-dev-run` is short for `--preset fast`) and then lets every other flag override
+its fields. `WhereConfig` holds where a run lives and how it starts, apart from what it measures.
 
 Each numeric field states what it accepts in its type (`PosInt`, `Frac`, ...); `validate` walks the
 fields and checks them all, naming the flag, so a new field cannot be forgotten by a hand-kept list.
@@ -251,6 +252,28 @@ class CollapseConfig:
 
 
 @dataclass
+class WhereConfig:
+    """Where the run lives and how it is started, not what it measures. These are the only settings a resume
+    may change (besides --n-rounds), the ones a sweep sets itself, and the ones two seeds of one arm may
+    differ in: `RESUMABLE`, ledger.NOT_ARM and the sweep's reserved axes are all read from these fields."""
+
+    out_dir: Path = Path("out")
+    """Parent directory; the run directory is created inside it."""
+    run_name: str | None = None
+    """Run directory name (default: <UTC timestamp>_<model>_<reg>_s<seed>)."""
+    resume: Path | None = None
+    """Continue the run in this directory after its last completed round."""
+    plan: bool = False
+    """Print each stage's estimated peak GPU memory for this config and whether it fits, then exit (0 fits,
+    1 does not); no weights are loaded."""
+    plan_memory_gb: PosFloat | None = None
+    """The memory --plan checks against (default: the visible GPU's, else 24 GiB)."""
+
+
+WHERE = tuple(f.name for f in dataclasses.fields(WhereConfig))
+
+
+@dataclass
 class RunConfig:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -282,19 +305,7 @@ class RunConfig:
     """Seed for data order, sampling and LoRA init (0 .. 2**32 - 1)."""
     coh_floor: Frac = 0.5
     """Stop the loop when healed coherence (answer mass) falls below this."""
-    out_dir: Path = Path("out")
-    """Parent directory; the run directory is created inside it."""
-    run_name: str | None = None
-    """Run directory name (default: <UTC timestamp>_<model>_<reg>_s<seed>)."""
-    resume: Path | None = None
-    """Continue the run in this directory after its last completed round."""
-    fast_dev_run: bool = False
-    """Same as --preset fast."""
-    plan: bool = False
-    """Print each stage's estimated peak GPU memory for this config and whether it fits, then exit (0 fits,
-    1 does not); no weights are loaded."""
-    plan_memory_gb: PosFloat | None = None
-    """The memory --plan checks against (default: the visible GPU's, else 24 GiB)."""
+    where: WhereConfig = field(default_factory=WhereConfig)
 
 
 def _fast() -> RunConfig:
@@ -374,13 +385,20 @@ def preset(name: str) -> RunConfig:
     return PRESETS[name]()
 
 
+FAST_FLAGS = ("--fast-dev-run", "--fast_dev_run")  # short for --preset fast (not a field: one way to ask)
+
+
+def _fast_as_preset(argv: list[str]) -> list[str]:
+    """--fast-dev-run -> --preset fast, placed last so it wins over another --preset as it always has."""
+    rest = [a for a in argv if a not in FAST_FLAGS]
+    return rest + ["--preset", "fast"] if len(rest) < len(argv) else rest
+
+
 def _preset_from_argv(argv: list[str]) -> str:
     """Find the preset name before tyro parses, so that the preset supplies the defaults."""
     name = "smol"
     for i, a in enumerate(argv):
-        if a == "--fast-dev-run":
-            name = "fast"
-        elif a == "--preset" and i + 1 < len(argv):
+        if a == "--preset" and i + 1 < len(argv):
             name = argv[i + 1]
         elif a.startswith("--preset="):
             name = a.split("=", 1)[1]
@@ -388,12 +406,9 @@ def _preset_from_argv(argv: list[str]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> RunConfig:
-    argv = flags.checked(sys.argv[1:] if argv is None else argv, RunConfig())  # one line per mistake, not a box
-    default = preset(_preset_from_argv(argv))
-    cfg = flags.quiet_cli(tyro.conf.OmitArgPrefixes[RunConfig], default, argv, __doc__)
-    if cfg.fast_dev_run and cfg.preset != "fast":
-        cfg = dataclasses.replace(cfg, preset="fast")
-    return cfg
+    argv = _fast_as_preset(sys.argv[1:] if argv is None else argv)
+    argv = flags.checked(argv, RunConfig())  # one line per mistake, not a box
+    return flags.quiet_cli(tyro.conf.OmitArgPrefixes[RunConfig], preset(_preset_from_argv(argv)), argv, __doc__)
 
 
 # ---------------------------------------------------------------- validation, derived from the fields
@@ -505,7 +520,7 @@ def from_dict(d: dict, cls=RunConfig):
 
 
 # Flags that may differ between a run and its resume: where the run lives and how far it goes.
-RESUMABLE = {"n_rounds", "resume", "fast_dev_run", "out_dir", "run_name", "plan", "plan_memory_gb"}
+RESUMABLE = {"n_rounds", *WHERE}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -527,7 +542,7 @@ def resume_config(cfg: RunConfig, stored: dict, argv: list[str], where: Path) ->
         raise UserError(f"--resume {where}: its stored config is invalid: {e}") from e
     given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
     n = cfg.n_rounds if "n_rounds" in given else merged.n_rounds
-    resumed = dataclasses.replace(merged, n_rounds=n, resume=cfg.resume)
+    resumed = dataclasses.replace(merged, n_rounds=n, where=dataclasses.replace(merged.where, resume=cfg.where.resume))
     if given <= RESUMABLE:
         return resumed
     now, was = _flat(to_dict(cfg)), _flat(to_dict(merged))

@@ -19,13 +19,15 @@ from loguru import logger
 from tabulate import tabulate
 
 from steer_heal import stats
+from steer_heal.config import WHERE
 from steer_heal.data import decoded
 from steer_heal.errors import UserError
 from steer_heal.events import ends_mid_line, finite
 from steer_heal.records import RunInfo, isfinite
 
-# What may differ between the seeds of one arm: the seed, and where / how the run was started.
-NOT_ARM = ("seed", "run_name", "out_dir", "resume", "fast_dev_run", "plan", "plan_memory_gb")
+# What may differ between the seeds of one arm: the seed, and where / how the run was started (config.WHERE;
+# fast_dev_run was one of these until it became an alias of --preset fast, and old runs still store it).
+NOT_ARM = ("seed", *WHERE, "fast_dev_run")
 HEADLINE = ("final_dtrait", "final_dtrait_cal", "final_dtrait_disc", "final_coh", "final_retain", "final_ref_nll",
             "final_null_pct", "final_null_pct_disc", "best_dtrait", "A_steer", "A_prompt", "A_steer_disc",
             "A_prompt_disc", "n_rounds_done")  # fmt: skip

@@ -62,9 +62,9 @@ def planned_root(cfg: RunConfig) -> Path:
     nothing; and nothing is created yet (the run directory is made once every input has been read)."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     model_tag = re.sub(r"[^A-Za-z0-9._+-]", "_", Path(cfg.model).name.replace(".gguf", "")) or "model"
-    name = safe_name(cfg.run_name or f"{stamp}_{model_tag}_{cfg.heal.reg}_s{cfg.seed}")
-    writable_dir(Path(cfg.out_dir), "--out-dir")
-    root = usable_path(Path(cfg.out_dir), "--out-dir") / name
+    name = safe_name(cfg.where.run_name or f"{stamp}_{model_tag}_{cfg.heal.reg}_s{cfg.seed}")
+    writable_dir(Path(cfg.where.out_dir), "--out-dir")
+    root = usable_path(Path(cfg.where.out_dir), "--out-dir") / name
     if root.exists():
         raise UserError(f"run directory {root} already exists; pass another --run-name or --resume {root}")
     return root
@@ -314,16 +314,18 @@ def run(cfg: RunConfig, argv: list[str] | None = None) -> int:
     refusal found later, before any round is complete, removes the directory again."""
     argv = [canonical(a) for a in (sys.argv[1:] if argv is None else argv)]
     validate(cfg)
-    if cfg.plan:
-        text, fits = plan.report(cfg, cfg.plan_memory_gb)
+    if cfg.where.plan:
+        text, fits = plan.report(cfg, cfg.where.plan_memory_gb)
         print(text)
         return 0 if fits else 1
-    resumed = cfg.resume is not None
+    resumed = cfg.where.resume is not None
     if resumed:
-        rd = RunDir(usable_path(Path(cfg.resume), "--resume"))
-        given = cfg.out_dir
+        rd = RunDir(usable_path(Path(cfg.where.resume), "--resume"))
+        given = cfg.where.out_dir
         cfg = resume_config(cfg, rd.read_config()["config"], argv, rd.root)
-        cfg = dataclasses.replace(cfg, out_dir=resumed_out_dir(argv, given, rd.root))
+        cfg = dataclasses.replace(
+            cfg, where=dataclasses.replace(cfg.where, out_dir=resumed_out_dir(argv, given, rd.root))
+        )
         state, root = read_state(rd), rd.root
     else:
         state, root = RunState([], None, None, None, None, None), planned_root(cfg)

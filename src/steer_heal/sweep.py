@@ -70,7 +70,7 @@ class Spec:
             raise UserError(f"{path}: not valid TOML ({e})") from e
         known = {name for _, name, _, _ in config.leaves(config.RunConfig())}
         axes = d.get("axes", {})
-        reserved = ("seed", "out_dir", "run_name", "resume", "plan", "plan_memory_gb")  # the sweep sets or forbids
+        reserved = ("seed", *config.WHERE)  # the sweep sets these itself (and a plan or resume is no cell)
         bad = [k for k in axes if k.replace("-", "_") not in known or k.replace("-", "_") in reserved]
         if bad:
             raise UserError(f"{path}: axes {bad} are not run flags a sweep may vary (see --help of steer_heal.run)")
