@@ -35,7 +35,9 @@ def separations(s: Session, arm: stats.Arm) -> dict[str, str]:
     out = {}
     for f in FOUNDATIONS:
         sep = stats.separation(arm, f)
-        out[SHORT[f]] = stats.fmt_ci(stats.est(sep, stats.separation(arm, f, idx))) if sep is not None else ""
+        out[SHORT[f]] = (
+            stats.Estimate.of(stats.est(sep, stats.separation(arm, f, idx))).text() if sep is not None else ""
+        )
     return out
 
 

@@ -112,7 +112,7 @@ def main(argv: list[str]) -> int:
                         f"(max diff {np.abs(sub['raw'] - saved).max():.2g}); another model state or code?")  # fmt: skip
     full, full_d = nulls.direction_shifts(full_evs, base, target, nb, seed)
     res = compare(sub, full, sub_d, full_d, nb, seed)
-    fmt = lambda r, e: f"{r[e]:+.3f} [{r[f'{e}_ci'][0]:+.3f}, {r[f'{e}_ci'][1]:+.3f}]"  # noqa: E731
+    fmt = lambda r, e: stats.Estimate.pair(r[e], r[f"{e}_ci"]).text()  # noqa: E731
     table = [{"trait": k, "subset lo [95% CI]": fmt(r["subset"], "lo"), "full lo [95% CI]": fmt(r["full"], "lo"),
               "subset hi [95% CI]": fmt(r["subset"], "hi"), "full hi [95% CI]": fmt(r["full"], "hi"),
               "full inside": "yes" if all(r["full_inside_subset_ci"].values()) else "NO", "corr": r["corr"],

@@ -78,9 +78,10 @@ def main(argv: list[str]) -> int:
                    "r": r, "raw_c": raw_c, "coherence": ev.m["coherence"],
                    **{k: d[k] for k in ("dTrait", "dTrait_cal", "dTrait_disc", "dCoh")}}  # fmt: skip
             recs.append(rec)
-            print(f"{kind:7s} {p.name:22s} {b} r={r:g}: coherence {rec['coherence']:.3f}, dTrait "
-                  f"{stats.fmt_ci(rec['dTrait'])}, dCal {stats.fmt_ci(rec['dTrait_cal'])}, dDisc "
-                  f"{stats.fmt_ci(rec['dTrait_disc'])}  ({time.time() - t0:.0f} s)", flush=True)  # fmt: skip
+            shifts = ", ".join(f"{name} {stats.Estimate.of(rec[k]).text()}" for name, k in
+                               (("dTrait", "dTrait"), ("dCal", "dTrait_cal"), ("dDisc", "dTrait_disc")))  # fmt: skip
+            print(f"{kind:7s} {p.name:22s} {b} r={r:g}: coherence {rec['coherence']:.3f}, {shifts}  "
+                  f"({time.time() - t0:.0f} s)", flush=True)  # fmt: skip
 
     for b, layers in bands.items():
         for p in pairs:
@@ -94,7 +95,7 @@ def main(argv: list[str]) -> int:
             for r in args.doses:
                 measure(f"null{k}", pairs, b, r, at_dose(rand, h_norm, r), None)
     cols = ["kind", "persona", "band", "r", "raw_c", "coherence", "dTrait", "dTrait_cal", "dTrait_disc", "dCoh"]
-    table = [[stats.fmt_ci(x[k]) if isinstance(x[k], dict) else x[k] for k in cols] for x in recs]
+    table = [[stats.Estimate.of(x[k]).text() if isinstance(x[k], dict) else x[k] for k in cols] for x in recs]
     print(f"\nGate 1 screen: {s.cfg.model}, {len(s.vigs)} vignettes, base coherence {base.m['coherence']:.3f}, "
           f"mean residual norm per layer " + ", ".join(f"{L}:{h_norm[L]:.0f}" for L in all_layers))  # fmt: skip
     print(tabulate(table, headers=cols, floatfmt=".3f", tablefmt="github"))

@@ -62,11 +62,7 @@ def distinct_runs(runs: list[Path]) -> None:
 
 def cell(t: dict, spec: str = "+.3f") -> str:
     """'-0.548 [-0.773, -0.323]' (mean and 95 % t-interval), the mean alone for one run."""
-    if t["mean"] is None:
-        return ""
-    if t["lo"] is None:
-        return format(t["mean"], spec)
-    return f"{t['mean']:{spec}} [{t['lo']:{spec}}, {t['hi']:{spec}}]"
+    return stats.Estimate.of(t).text(spec)
 
 
 def arm_table(docs: list[dict]) -> list[dict]:

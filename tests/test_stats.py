@@ -186,3 +186,17 @@ def test_the_instrument_before_round_0_says_when_no_discriminative_verdict_is_po
     line, possible = base_instrument(_calibrated(base, flat), "Authority", idx)
     assert not possible and "includes 0" in line
     assert base_instrument(stats.Arm(base.p, base.mass, base.labels, base.ids), "Authority", idx) is None
+
+
+def test_an_estimate_prints_one_way_whatever_shape_it_was_stored_in():
+    from steer_heal.stats import Estimate
+
+    assert Estimate.of({"est": -0.5171, "lo": -0.531, "hi": -0.5034}).text() == "-0.517 [-0.531, -0.503]"
+    t = {"n": 3, "mean": -0.6, "sd": 0.1414, "lo": -1.871, "hi": 0.671}
+    assert Estimate.of(t).text(with_sd=True) == "-0.600 ± 0.141 [-1.871, +0.671]"
+    assert Estimate.of(t).text() == "-0.600 [-1.871, +0.671]"
+    assert Estimate.pair(0.25, [0.1, 0.4]).text(".2f") == "0.25 [0.10, 0.40]"
+    assert Estimate.pair(0.25, None).text() == "+0.250" and Estimate.pair(0.25, [None, None]).text() == "+0.250"
+    assert Estimate.of(None).text() == "" and Estimate(float("nan"), 0.0, 1.0).text() == ""
+    assert Estimate.of({"n": 1, "mean": 0.5, "sd": None, "lo": None, "hi": None}).text(with_sd=True) == "+0.500"
+    assert Estimate(None, -1.0, 2.0).interval() == "[-1.000, +2.000]"

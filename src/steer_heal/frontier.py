@@ -171,7 +171,7 @@ def verdict_lines(adv: list[dict], trait_key: str, axis: str = "coherence", kind
             if not e:
                 lines.append(f"{a['arm']} vs {name}: no curve to compare with on the {what}")
                 continue
-            ci = f"{e['est']:+.3f} [{e['lo']:+.3f}, {e['hi']:+.3f}] nats"
+            ci = f"{stats.Estimate.of(e).text()} nats"
             if e["lo"] > 0:
                 word = "BEATS"
             elif e["hi"] < 0:
@@ -185,4 +185,6 @@ def verdict_lines(adv: list[dict], trait_key: str, axis: str = "coherence", kind
 
 def foundation_table(rows: list[dict]) -> list[dict]:
     """Per arm, the shift of every foundation (nats) with its interval, for the printed table."""
-    return [{"arm": r["arm"], **{f: stats.fmt_ci(r["foundations"][f], "+.2f") for f in FOUNDATIONS}} for r in rows]
+    return [
+        {"arm": r["arm"], **{f: stats.Estimate.of(r["foundations"][f]).text("+.2f") for f in FOUNDATIONS}} for r in rows
+    ]

@@ -218,11 +218,7 @@ def aggregate(rows: list[dict], by: list[str] | None = None, metrics=HEADLINE) -
 
 def cell(t: dict) -> str:
     """'-0.600 ± 0.141 [-1.871, +0.671]' (mean ± sd [95 % t-interval]); the mean alone for one run."""
-    if not t or t["mean"] is None:
-        return ""
-    if t["sd"] is None:
-        return f"{t['mean']:+.3f}"
-    return f"{t['mean']:+.3f} ± {t['sd']:.3f} [{t['lo']:+.3f}, {t['hi']:+.3f}]"
+    return stats.Estimate.of(t).text(with_sd=True)
 
 
 def table(rows: list[dict], by: list[str] | None = None) -> str:

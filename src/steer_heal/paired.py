@@ -127,7 +127,7 @@ def cell(r: dict, c: str):
     if x is None:
         return ""
     if isinstance(x, float) and r.get(f"{c}_lo") is not None:
-        return stats.fmt_ci({"est": x, "lo": r[f"{c}_lo"], "hi": r[f"{c}_hi"]}, "+.3f" if c != "retain" else ".2f")
+        return stats.Estimate(x, r[f"{c}_lo"], r[f"{c}_hi"]).text("+.3f" if c != "retain" else ".2f")
     return x
 
 

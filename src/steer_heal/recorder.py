@@ -22,7 +22,7 @@ from steer_heal.heal import HealResult
 from steer_heal.records import RoundRecord
 from steer_heal.rundir import RunDir, atomic_write_json, atomic_write_jsonl, atomic_write_text, save_tensors
 from steer_heal.stages import Collected, HealData
-from steer_heal.stats import cal_key
+from steer_heal.stats import Estimate, cal_key
 
 
 def near_threshold(scored: list[dict], ppl_max: float, k: int = 2) -> dict:
@@ -66,7 +66,7 @@ class Recorder:
         for i, ev in enumerate(evs):
             atomic_write_jsonl(self.rd.eval_rows(r, f"null{i}"), ev.rows)
         self.emit("null", r, **null, seconds=seconds)
-        ranges = "; ".join(f"{k} [{x['lo']:+.3f}, {x['hi']:+.3f}]" for k, x in null["range"].items())
+        ranges = "; ".join(f"{k} {Estimate.of(x).interval()}" for k, x in null["range"].items())
         logger.info(f"random null at c {null['c']:.3g} ({len(null['seeds'])} directions on {null['n_vignettes']} "
                     f"vignettes, {seconds:.0f} s): 95% range of the {self.tk} shift: {ranges}")  # fmt: skip
 

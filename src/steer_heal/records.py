@@ -262,13 +262,15 @@ class Shift:
         return max(sign * self.ci[0], sign * self.ci[1])
 
     def text(self) -> str:
-        return f"{self.est:+.3f} [{self.ci[0]:+.3f}, {self.ci[1]:+.3f}]"
+        return stats.Estimate.pair(self.est, self.ci).text()
 
     def inside_null(self, sign: int) -> tuple[bool, str]:
         """Does the interval reach into the null's 95 % range? And that range, as text."""
         pos = stats.null_position(self.est, self.null, sign)
         lo, hi = pos["null_lo"], pos["null_hi"]
-        return self.worst(sign) <= max(sign * lo, sign * hi), f"[{lo:+.3f}, {hi:+.3f}] ({len(self.null)} directions)"
+        return self.worst(sign) <= max(
+            sign * lo, sign * hi
+        ), f"{stats.Estimate(None, lo, hi).interval()} ({len(self.null)} directions)"
 
 
 def verdict(
@@ -307,7 +309,7 @@ def verdict(
                    if x is not None and x.ok)  # fmt: skip
     if disc is not None and disc.ok and disc.worst(sign) <= 0:
         also += " (includes 0 or the wrong way: no sign that the judgement moved)"
-    ci = f"its 95% interval [{raw.ci[0]:+.3f}, {raw.ci[1]:+.3f}]"
+    ci = f"its 95% interval {stats.Estimate.pair(raw.est, raw.ci).interval()}"
     if raw.worst(sign) <= 0:
         return f"INCONCLUSIVE: {head}; {ci} includes 0 or the wrong way{also}{tail}"
     if not raw.null:

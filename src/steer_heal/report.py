@@ -14,6 +14,7 @@ from tabulate import tabulate
 from steer_heal.figures import trajectory_png
 from steer_heal.records import COLLAPSE_KEYS, RunInfo, run_verdict, separation_line
 from steer_heal.rundir import atomic_write_text
+from steer_heal.stats import Estimate
 
 
 def fmt(x, spec=".3f"):
@@ -21,12 +22,8 @@ def fmt(x, spec=".3f"):
 
 
 def with_ci(x, ci, spec="+.3f") -> str:
-    """'-0.517 [-0.531, -0.503]': an estimate with its 95 % interval (the estimate alone when none)."""
-    if x is None:
-        return ""
-    if not ci or None in ci:
-        return format(x, spec)
-    return f"{x:{spec}} [{ci[0]:{spec}}, {ci[1]:{spec}}]"
+    """A round record's value with its [lo, hi] (stats.Estimate.text)."""
+    return Estimate.pair(x, ci).text(spec)
 
 
 def summary_rows(info: RunInfo) -> list[dict]:

@@ -363,10 +363,43 @@ def t_interval(xs: list[float]) -> dict:
     return {"n": n, "mean": mean, "sd": sd, "lo": mean - h, "hi": mean + h}
 
 
-def fmt_ci(e: dict | None, spec: str = "+.3f") -> str:
-    """'-0.517 [-0.531, -0.503]' (empty for a missing estimate)."""
-    if not e or e.get("est") is None or not math.isfinite(e["est"]):
-        return ""
-    if e.get("lo") is None or not math.isfinite(e["lo"]):
-        return format(e["est"], spec)
-    return f"{e['est']:{spec}} [{e['lo']:{spec}}, {e['hi']:{spec}}]"
+def _finite(x) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A point estimate, its 95 % interval (lo, hi; None where there is none) and, for an across-seed
+    t-interval, the sd. Every table, log and verdict line prints estimates through `text` / `interval`,
+    whichever shape they were stored in ({est, lo, hi}, {mean, sd, lo, hi}, or a value and a [lo, hi] pair)."""
+
+    est: float | None
+    lo: float | None = None
+    hi: float | None = None
+    sd: float | None = None
+
+    @classmethod
+    def of(cls, d: dict | None) -> Estimate:
+        """From a stored {est, lo, hi} (stats.est) or {n, mean, sd, lo, hi} (t_interval); None = no estimate."""
+        d = d or {}
+        return cls(d.get("est", d.get("mean")), d.get("lo"), d.get("hi"), d.get("sd"))
+
+    @classmethod
+    def pair(cls, x: float | None, ci: list[float] | tuple | None) -> Estimate:
+        """From a value and its [lo, hi] (the round record keeps intervals apart from the values)."""
+        lo, hi = ci if ci and None not in ci else (None, None)
+        return cls(x, lo, hi)
+
+    def text(self, spec: str = "+.3f", with_sd: bool = False) -> str:
+        """'-0.517 [-0.531, -0.503]'; with_sd: '-0.600 ± 0.141 [-1.871, +0.671]'; the estimate alone without an
+        interval, and '' without an estimate."""
+        if not _finite(self.est):
+            return ""
+        sd = f" ± {self.sd:.3f}" if with_sd and _finite(self.sd) else ""
+        if not (_finite(self.lo) and _finite(self.hi)):
+            return format(self.est, spec) + sd
+        return f"{self.est:{spec}}{sd} {self.interval(spec)}"
+
+    def interval(self, spec: str = "+.3f") -> str:
+        """'[-0.531, -0.503]'."""
+        return f"[{self.lo:{spec}}, {self.hi:{spec}}]"
