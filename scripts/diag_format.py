@@ -26,7 +26,7 @@ from steer_heal.filters import quantile
 from steer_heal.formats import FORMATS
 from steer_heal.rundir import atomic_write_json
 from steer_heal.session import Session
-from steer_heal.stages import calibrate, score
+from steer_heal.stages import filter_threshold, score
 
 
 def separations(s: Session, arm: stats.Arm) -> dict[str, str]:
@@ -64,7 +64,7 @@ def measure(fmt: str, rest: list[str]) -> dict:
     t0 = time.time()
     s = Session.from_argv([*rest, "--prompt-format", fmt])
     base = s.evaluate(desc=f"eval {fmt}")
-    cal = calibrate(s)
+    cal = filter_threshold(s)
     v = s.teacher()
     scored = steered_batch(s, v, cal["ppl_max"])
     unsteered, steered = (s.complete(v, [c], s.prompts[0])[0].text for c in (0.0, max(s.cfg.generate.alphas)))

@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
     s = Session.from_argv(rest)
     ppl_max = s.cfg.filter.ppl_max
     if ppl_max is None:
-        cal = stages.calibrate(s)
+        cal = stages.filter_threshold(s)
         ppl_max = cal["ppl_max"]
         q, mult = cal["ppl_quantile"], cal["ppl_mult"]
         print(f"calibrated ppl_max = {ppl_max:.2f} ({mult:g} x q{q:g} of coherent text's tail-ppl)", file=sys.stderr)

@@ -8,11 +8,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from steer_heal import events, losses, models
-from steer_heal.bake import Student
 from steer_heal.config import HealConfig, parse_args
 from steer_heal.heal import lora_config
 from steer_heal.hooks import steer
 from steer_heal.run import run
+from steer_heal.student import Student
 from steer_heal.tokens import chat_ids, pad
 from tests.conftest import fast_args
 

@@ -129,7 +129,7 @@ def test_compiled_follows_the_adapter_stack():
     the same peft modules and re-specialises when they switch off (`student.base()`), then reuses its graphs."""
     from peft import LoraConfig
 
-    from steer_heal.bake import Student
+    from steer_heal.student import Student
 
     st = Student(tiny("llama"))
     plain = ids(st.model, rows([0.0] * 5), None, "eager")

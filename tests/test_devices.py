@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from steer_heal import evaluate, extract, losses, models
-from steer_heal.bake import Student
 from steer_heal.config import HealConfig
 from steer_heal.data import balanced, vignettes
 from steer_heal.generate import Row, Sampling, generate
 from steer_heal.heal import SteeredTeacher, heal, lora_config
 from steer_heal.hooks import steer
+from steer_heal.student import Student
 from steer_heal.tokens import chat_ids, pad
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -204,11 +204,13 @@ def test_calibration_divides_out_the_content_free_prior():
     prior = torch.randn(3, 2, 7, generator=torch.Generator().manual_seed(1))
     q = evaluate.content_free_prior(prior)  # [2, 7]
     like_prior = q.log()[None] - 1.0  # answers in the prior's proportions, mass e^-1
-    assert torch.allclose(evaluate.calibrate(like_prior, prior).exp(), torch.full((1, 2, 7), 1 / 7, dtype=q.dtype))
+    uniform = torch.full((1, 2, 7), 1 / 7, dtype=q.dtype)
+    assert torch.allclose(evaluate.contextual_calibration(like_prior, prior).exp(), uniform)
     logp, _ = _labelled_logp()
     bias = torch.zeros(7)
     bias[data.FOUNDATIONS.index("Authority")] = -1.5
-    assert torch.allclose(evaluate.calibrate(logp + bias, prior + bias), evaluate.calibrate(logp, prior))
+    calibrated = evaluate.contextual_calibration
+    assert torch.allclose(calibrated(logp + bias, prior + bias), calibrated(logp, prior))
 
 
 def test_log_odds_move_by_exactly_a_logit_bias_however_confident_the_model():

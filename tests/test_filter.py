@@ -94,8 +94,8 @@ def test_repetition_and_compression_scores():
 def test_calibrated_threshold_is_a_high_quantile_of_coherent_text():
     assert filters.quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0
     assert filters.quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.95) == pytest.approx(4.8)
-    assert filters.calibrate_ppl([10.0, 20.0, 30.0, 40.0, 50.0], 1.0, 1.25, None) == 62.5  # max x 1.25
-    assert filters.calibrate_ppl([2.0, 4.0], 0.95, 1.25, 50.0) == 50.0  # --ppl-max overrides
+    assert filters.ppl_threshold([10.0, 20.0, 30.0, 40.0, 50.0], 1.0, 1.25, None) == 62.5  # max x 1.25
+    assert filters.ppl_threshold([2.0, 4.0], 0.95, 1.25, 50.0) == 50.0  # --ppl-max overrides
 
 
 @pytest.mark.parametrize("text", ["Yes.", "Yes, I would.", "I would tell the truth.", "Sure, go ahead and ask her."])

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from steer_heal import heal as heal_mod
-from steer_heal.bake import Student
 from steer_heal.config import HealConfig
 from steer_heal.errors import NonFiniteLoss
 from steer_heal.heal import heal, lora_config, plan
+from steer_heal.student import Student
 from steer_heal.tokens import chat_ids
 from tests.conftest import inject
 

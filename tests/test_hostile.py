@@ -369,13 +369,13 @@ def _kill_at_done(recorder):
 
 
 def _kill_table():
-    from steer_heal import bake, recorder, stages
+    from steer_heal import recorder, stages, student
     from steer_heal.recorder import Recorder
     from steer_heal.session import Session
 
     return {  # where -> a patch (obj, name, dying); built per test, so each counts its own calls
         "base eval": lambda: _kill_on(Session, "evaluate", 1),
-        "filter calibration": lambda: _kill_on(stages, "calibrate"),
+        "filter calibration": lambda: _kill_on(stages, "filter_threshold"),
         "base collapse signals": lambda: _kill_on(stages, "collapse_signals", 1),
         "extract": lambda: _kill_on(Session, "teacher", 1),
         "generate and filter": lambda: _kill_on(stages, "collect"),
@@ -383,7 +383,7 @@ def _kill_table():
         "random null": lambda: _kill_on(null, "random_null"),
         "heal data": lambda: _kill_on(stages, "heal_data"),
         "heal": lambda: _kill_on(stages, "heal"),
-        "bake": lambda: _kill_on(bake.Student, "bake"),
+        "bake": lambda: _kill_on(student.Student, "bake"),
         "healed eval": lambda: _kill_on(Session, "evaluate", 3),
         "healed collapse signals": lambda: _kill_on(stages, "collapse_signals", 2),
         "round record": lambda: _kill_on(Recorder, "round"),

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from steer_heal import heal as heal_mod
-from steer_heal.bake import Student
 from steer_heal.config import HealConfig
 from steer_heal.errors import OutOfMemory
 from steer_heal.generate import Row, Sampling, generate
 from steer_heal.heal import heal_with_retry
+from steer_heal.student import Student
 from steer_heal.tokens import chat_ids
 
 

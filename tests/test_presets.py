@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-from steer_heal.bake import Student, lora_targets
 from steer_heal.config import parse_args, to_dict
 from steer_heal.errors import UserError
 from steer_heal.hooks import steer
 from steer_heal.losses import completion_batch, lm_logits, naive_logprobs, selected_logprobs
 from steer_heal.models import band, decoder_layers
+from steer_heal.student import Student, lora_targets
 
 
 def test_gemma_preset_resolution():

@@ -237,11 +237,11 @@ def _full_label(model, tok, prompt: list[int], labels: list[list[int]], dev) -> 
 def content_free_prior(prior: torch.Tensor) -> torch.Tensor:
     """The prior per option order [2, 7] from the content-free log-probs [K, 2, 7]: q_o = softmax(mean_k
     log_softmax(prior[k, o])), the normalised geometric mean over the K inputs. (Zhao et al. average the
-    probabilities; the geometric mean makes the identity in `calibrate` exact rather than approximate.)"""
+    probabilities; the geometric mean makes the identity in `contextual_calibration` exact rather than approximate.)"""
     return F.softmax(F.log_softmax(prior.double(), -1).mean(0), -1)
 
 
-def calibrate(logp: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+def contextual_calibration(logp: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     """Contextual calibration of [N, 2, 7] answer log-probs by the content-free ones [K, 2, 7], per order,
     -> log p_cal [N, 2, 7] (float64, kept in log space for `log_odds`): p_cal[i, o] =
     softmax(log_softmax(logp[i, o]) - log q_o), q_o = content_free_prior(prior). Identity: adding the same
@@ -277,7 +277,7 @@ def metrics(
     out["acc"] = _accuracy(p, vigs)
     pc = lodds = None
     if prior is not None:
-        lpc = calibrate(logp, prior)  # [N, 2, 7]: log p_cal
+        lpc = contextual_calibration(logp, prior)  # [N, 2, 7]: log p_cal
         pc, lodds = lpc.exp().mean(1).float(), log_odds(lpc).mean(1).float()
         q = content_free_prior(prior).mean(0)  # [7]: the prior, both orders
         prof_c = pc.mean(0)

@@ -212,7 +212,7 @@ def quantile(xs: list[float], q: float) -> float:
     return xs[lo] + (pos - lo) * (xs[hi] - xs[lo])
 
 
-def calibrate_ppl(coherent_ppls: list[float], q: float, mult: float, override: float | None) -> float:
+def ppl_threshold(coherent_ppls: list[float], q: float, mult: float, override: float | None) -> float:
     """ppl threshold = override, else mult x the q-quantile of the tail-ppl of coherent text (the base
     model's own completions and the shipped reference answers, scored under the base model)."""
     return float(override) if override is not None else mult * quantile(coherent_ppls, q)

@@ -40,7 +40,6 @@ from peft import LoraConfig
 from tqdm.auto import tqdm
 
 from steer_heal import losses, seeds
-from steer_heal.bake import Student, lora_targets
 from steer_heal.config import HealConfig
 from steer_heal.errors import NonFiniteLoss, OutOfMemory, Starved, free_memory
 from steer_heal.hooks import steer
@@ -58,6 +57,7 @@ from steer_heal.losses import (
 )
 from steer_heal.models import input_device, unwrap
 from steer_heal.records import recorded
+from steer_heal.student import Student, lora_targets
 from steer_heal.tokens import batches
 
 

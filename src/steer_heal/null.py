@@ -35,8 +35,8 @@ def direction_evals(s, v: dict[int, torch.Tensor], c: float, dir_seeds: list[int
     ref_nll: the null is about the trait."""
     evs = []
     with s.as_model("base"):
-        for sd in tqdm(dir_seeds, desc=f"{desc} directions", leave=False):
-            evs.append(s.evaluate(extract.random_like(v, sd), c, desc=f"{desc} {sd}", vigs=vigs, references=False))
+        for i, sd in enumerate(tqdm(dir_seeds, desc=f"{desc} directions", leave=False)):
+            evs.append(s.evaluate(extract.random_like(v, sd), c, desc=f"{desc} {i}", vigs=vigs, references=False))
     return evs
 
 

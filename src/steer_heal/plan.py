@@ -77,7 +77,7 @@ def prompt_tokens(path: Path | None, default: str, template: int = 40) -> int:
 
 def estimate(cfg: RunConfig) -> dict:
     """Bytes per stage (weights included) and the pieces each is made of."""
-    from steer_heal.bake import lora_targets
+    from steer_heal.student import lora_targets
 
     mcfg = model_config(cfg)
     text = getattr(mcfg, "text_config", None) or mcfg

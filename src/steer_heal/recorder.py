@@ -70,7 +70,7 @@ class Recorder:
         logger.info(f"random null at c {null['c']:.3g} ({len(null['seeds'])} directions on {null['n_vignettes']} "
                     f"vignettes, {seconds:.0f} s): 95% range of the {self.tk} shift: {ranges}")  # fmt: skip
 
-    def calibration(self, cal: dict, seconds: float) -> None:
+    def filter_threshold(self, cal: dict, seconds: float) -> None:
         self.emit("calibrate", -1, **cal, seconds=seconds)
         logger.info(
             f"filter calibration: tail-ppl median {cal['base_median_ppl']:.2f} (base samples), "

@@ -25,7 +25,6 @@ import torch
 from loguru import logger
 
 from steer_heal import extract, ledger, models, null, plan, report, stages
-from steer_heal.bake import adapter_name
 from steer_heal.cli import command, setup_logging
 from steer_heal.clock import Clock
 from steer_heal.config import RunConfig, parse_args, resume_config, to_dict, validate
@@ -49,6 +48,7 @@ from steer_heal.rundir import (
 )
 from steer_heal.session import Session
 from steer_heal.stats import cal_key
+from steer_heal.student import adapter_name
 
 STOPS = (Starved, NonFiniteLoss, OutOfMemory)  # a round that raises one of these ends the run cleanly
 
@@ -136,8 +136,8 @@ def base_stage(s: Session, rec: Recorder, state: RunState) -> Base:
     cal = state.calibration
     if cal is None:
         with clock("calibrate"):
-            cal = stages.calibrate(s)
-        rec.calibration(cal, clock["calibrate"])
+            cal = stages.filter_threshold(s)
+        rec.filter_threshold(cal, clock["calibrate"])
     acts = stages.neutral_acts(s, "base")
     if state.base_collapse is None:
         with clock("collapse"):

@@ -21,12 +21,12 @@ from functools import cached_property
 import torch
 
 from steer_heal import data, extract, filters, models, seeds, stats
-from steer_heal.bake import Student, lora_targets
 from steer_heal.config import RunConfig, parse_args, validate
 from steer_heal.errors import UserError
 from steer_heal.evaluate import Scored, evaluate, ref_nll, reference_nll
 from steer_heal.generate import Completion, Row, Sampling, generate
 from steer_heal.hooks import steer
+from steer_heal.student import Student, lora_targets
 from steer_heal.tokens import answer_ids, chat_ids
 
 N_SAMPLE_PROMPTS = 3  # greedy samples saved per round for a person to read
@@ -205,7 +205,7 @@ class Session:
             )
         return [next(vals) if p[1] else None for p in pairs]
 
-    def calibration_ppls(self) -> list[float]:
+    def threshold_ppls(self) -> list[float]:
         """Tail-ppl of the base model's own unsteered samples on the first generation prompts (>= 8)."""
         k = min(len(self.prompts), max(self.cfg.generate.n_prompts, 8))
         with self.student.base():

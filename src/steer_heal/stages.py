@@ -1,7 +1,7 @@
 """The computations of a round's stages that need more than one call to the Session. Each takes what it
 needs and returns values; writing artifacts and events is the Recorder's job (recorder.py).
 
-    calibrate(s)                       filter ppl threshold from the base model's own samples
+    filter_threshold(s)                filter ppl threshold from the base model's own samples
     iso_kl(s, v)                       c* at which the vector costs --iso-kl nats (p95 KL)
     collect(s, r, v, ppl_max, ...)     walk-C: steered batches, scored and filtered, until enough are kept
     eval_strength(cfg, kappa, c_star)  the strength of the steered eval
@@ -32,11 +32,11 @@ N_STUDENT_CONTEXTS = 64  # a mean over 64 neutral prompts is enough for a cosine
 PROMPT_STRIDE = 7919  # each round starts its probes at a different prompt (prime stride)
 
 
-def calibrate(s: Session) -> dict:
+def filter_threshold(s: Session) -> dict:
     """Filter threshold from what coherent text scores under the base model: its own unsteered completions
     on the generation prompts, and the shipped human-written reference answers."""
     f = s.cfg.filter
-    own = s.calibration_ppls()
+    own = s.threshold_ppls()
     refs = [p for p in s.base_tail_ppl(s.reference_pairs()) if p is not None]
     pool = own + refs
     return {
@@ -47,7 +47,7 @@ def calibrate(s: Session) -> dict:
         "quantile_ppl": filters.quantile(pool, f.ppl_quantile),
         "ppl_mult": f.ppl_mult,
         "ppl_max_override": f.ppl_max,
-        "ppl_max": filters.calibrate_ppl(pool, f.ppl_quantile, f.ppl_mult, f.ppl_max),
+        "ppl_max": filters.ppl_threshold(pool, f.ppl_quantile, f.ppl_mult, f.ppl_max),
         "base_ppls": own,
         "reference_ppls": refs,
     }

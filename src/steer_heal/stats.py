@@ -14,7 +14,7 @@ vignettes only: seeds (t-interval over runs) and the null (random directions) ar
 
 Three traits, each a shift against base (`shift`, TRAITS):
   raw    dTrait as above, on the raw choice distribution p
-  cal    the same on the contextually calibrated distribution p_cal (evaluate.calibrate): what is left once
+  cal    the same on the contextually calibrated distribution p_cal (evaluate.contextual_calibration): what is left once
          the answer words' content-free prior is divided out
   disc   the item-discriminative trait, a difference in differences of the calibrated log-odds of the
          target answer l[i] (evaluate.log_odds, per vignette): its shift on the vignettes labelled with the

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from steer_heal.bake import Student
 from steer_heal.config import HealConfig
 from steer_heal.heal import lora_config
 from steer_heal.losses import completion_batch, kl_rev, selected_logprobs
+from steer_heal.student import Student
 from steer_heal.tokens import chat_ids, pad
 
 
