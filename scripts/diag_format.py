@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from steer_heal import seeds, stats
+from steer_heal import filters, seeds, stats
 from steer_heal.cli import ArgumentParser, cli
 from steer_heal.data import FOUNDATIONS, SHORT
 from steer_heal.filters import quantile
@@ -44,7 +44,8 @@ def separations(s: Session, arm: stats.Arm) -> dict[str, str]:
 def steered_batch(s: Session, v, ppl_max: float) -> list[dict]:
     """One collect batch at the run's alphas (no dose control), each completion judged by the filter."""
     rows = s.prompt_rows(range(min(s.cfg.generate.n_prompts, len(s.prompts))), s.cfg.generate.alphas)
-    return score(s, s.generate(rows, seeds.derive(s.cfg.seed, "complete"), "steered", v), s.thresholds(ppl_max))
+    comps = s.generate(rows, seeds.derive(s.cfg.seed, "complete"), "steered", v)
+    return score(s, comps, filters.Thresholds.of(s.cfg.filter, ppl_max))
 
 
 def per_alpha(scored: list[dict]) -> list[dict]:

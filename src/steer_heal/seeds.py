@@ -19,7 +19,7 @@ import hashlib
 STAGES = (
     "contexts",  # the extraction contexts' order
     "prompts",  # the generation prompts' order
-    "global",  # Python's and torch's global generators (the tiny random model's weights, LoRA dropout)
+    "global",  # the orchestrator's global generators (seed_globals), and a random model's weights (models.load)
     "calibrate",  # the base model's own samples that set the filter threshold
     "generate",  # walk-C's steered batches
     "on_policy",  # the student's own completions (--heal-data on_policy)
@@ -58,6 +58,18 @@ def derive(run_seed: int, stage: str, round: int = -1, index: int = 0) -> int:
     _check_int("round", round, -1)
     _check_int("index", index, 0)
     return _hash("derive", run_seed, stage, round, index)
+
+
+def seed_globals(run_seed: int) -> None:
+    """Seed Python's and torch's global generators: the orchestrator does this once, before the Session. Nothing
+    the numbers depend on should need it (each stage seeds its own draws); it makes whatever does reproducible."""
+    import random
+
+    import torch
+
+    seed = derive(run_seed, "global")
+    random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def child(seed: int, index: int, retry: int | None = None) -> int:

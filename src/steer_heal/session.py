@@ -77,11 +77,10 @@ class Session:
         prompts = data.texts(cfg.generate.prompts_file, "dilemmas.jsonl")
         random.Random(seeds.derive(cfg.seed, "prompts")).shuffle(prompts)
         src, vigs = data.vignettes(cfg.eval.eval_vignettes)
-        random.seed(seeds.derive(cfg.seed, "global"))
-        torch.manual_seed(seeds.derive(cfg.seed, "global"))
         model, tok = models.load(
-            cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code, cfg.device_map, cfg.tokenizer, cfg.prompt_format
-        )
+            cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code, cfg.device_map, cfg.tokenizer, cfg.prompt_format,
+            seeds.derive(cfg.seed, "global"),
+        )  # fmt: skip
         layers = models.band(len(models.decoder_layers(model)), e.steer_layers, "--steer-layers")
         lora_targets(model, cfg.heal.lora_layers, cfg.heal.lora_targets)  # fails now, not at round 0's heal
         prompt_ids = [chat_ids(tok, p) for p in prompts]
@@ -215,18 +214,3 @@ class Session:
     def reference_pairs(self, system: str | None = None) -> list[tuple[list[int], list[int]]]:
         """The reference answers as (prompt ids, answer ids): coherent human text, never trained on."""
         return [(chat_ids(self.tok, p, system), answer_ids(self.tok, a)) for p, a in self.references]
-
-    def thresholds(self, ppl_max: float) -> filters.Thresholds:
-        f = self.cfg.filter
-        return filters.Thresholds(
-            ppl_max, f.rep_max, f.compress_min, f.distinct_min, f.top_word_max, f.narration, f.refusal, f.english_min
-        )
-
-    def neutral_acts(self, which: str, n: int) -> dict[int, torch.Tensor]:
-        """Last-prompt-token block outputs over the first n neutral prompts, at the band and the final block."""
-        layers = [*self.layers, len(models.decoder_layers(self.model)) - 1]
-        with self.as_model(which):
-            return extract.last_token_acts(
-                self.model, self.neutral_ids[:n], layers, self.tok.pad_token_id, self.cfg.extract.extract_batch_size,
-                "acts",
-            )  # fmt: skip

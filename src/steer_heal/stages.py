@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from loguru import logger
 
-from steer_heal import bounds, collapse, extract, filters, isokl, seeds
+from steer_heal import bounds, collapse, extract, filters, isokl, models, seeds
 from steer_heal.clock import Clock
 from steer_heal.config import HealConfig, RunConfig
 from steer_heal.errors import Starved, UserError
@@ -123,7 +123,7 @@ def collect(s: Session, r: int, vectors, ppl_max: float, c_star: float, clock: C
     """Walk-C over mixed-strength batches: row coefficient = alpha x kappa x c* on the raw vector.
     Raises Starved (with the scored rows) when too few survive at the floor dose."""
     g, f, cfg = s.cfg.generate, s.cfg.filter, s.cfg
-    th = s.thresholds(ppl_max)
+    th = filters.Thresholds.of(s.cfg.filter, ppl_max)
     offset = (r * PROMPT_STRIDE) % len(s.prompts)
     totals = {"n": 0, "tokens": 0}
 
@@ -181,7 +181,7 @@ def heal_data(s: Session, r: int, col: Collected, ppl_max: float, clock: Clock) 
     rows = [Row(x["prompt_idx"], x["prompt"], x["prompt_ids"], x["alpha"], x["coeff"]) for x in kept[:n_on]]
     with clock("on_policy"):
         comps = s.generate(rows, seeds.derive(s.cfg.seed, "on_policy", r), f"on-policy r{r}")  # no vectors: unsteered
-        scored = score(s, comps, s.thresholds(ppl_max))
+        scored = score(s, comps, filters.Thresholds.of(s.cfg.filter, ppl_max))
     mine = [(x["prompt_ids"], x["ids"], x["coeff"]) for x in scored if x["keep"]]
     both = mine + steered[n_on:]
     if len(both) < s.cfg.filter.min_train:
@@ -212,7 +212,12 @@ def kept_heal_settings(h: HealConfig, res: HealResult) -> HealConfig | None:
 
 def neutral_acts(s: Session, which: str) -> dict[int, torch.Tensor]:
     """Activations for the collapse signals (the first --pr-contexts) and the student vector (first 64)."""
-    return s.neutral_acts(which, max(s.cfg.collapse.pr_contexts, N_STUDENT_CONTEXTS))
+    n = max(s.cfg.collapse.pr_contexts, N_STUDENT_CONTEXTS)
+    layers = [*s.layers, len(models.decoder_layers(s.model)) - 1]  # the band and the final block
+    with s.as_model(which):
+        return extract.last_token_acts(
+            s.model, s.neutral_ids[:n], layers, s.tok.pad_token_id, s.cfg.extract.extract_batch_size, "acts"
+        )
 
 
 def student_vector(acts: dict, base_acts: dict, layers: list[int]) -> dict[int, torch.Tensor]:
