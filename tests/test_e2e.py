@@ -7,11 +7,15 @@ import json
 import math
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
-from steer_heal import events, ledger
+from steer_heal import events, ledger, models, seeds
 from steer_heal.config import parse_args
+from steer_heal.records import RunInfo, run_verdict
 from steer_heal.run import run
+from steer_heal.student import Student
+from steer_heal.tokens import chat_ids
 from tests.conftest import fast_args, inject
 
 STAGES = ["extract", "generate", "filter", "eval", "heal", "bake", "eval", "collapse", "round"]
@@ -23,6 +27,21 @@ def _round_stages(recs, r):
 
 def _run(argv):
     return run(parse_args(argv), argv)
+
+
+def _export_is_the_baked_student(root):
+    """The exported plain model gives the logits of the original model with every round's adapter applied (the
+    tiny model is rebuilt from its seed), and they differ from the original's: the heal is in the weights."""
+    base, tok = models.load(models.TINY, seed=seeds.derive(0, "global"))  # the fast run's seed 0
+    ids = torch.tensor([chat_ids(tok, "Is it fair to break a promise?")])
+    with torch.no_grad():
+        original = base(ids).logits
+        st = Student(base)
+        for r in (0, 1):
+            st.load_adapter(r, root / "rounds" / f"r{r:02d}" / "adapter")
+        applied = st.model(ids).logits
+        exported = AutoModelForCausalLM.from_pretrained(root / "export")(ids).logits
+    assert torch.allclose(exported, applied, atol=1e-5) and not torch.allclose(exported, original, atol=1e-5)
 
 
 def test_fast_run_records_every_stage_in_order(fast_run):
@@ -88,8 +107,10 @@ def test_fast_run_artifacts(fast_run):
         assert all({"tail_ppl", "rep", "compress", "keep", "reason", "ids", "hit_eos"} <= set(x) for x in rows)
     assert (root / "trajectory.png").stat().st_size > 10_000
     summary = (root / "summary.md").read_text()
-    assert any(word in summary for word in ("PASS", "PRIOR ONLY", "INCONCLUSIVE")) and "dDisc [95% CI]" in summary
-    assert AutoModelForCausalLM.from_pretrained(root / "export") is not None
+    verdict = run_verdict(RunInfo.read(root))  # recomputed from events.jsonl alone
+    # the tiny random model holds no trait to move: its healed shift's interval cannot clear 0 and the null
+    assert verdict.startswith("INCONCLUSIVE: auth_nats") and verdict in summary and "dDisc [95% CI]" in summary
+    _export_is_the_baked_student(root)
     for r in (0, 1):
         assert (root / "export" / "adapters" / f"r{r:02d}" / "adapter_model.safetensors").is_file()
     rows = ledger.read(fast_run / "results.jsonl")
