@@ -5,7 +5,7 @@
     new = dec.run(model, prompts, coeffs, vectors, sampling, stops, pad_id, width=64)   # new ids per row
 
 In: the prompts' token ids (left-padded here), one steering coefficient per row and the per-layer vectors;
-out: each row's new token ids, the same greedy tokens as `model.generate` gives (tests/test_compiled.py).
+out: each row's new token ids, the same greedy tokens as `model.generate` gives (tests/test_decode.py).
 `model.generate` in generate.py stays the reference and the CPU default (`--decode auto`).
 
 Why it is built this way (each point is a trap of compiling `model.generate`):
