@@ -281,8 +281,9 @@ def test_frontier_on_a_fast_run(fast_run, tmp_path):
     head = json.loads(lines[0])
     head["key"]["vector"] = "0" * 64  # a different teacher vector: its arms are not this run's
     arms.write_text("\n".join([json.dumps(head), *lines[1:]]) + "\n")
-    p = subprocess.run([sys.executable, "scripts/diag_frontier.py", fast_run / "a", "--arms-from", arms],
-                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    # the package module, from outside the checkout (a sweep runs it this way)
+    p = subprocess.run([sys.executable, "-m", "steer_heal.frontier_run", fast_run / "a", "--arms-from", arms],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)  # fmt: skip
     assert p.returncode == 2 and "another vector" in p.stderr and "Traceback" not in p.stderr
     # --n-null 2: the run's own null (2 directions, rows saved) is reused, not measured again
     _script("diag_frontier.py", fast_run / "a", "--n-null", "2", "--cs", "0", "1", "--out", out)

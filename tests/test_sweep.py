@@ -4,6 +4,8 @@ executor (resumed without redoing a finished cell; a failing cell reported while
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -98,15 +100,21 @@ def test_a_failing_cell_is_reported_while_the_others_finish(tmp_path):
     assert "1 of 2 cells finished" in md and "lam--1.0_s0: failed (exit 2" in md
 
 
-def test_a_sweep_measures_each_cells_frontier_from_outside_the_checkout(tmp_path, monkeypatch):
-    """--frontier runs the package's frontier module on each finished cell: no script path, so it works from
-    any directory (it once ran scripts/diag_frontier.py by path, which only exists in a checkout)."""
-    spec, out = tmp_path / "s.toml", tmp_path / "out"
+def test_a_sweep_measures_a_finished_cells_frontier_with_the_package_module(tmp_path, monkeypatch):
+    """--frontier runs `python -m steer_heal.frontier_run CELL` on each finished cell: no script path (it once
+    ran scripts/diag_frontier.py by path, which only exists in a checkout). The run and the frontier are
+    stood in for here; test_scripts runs the module itself from outside the checkout."""
+    calls = []
+
+    def fake(argv, **kw):
+        calls.append(argv)
+        if argv[2] == "steer_heal.run":
+            (tmp_path / "out" / "reg-kl_rev_s0").mkdir(parents=True, exist_ok=True)
+        return subprocess.CompletedProcess(argv, 0, stderr="")
+
+    monkeypatch.setattr(sweep.subprocess, "run", fake)
     one_cell = SPEC.replace('reg = ["nll", "kl_rev"]', 'reg = ["kl_rev"]').replace("seeds = [0, 1]", "seeds = [0]")
-    spec.write_text(one_cell)
-    monkeypatch.chdir(tmp_path)
-    assert sweep.main([str(spec), "--out-dir", str(out), "--frontier"]) == 0
-    st = json.loads((out / "cells" / "reg-kl_rev_s0.json").read_text())
+    cell = _spec(tmp_path, one_cell).cells()[0]
+    st = sweep.run_cell(cell, tmp_path / "out", frontier=True)
     assert st["state"] == "done" and st["frontier_code"] == 0
-    doc = json.loads((out / "reg-kl_rev_s0" / "frontier.json").read_text())
-    assert doc["run"] == "reg-kl_rev_s0" and {r["kind"] for r in doc["rows"]} >= {"base", "steer", "prompt", "healed"}
+    assert calls[1] == [sys.executable, "-m", "steer_heal.frontier_run", str(tmp_path / "out" / "reg-kl_rev_s0")]
