@@ -51,7 +51,7 @@ import torch
 from tabulate import tabulate
 
 from steer_heal import decode as decoding
-from steer_heal import extract, filters, null
+from steer_heal import extract, filters, null, seeds
 from steer_heal.cli import ArgumentParser, cli, nonneg_int, positive_int
 from steer_heal.errors import UserError
 from steer_heal.evaluate import CONTENT_FREE, answer_logprobs, reference_nll
@@ -191,7 +191,7 @@ def last_round_seconds(run_dir: Path) -> tuple[int, dict[str, float]]:
     info = RunInfo.read(run_dir)
     if not info.rounds:
         raise UserError(f"--run-dir {run_dir}: no finished round to time (no round record in events.jsonl)")
-    return info.rounds[-1].round, info.rounds[-1]["seconds"]
+    return info.rounds[-1].round, info.rounds[-1].get("seconds") or {}
 
 
 class Bench:
@@ -406,6 +406,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--_heal-peak", choices=["lean", "naive", "kd"], help=argparse.SUPPRESS)
     ap.add_argument("--_ckpt", action="store_true", help=argparse.SUPPRESS)
     a, rest = ap.parse_known_args(argv)
+    seeds.seed_globals(0)  # the bench's LoRA init and random vectors draw from the global generators
     if a._heal_peak:
         print(*heal_step_peak(rest, a._heal_peak, a.heal_len, a.heal_batch, a._ckpt))
         return 0

@@ -390,6 +390,17 @@ def test_resume_after_a_torn_last_line_repairs_it_and_finishes(capsys, finished)
     assert [r["run"] for r in ledger.read(finished.parent / "results.jsonl")] == ["run"]  # and its ledger row
 
 
+def test_a_run_seeded_by_the_old_scheme_is_not_resumed_under_the_new_one(capsys, finished):
+    """A run started before 2026-12-08 has no seed_scheme in its config.json: continuing it here would draw its
+    later rounds from other seeds than its earlier ones."""
+    meta = json.loads((finished / "config.json").read_text())
+    assert meta.pop("seed_scheme") == "blake2b-63"
+    (finished / "config.json").write_text(json.dumps(meta))
+    (finished / "rounds" / "r01" / "DONE").unlink()  # something left to resume
+    code, last = _main(capsys, "--resume", str(finished))
+    assert code == 2 and "seeded by the 'arithmetic' scheme (runs started before 2026-12-08)" in last, last
+
+
 def test_resume_writes_the_ledger_beside_the_run_whatever_config_json_and_the_cwd_say(capsys, finished, monkeypatch):
     from steer_heal import ledger
 

@@ -62,6 +62,14 @@ def test_resume_takes_the_stored_config_and_only_n_rounds():
     assert merged.seed == 3 and merged.preset == "fast" and merged.n_rounds == 5 and str(merged.where.resume) == "x"
 
 
+def test_fast_dev_run_on_a_resume_says_nothing_the_stored_config_does_not():
+    """--fast-dev-run was a resumable field; as an alias of --preset fast it must still not reopen the check."""
+    stored = to_dict(parse_args(["--fast-dev-run", "--lam", "0.7", "--seed", "2"]))
+    argv = ["--fast-dev-run", "--resume", "x"]
+    merged = resume_config(parse_args(argv), stored, argv, "x")
+    assert merged.heal.lam == 0.7 and merged.seed == 2
+
+
 def test_resume_with_agreeing_flags_keeps_the_stored_config():
     stored = to_dict(parse_args(["--fast-dev-run", "--n-rounds", "5", "--lam", "0.7"]))
     argv = ["--fast-dev-run", "--resume", "x", "--lam", "0.7"]

@@ -11,7 +11,8 @@ from steer_heal.config import RunConfig
 from steer_heal.flags import range_of
 
 RUN_SEEDS = (0, 1, 2)
-INDICES = range(8)  # walk-C batches (default 6), null directions, screen directions: the first 8 of each
+INDICES = range(8)  # walk-C batches (default 6), and the first 8 of every other stage's index
+DIRECTIONS = range(256)  # null and screen directions (default 32) at round -1, where they are drawn
 CHUNKS = range(6)  # generation chunks inside one generate call
 
 
@@ -25,15 +26,17 @@ def test_n_rounds_is_bounded_so_the_check_below_covers_every_allowed_value():
 
 
 def test_no_two_draws_share_a_seed_for_any_allowed_n_rounds():
-    """Every (run seed, stage, round, index) of rounds -1 .. n_rounds_max - 1, and every generate chunk (and its
-    out-of-memory halves) inside them: 1.1 million seeds, all distinct. The legacy arithmetic failed this at
-    round 19 (on_policy = entropy) and round 20 (= round 0 of the next run seed)."""
+    """Every (run seed, stage, round, index) of rounds -1 .. n_rounds_max - 1 with index < 8, every generate
+    chunk (and its out-of-memory halves) inside them, and 256 null and screen directions: 842,328 seeds, all
+    distinct. The legacy arithmetic failed this at round 19 (on_policy = entropy) and round 20 (= round 0 of
+    the next run seed). Beyond these indices the seeds are BLAKE2b's: a collision is a 2^-63 accident."""
     rounds = range(-1, _max_rounds())
     draws = [seeds.derive(s, st, r, i) for s in RUN_SEEDS for st in seeds.STAGES for r in rounds for i in INDICES]
     gen = [seeds.derive(s, "generate", r, i) for s in RUN_SEEDS for r in rounds for i in INDICES]
     chunks = [seeds.child(g, b, t) for g in gen for b in CHUNKS for t in (None, 0, 1)]
-    every = draws + chunks
-    assert len(every) == len(RUN_SEEDS) * len(rounds) * len(INDICES) * (len(seeds.STAGES) + len(CHUNKS) * 3)
+    dirs = [seeds.derive(s, st, -1, i) for s in RUN_SEEDS for st in ("null", "screen") for i in DIRECTIONS[8:]]
+    every = draws + chunks + dirs
+    assert len(every) == 842_328
     assert len(set(every)) == len(every)
 
 
@@ -67,6 +70,14 @@ def test_each_field_changes_the_seed():
 def test_a_bad_key_is_refused_naming_the_value(args, named):
     with pytest.raises(ValueError, match=named.replace("(", r"\(")):
         seeds.derive(*args)
+
+
+def test_a_run_seeded_by_another_scheme_is_refused_naming_both():
+    from steer_heal.errors import UserError
+
+    seeds.check_scheme(seeds.SCHEME, "--resume r")  # this code's runs pass
+    with pytest.raises(UserError, match="--resume r: seeded by the 'arithmetic' scheme .* by 'blake2b-63'"):
+        seeds.check_scheme(None, "--resume r")  # a run from before the field
 
 
 def test_a_bad_chunk_is_refused():

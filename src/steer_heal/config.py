@@ -540,7 +540,8 @@ def resume_config(cfg: RunConfig, stored: dict, argv: list[str], where: Path) ->
         raise UserError(f"--resume {where}: config.json holds no usable config ({e})") from e
     except UserError as e:
         raise UserError(f"--resume {where}: its stored config is invalid: {e}") from e
-    given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+    given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--") and a not in FAST_FLAGS}
+    # --fast-dev-run on a resume is ignored, as it was while it was a field: the stored config holds the preset
     n = cfg.n_rounds if "n_rounds" in given else merged.n_rounds
     resumed = dataclasses.replace(merged, n_rounds=n, where=dataclasses.replace(merged.where, resume=cfg.where.resume))
     if given <= RESUMABLE:

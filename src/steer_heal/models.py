@@ -233,7 +233,8 @@ def load(spec: str, dtype: str = "auto", device: str = "auto", trust_remote_code
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code, **kw)
         fmt = formats.resolve(prompt_format, tok.chat_template is not None, spec)  # before the weights load
         if synthetic:
-            with torch.random.fork_rng(devices=[]):
+            cuda = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):  # random: models are built on `device`
                 torch.manual_seed(seed)
                 if spec == TINY:
                     model = _tiny_random(tok).to(torch_dtype)

@@ -16,9 +16,10 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+from loguru import logger
 from tabulate import tabulate
 
-from steer_heal import stats
+from steer_heal import seeds, stats
 from steer_heal.config import from_dict
 from steer_heal.data import read_jsonl
 from steer_heal.errors import UserError
@@ -89,7 +90,13 @@ def open_run(run_dir: str | Path, eval_vignettes: str | None = None, n_vignettes
     """The run's stored config as a Session (model, data, band), optionally on other vignettes."""
     rd = RunDir(Path(run_dir))
     info = RunInfo.read(rd.root)
-    cfg = from_dict(rd.read_config()["config"])
+    meta = rd.read_config()
+    cfg = from_dict(meta["config"])
+    if meta.get("seed_scheme", seeds.LEGACY) != seeds.SCHEME:
+        logger.warning(
+            f"{rd.root}: seeded by the {meta.get('seed_scheme', seeds.LEGACY)!r} scheme (before 2026-12-08); what this "
+            f"script draws anew (a null it did not save, --fresh arms) is seeded by {seeds.SCHEME!r}"
+        )
     ev = cfg.eval
     if eval_vignettes is not None or n_vignettes is not None:
         ev = dataclasses.replace(

@@ -89,7 +89,8 @@ def open_records(s: Session, argv: list[str], root: Path, resumed: bool, state: 
     rec = Recorder(rd, s.persona.trait_key)
     if not resumed:
         meta = dict(config=to_dict(s.cfg), argv=argv, git_commit=git_commit(), versions=versions(),
-                    trait_key=s.persona.trait_key, trait_sign=s.persona.sign, coh_floor=s.cfg.coh_floor)  # fmt: skip
+                    seed_scheme=seeds.SCHEME, trait_key=s.persona.trait_key, trait_sign=s.persona.sign,
+                    coh_floor=s.cfg.coh_floor)  # fmt: skip
         rec.config(meta)
     else:
         if n := rd.remove_temps():
@@ -322,7 +323,9 @@ def run(cfg: RunConfig, argv: list[str] | None = None) -> int:
     if resumed:
         rd = RunDir(usable_path(Path(cfg.where.resume), "--resume"))
         given = cfg.where.out_dir
-        cfg = resume_config(cfg, rd.read_config()["config"], argv, rd.root)
+        stored = rd.read_config()
+        seeds.check_scheme(stored.get("seed_scheme"), f"--resume {rd.root}")
+        cfg = resume_config(cfg, stored["config"], argv, rd.root)
         cfg = dataclasses.replace(
             cfg, where=dataclasses.replace(cfg.where, out_dir=resumed_out_dir(argv, given, rd.root))
         )

@@ -8,7 +8,8 @@ Round -1 is the run as a whole (the base stage, the null, the data order); index
 in one round (batches, directions).
 
 A seed is the first 63 bits of BLAKE2b over the draw's full name, so two draws share a seed only if they are the
-same draw (or by a 2^-63 accident per pair: tests/test_seeds.py checks every draw of every allowed --n-rounds).
+same draw (or by a 2^-63 accident per pair; tests/test_seeds.py checks every round of every allowed --n-rounds
+at the first indices of each stage, and 256 null directions). A run records the scheme (SCHEME) in config.json.
 Arithmetic schemes (s*1000 + r*50 + b) collide as soon as one field outgrows its stride; a hash has no stride.
 """
 
@@ -37,6 +38,8 @@ STAGES = (
 )
 
 BITS = 63  # torch, numpy and random all take a non-negative int64
+SCHEME = "blake2b-63"  # recorded in a run's config.json: a resume refuses a run seeded by another scheme
+LEGACY = "arithmetic"  # what a run without the field was seeded by (before 2026-12-08)
 
 
 def _hash(*parts: object) -> int:
@@ -58,6 +61,19 @@ def derive(run_seed: int, stage: str, round: int = -1, index: int = 0) -> int:
     _check_int("round", round, -1)
     _check_int("index", index, 0)
     return _hash("derive", run_seed, stage, round, index)
+
+
+def check_scheme(recorded: str | None, what: str) -> None:
+    """Refuse to continue a run seeded by another scheme: its later rounds would draw from other seeds than
+    its earlier ones (other contexts, prompts, sampling), so the rounds would not be one run."""
+    got = recorded or LEGACY
+    if got != SCHEME:
+        from steer_heal.errors import UserError
+
+        raise UserError(
+            f"{what}: seeded by the {got!r} scheme (runs started before 2026-12-08), this code seeds by {SCHEME!r}; "
+            "resume it with the commit that started it (its config.json names it), or start a new run"
+        )
 
 
 def seed_globals(run_seed: int) -> None:
