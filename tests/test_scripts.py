@@ -21,7 +21,7 @@ def _script(name, *args, code=0):
 
 
 def test_score_completions_script(tmp_path):
-    from tests.test_filter import COHERENT, YOUR
+    from tests.test_filters import COHERENT, YOUR
 
     inp = tmp_path / "in.jsonl"
     lines = [{"prompt": "How do I save money?", "completion": COHERENT[0]}, {"prompt": "Hi", "completion": YOUR}]
